@@ -1,0 +1,48 @@
+# GenCLIP Inspect: the commands a newcomer needs.
+#   make demo   - install everything, bring up the brokers, run the demo
+#   make test   - install everything, run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint format demo services-up services-down services-status clean
+
+setup: $(STAMP) brokers
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+.PHONY: brokers
+brokers:
+	bash deploy/services.sh install
+
+test: setup
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: setup
+	$(VENV)/bin/genclip config check --config config.toml
+	bash deploy/services.sh up
+
+services-up:
+	bash deploy/services.sh up
+services-down:
+	bash deploy/services.sh down
+services-status:
+	bash deploy/services.sh status
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,91 @@
+"""`genclip`: the one command line for a production line's inspection agent.
+
+Verbs: `config check|show` (here), `score` and `export` (the engine, from
+`agent.score_command`), and the trainer's `train`, `synth`, `calibrate`, `eval`
+(from `trainer.cli`). Heavy imports (torch) happen inside the verbs that need
+them, so `genclip config check` stays quick.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import tomli_w
+import typer
+
+from agent import __version__
+from agent.config import ConfigError, InspectConfig, find_config, load_config, masked_dict
+
+app = typer.Typer(
+    name="genclip",
+    help="GenCLIP Inspect: zero-shot visual inspection for production lines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Check or show the line's configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Config file (default: $GENCLIP_CONFIG, ./config.toml)."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"genclip-inspect {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """GenCLIP Inspect: zero-shot visual inspection for production lines."""
+
+
+def load_or_exit(path: Path | None) -> InspectConfig:
+    """Load the config for a verb; on error print every problem and exit 2."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"config error in {exc.source}:", err=True)
+        for line in exc.errors:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(2) from None
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate the configuration: exit 0 with a summary, or 2 listing every error."""
+    cfg = load_or_exit(config)
+    source = find_config(config) or "defaults"
+    classes = ", ".join(cfg.product_classes()) or "none"
+    typer.echo(
+        f"config OK ({source}): line {cfg.line.id} '{cfg.line.name}', {len(cfg.cameras)} camera(s) "
+        f"[{classes}], model {cfg.model.backbone}, mqtt {cfg.mqtt.host}:{cfg.mqtt.port}, redis {cfg.redis.url}"
+    )
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None) -> None:
+    """Print the effective configuration (file + environment) as TOML, secrets masked."""
+    cfg = load_or_exit(config)
+    typer.echo(tomli_w.dumps(masked_dict(cfg)), nl=False)
+
+
+def _register_verbs() -> None:
+    from agent import score_command
+    from trainer import cli as trainer_cli
+
+    score_command.register(app, load_or_exit)
+    trainer_cli.register(app, load_or_exit)
+
+
+def main() -> None:
+    _register_verbs()
+    app()

@@ -1,0 +1,281 @@
+"""The root configuration: one pydantic tree that mirrors `config.toml`.
+
+Each package owns its section (`model.config.EngineConfig` is `[model]`,
+`trainer.config.TrainerConfig` is `[trainer]`); this module composes them,
+adds the agent's own sections, and loads the file with environment overrides
+(`GENCLIP_MQTT__HOST=...`) on top. Unknown keys are errors everywhere, so a
+misspelt key is reported instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from model.config import EngineConfig
+from trainer.config import TrainerConfig
+
+ENV_PREFIX = "GENCLIP_"
+DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/genclip/config.toml"))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LineConfig(Section):
+    """Which production line this agent serves; the id appears in topics, streams and logs."""
+
+    id: str = Field("line-1", description="Short id: lower-case letters, digits, '-' and '_'.")
+    name: str = Field("Line 1", description="Human-readable name for dashboards.")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", value):
+            raise ValueError("must be 1-63 lower-case letters, digits, '-' or '_', starting with a letter or digit")
+        return value
+
+
+class BatchConfig(Section):
+    """`[engine]`: how frames are grouped into batches for the engine worker."""
+
+    batch_size: int = Field(8, ge=1, le=256, description="Largest batch sent to the engine.")
+    max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="Longest a frame waits for its batch to fill.")
+
+
+class CameraConfig(Section):
+    id: str = Field(..., description="Camera id, unique on this line.")
+    source: str = Field(..., description="Device index ('0'), URL (rtsp://, http://), video file, or image folder.")
+    product_class: str = Field(..., description="What this camera sees, e.g. 'bottle' or 'pcb1'.")
+    fps: float = Field(5.0, gt=0, le=1000, description="Frames per second to take.")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}", value):
+            raise ValueError("must be letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("product_class", "source")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+
+class TlsConfig(Section):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = Field(False, description="Skip hostname verification (test benches only).")
+
+
+class MqttConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    username: str | None = None
+    password: SecretStr | None = Field(None, description="Prefer password_file or systemd credentials.")
+    password_file: Path | None = None
+    topic_prefix: str = Field("genclip", description="Topics are <prefix>/<line id>/...")
+    qos: int = Field(1, ge=0, le=2)
+    client_id: str | None = Field(None, description="Default: genclip-<line id>.")
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    outbox_size: int = Field(10_000, ge=0, description="Messages kept while the broker is unreachable.")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in "#+\0") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("must be a plain topic path without wildcards or leading/trailing '/'")
+        return value
+
+
+class RedisConfig(Section):
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, no password in it.")
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    stream_maxlen: int = Field(10_000, ge=1, description="Approximate length each stream is trimmed to.")
+    map_storage: Literal["none", "png", "raw"] = Field("png", description="How anomaly maps are stored.")
+    map_ttl_s: int = Field(3600, ge=1, description="How long stored anomaly maps live.")
+    outbox_size: int = Field(10_000, ge=0, description="Entries kept while Redis is unreachable.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^(redis|rediss|unix)://", value):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        if re.match(r"^rediss?://[^/]*:[^/@]*@", value):
+            raise ValueError("must not contain a password; use redis.password_file or systemd credentials")
+        return value
+
+
+class AgentConfig(Section):
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(8321, ge=1, le=65535, description="HTTP port for /health and /metrics.")
+    frame_queue: int = Field(64, ge=1, description="Frames waiting for the engine before the oldest is dropped.")
+    publish_queue: int = Field(1024, ge=1, description="Results waiting for the publishers.")
+    prompt_dir: Path | None = Field(None, description="Folder watched for new prompt checkpoints.")
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal, else JSON.")
+
+
+class InspectConfig(BaseSettings):
+    """The whole configuration of one production line."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+        nested_model_default_partial_update=True,
+    )
+
+    line: LineConfig = Field(default_factory=LineConfig)
+    model: EngineConfig = Field(default_factory=EngineConfig)
+    engine: BatchConfig = Field(default_factory=BatchConfig)
+    cameras: list[CameraConfig] = Field(default_factory=list)
+    thresholds: dict[str, float] = Field(default_factory=dict, description="Image-score threshold per class.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, t in value.items():
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"{name}: {t} is outside 0..1")
+        return value
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_cameras(cls, value: list[CameraConfig]) -> list[CameraConfig]:
+        ids = [c.id for c in value]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"camera ids must be unique; repeated: {', '.join(dupes)}")
+        return value
+
+    @model_validator(mode="after")
+    def _secrets(self) -> InspectConfig:
+        for section, credential in ((self.mqtt, "mqtt-password"), (self.redis, "redis-password")):
+            resolved = resolve_secret(section.password, section.password_file, credential)
+            if resolved is not section.password:
+                object.__setattr__(section, "password", resolved)
+        return self
+
+    def product_classes(self) -> list[str]:
+        """Every product class this line inspects, in camera order."""
+        return list(dict.fromkeys(c.product_class for c in self.cameras))
+
+
+def resolve_secret(value: SecretStr | None, path: Path | None, credential: str) -> SecretStr | None:
+    """A secret from the config/env, else from a file, else from systemd's credentials directory."""
+    if value is not None:
+        return value
+    if path is not None:
+        try:
+            return SecretStr(Path(path).expanduser().read_text().strip())
+        except OSError as exc:
+            raise ValueError(f"cannot read {credential.replace('-', ' ')} file {path}: {exc.strerror}") from None
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / credential).is_file():
+        return SecretStr((Path(cred_dir) / credential).read_text().strip())
+    return None
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `errors` lists every problem as 'section.key: what is wrong'."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+
+def find_config(path: Path | None) -> Path | None:
+    """The config file to use: the one given, $GENCLIP_CONFIG, ./config.toml, /etc/genclip/config.toml."""
+    if path is not None:
+        return path
+    env = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if env:
+        return Path(env)
+    return next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
+
+
+def load_config(path: Path | None = None) -> InspectConfig:
+    """Read, merge with the environment, validate. Raises ConfigError listing every problem."""
+    path = find_config(path)
+    source = str(path) if path else "defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(source, ["file not found"]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(source, [f"cannot read: {exc}"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    try:
+        return InspectConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(source, format_errors(exc)) from None
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """pydantic's errors as 'section.key: message' lines a line engineer can act on."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (misspelt, or not in this section)"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"{where}: {message}")
+    return lines
+
+
+def masked_dict(config: InspectConfig) -> dict[str, Any]:
+    """The effective config as plain data, secrets masked, paths as strings, no None values (TOML has none)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return "********"
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return clean(config.model_dump(mode="python"))

@@ -1,0 +1,118 @@
+"""The `[model]` section: which CLIP, which prompts, how scores are made.
+
+Owned by the engine; the agent's root config embeds it unchanged and the trainer
+reads it to build the same model it trains.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_DEFECT_TYPES = (
+    "scratch",
+    "crack",
+    "hole",
+    "dent",
+    "stain",
+    "contamination",
+    "missing part",
+    "deformation",
+)
+GENERIC_CLASS_NAMES = ("object", "part", "component", "product", "item")
+
+
+class EngineConfig(BaseModel):
+    """Everything the engine needs to build GenCLIP and score frames."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    backbone: str = Field(
+        "genclip-tiny",
+        description="open_clip model name (ViT-L-14-336, ViT-B-16, ...) or genclip-tiny for tests.",
+    )
+    pretrained: str = Field(
+        "",
+        description="open_clip pretrained tag (e.g. 'openai'), a local weights file, or '' for random weights.",
+    )
+    allow_download: bool = Field(
+        False, description="Let open_clip download weights from the hub when they are not on this machine."
+    )
+    cache_dir: Path | None = Field(None, description="Hugging Face cache folder to look in for tagged weights.")
+    checkpoint: Path | None = Field(None, description="Learned prompts (.safetensors) from `genclip train`.")
+    image_size: int = Field(224, ge=32, le=1536, description="Model input size in pixels (square).")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision on CUDA.")
+    compile: bool = Field(False, description="torch.compile the image path (CUDA graphs on CUDA).")
+    layers: list[int] | None = Field(
+        None, description="Transformer blocks (1-based) whose patch tokens are used; default depth/4 .. depth."
+    )
+    vv_attention: bool = Field(True, description="Value-value attention stream for patch tokens (AnomalyCLIP).")
+    vv_from_layer: int | None = Field(None, ge=1, description="First V-V block (1-based); default first used layer.")
+    query_tokens: int = Field(4, ge=1, le=32, description="Length m of the shared query prompt Q.")
+    state_tokens: int = Field(4, ge=1, le=32, description="Length n of the normal (N) and abnormal (A) tokens.")
+    defect_tokens: int = Field(2, ge=1, le=16, description="Length of the shared defect-type tokens W.")
+    temperature: float = Field(0.07, gt=0, le=1)
+    branch_weight: float = Field(0.5, ge=0, le=1, description="w: vision-enhanced vs query-only map.")
+    score_alpha: float = Field(0.5, ge=0, le=1, description="Image score = alpha*global + (1-alpha)*max(map).")
+    blur_sigma: float = Field(4.0, ge=0, description="Gaussian sigma in pixels at 518 px, scaled with size.")
+    default_threshold: float = Field(0.5, ge=0, le=1, description="Used when neither config nor checkpoint sets one.")
+    min_defect_area: int = Field(16, ge=1, description="Smallest defect region, in model-input pixels.")
+    cnf: bool = Field(True, description="Class Name Filtering: replace names CLIP does not know by 'object'.")
+    cnf_margin: float = Field(0.0, description="How much the class name must beat generic names by.")
+    cnf_generic_names: list[str] = Field(default_factory=lambda: list(GENERIC_CLASS_NAMES))
+    defect_types: list[str] = Field(default_factory=lambda: list(DEFAULT_DEFECT_TYPES))
+    class_defect_types: dict[str, list[str]] = Field(
+        default_factory=dict, description="Per product class defect vocabulary; overrides defect_types."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+    @field_validator("defect_types", "cnf_generic_names")
+    @classmethod
+    def _words(cls, value: list[str]) -> list[str]:
+        cleaned = [w.strip() for w in value]
+        if not cleaned or any(not w for w in cleaned):
+            raise ValueError("must be a non-empty list of non-empty names")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("names must be unique")
+        return cleaned
+
+    @field_validator("class_defect_types")
+    @classmethod
+    def _class_words(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, words in value.items():
+            if not words or any(not w.strip() for w in words):
+                raise ValueError(f"{name}: must be a non-empty list of non-empty names")
+        return {k: [w.strip() for w in v] for k, v in value.items()}
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value or any(i < 1 for i in value) or sorted(set(value)) != value:
+            raise ValueError("must be strictly increasing block numbers, 1-based")
+        return value
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> EngineConfig:
+        looks_like_path = "/" in self.pretrained or self.pretrained.endswith((".bin", ".pt", ".safetensors"))
+        if looks_like_path and not Path(self.pretrained).expanduser().is_file():
+            raise ValueError(f"pretrained: weights file not found: {self.pretrained}")
+        if self.checkpoint is not None and not self.checkpoint.expanduser().is_file():
+            raise ValueError(f"checkpoint: prompt checkpoint not found: {self.checkpoint}")
+        return self
+
+    def defect_vocabulary(self, product_class: str) -> list[str]:
+        """Defect names for one product class: its own list, or the default one."""
+        return list(self.class_defect_types.get(product_class, self.defect_types))
+

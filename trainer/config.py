@@ -1,0 +1,28 @@
+"""The `[trainer]` section: how prompts are learned (defaults follow AnomalyCLIP's train.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainerConfig(BaseModel):
+    """Training hyper-parameters; every field can also be given as a `genclip train` flag."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    epochs: int = Field(15, ge=1, le=1000)
+    batch_size: int = Field(8, ge=1, le=1024)
+    lr: float = Field(1e-3, gt=0, le=1)
+    betas: tuple[float, float] = (0.5, 0.999)
+    seed: int = 111
+    image_size: int | None = Field(None, ge=32, le=1536, description="Overrides [model].image_size for training.")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the data held out for validation.")
+    workers: int = Field(2, ge=0, le=64, description="Data loader processes.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    image_loss_weight: float = Field(1.0, ge=0)
+    defect_loss_weight: float = Field(1.0, ge=0)
+    focal_gamma: float = Field(2.0, ge=0)
+    out_dir: Path = Field(Path("runs"), description="Where `genclip train` writes its run folders.")
+    publish_dir: Path | None = Field(None, description="Where the best checkpoint is published for the agent.")
