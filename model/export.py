@@ -1,0 +1,105 @@
+"""ONNX export of the image path for a fixed set of product classes, prompts folded in as constants.
+
+The exported graph takes RGB images in [0, 1] already resized to the model's input
+size, and a class index per image (into the class list given at export); it
+returns the image scores and the anomaly maps at input size. Everything after
+the pixels - CLIP, adapters, vision prompts, the text transformer for the
+vision-enhanced prompts, fusion and blur - is inside the graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.engine import Engine
+from model.scoring import gaussian_blur, global_abnormal_probability, grid_to_image, image_score
+
+
+class ExportedScorer(nn.Module):
+    """The engine's scoring for `classes`, as one traceable module."""
+
+    def __init__(self, engine: Engine, classes: list[str]) -> None:
+        super().__init__()
+        if not classes:
+            raise ValueError("give at least one product class to export")
+        state = engine._state  # noqa: SLF001 - the export is a view of the running engine
+        self.model = state.model
+        self.vision = state.model.vision
+        self.config = engine.config
+        self.sigma = engine.sigma
+        with torch.inference_mode():
+            texts = []
+            for name in classes:
+                engine._decide_name(name, None)  # noqa: SLF001 - decided earlier, or kept as given
+                texts.append(engine._make_class_text(state, name))  # noqa: SLF001
+            padded, lengths = state.model.pad_suffixes([t.suffix for t in texts])
+        self.register_buffer("suffixes", padded.detach().clone().float())
+        self.register_buffer("lengths", lengths.detach().clone())
+        self.register_buffer("query_text", state.query_text.detach().clone().float())
+        mean = torch.tensor(engine.backbone.mean).view(1, 3, 1, 1)
+        std = torch.tensor(engine.backbone.std).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, images: torch.Tensor, class_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        x = (images - self.mean) / self.std
+        feats = self.model.image_features(self.vision(x))
+        fused = self.model.layer_maps(feats, self.query_text).mean(dim=1)
+        if cfg.branch_weight > 0:
+            text = self.model.state_text_padded(
+                self.suffixes[class_index], self.lengths[class_index], feats.vision_prompts, truncate=False
+            )
+            enhanced = self.model.layer_maps(feats, text).mean(dim=1)
+            fused = cfg.branch_weight * enhanced + (1.0 - cfg.branch_weight) * fused
+        maps = gaussian_blur(grid_to_image(fused, cfg.image_size), self.sigma)
+        global_p = global_abnormal_probability(feats.global_embedding, self.query_text, self.model.temperature)
+        return image_score(global_p, maps, cfg.score_alpha), maps
+
+
+def export_onnx(engine: Engine, classes: list[str], path: Path, opset: int = 18) -> ExportedScorer:
+    """Write the ONNX graph for `classes` to `path`; returns the torch module it was made from."""
+    scorer = ExportedScorer(engine, classes).to("cpu").eval()
+    size = engine.config.image_size
+    images = torch.rand(2, 3, size, size)
+    index = torch.zeros(2, dtype=torch.long)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    weights_bytes = sum(p.numel() * p.element_size() for p in scorer.parameters())
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(
+            scorer,
+            (images, index),
+            str(path),
+            input_names=["images", "class_index"],
+            output_names=["scores", "anomaly_maps"],
+            dynamic_shapes={"images": {0: batch}, "class_index": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            external_data=weights_bytes > 1_500_000_000,  # protobuf's 2 GB limit
+            verbose=False,
+        )
+    return scorer
+
+
+def check_onnx(scorer: ExportedScorer, path: Path, batch: int = 3, seed: int = 0) -> dict[str, float]:
+    """Run the ONNX file with onnxruntime and the torch module on the same input; largest differences."""
+    import onnxruntime as ort
+
+    generator = torch.Generator().manual_seed(seed)
+    size = scorer.config.image_size
+    images = torch.rand(batch, 3, size, size, generator=generator)
+    index = torch.randint(0, scorer.suffixes.shape[0], (batch,), generator=generator)
+    with torch.no_grad():
+        scores, maps = scorer(images, index)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_scores, onnx_maps = session.run(None, {"images": images.numpy(), "class_index": index.numpy()})
+    return {
+        "max_score_diff": float(np.abs(onnx_scores - scores.numpy()).max()),
+        "max_map_diff": float(np.abs(onnx_maps - maps.numpy()).max()),
+    }

@@ -1,0 +1,76 @@
+"""Frames as cameras give them -> one normalised batch tensor on the engine's device.
+
+Frames are uint8 (or uint16 from machine-vision cameras) BGR HxWx3 or gray HxW,
+of any size. The host side only checks and stacks; resizing, colour order and
+normalisation run batched on the device. Frames are squashed to the square
+input (no crop), so the anomaly map covers the whole frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class InvalidFrameError(ValueError):
+    """A frame the engine cannot use; `index` is its position in the batch."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        self.index = index
+        self.reason = reason
+        super().__init__(f"frame {index}: {reason}")
+
+
+def check_frame(frame: object, index: int = 0) -> np.ndarray:
+    """Return the frame as a usable array or raise InvalidFrameError saying what is wrong."""
+    if not isinstance(frame, np.ndarray):
+        raise InvalidFrameError(index, f"expected a numpy array, got {type(frame).__name__}")
+    if frame.dtype not in (np.uint8, np.uint16):
+        raise InvalidFrameError(index, f"expected uint8 or uint16 pixels, got {frame.dtype}")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim == 3 and frame.shape[2] == 4:
+        frame = frame[:, :, :3]
+    if not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)):
+        raise InvalidFrameError(index, f"expected HxW gray or HxWx3 BGR, got shape {frame.shape}")
+    if frame.shape[0] < 8 or frame.shape[1] < 8:
+        raise InvalidFrameError(index, f"frame of {frame.shape[1]}x{frame.shape[0]} px is too small")
+    return frame
+
+
+class Preprocessor:
+    """Resizes and normalises batches on one device; pinned host memory and async copies on CUDA."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], device: torch.device) -> None:
+        self.image_size = image_size
+        self.device = device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.pin = device.type == "cuda"
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.pin:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def __call__(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """Checked frames -> [B, 3, S, S] float32, RGB, CLIP-normalised."""
+        out = torch.empty(len(frames), 3, self.image_size, self.image_size, device=self.device)
+        groups: dict[tuple, list[int]] = {}
+        for i, frame in enumerate(frames):
+            groups.setdefault((frame.shape, frame.dtype.str), []).append(i)
+        for (shape, _), indices in groups.items():
+            stacked = np.stack([frames[i] for i in indices]) if len(indices) > 1 else frames[indices[0]][None]
+            x = self._to_device(stacked)
+            scale = 65535.0 if x.dtype == torch.uint16 else 255.0
+            x = x.float() / scale if x.dtype != torch.uint16 else x.to(torch.int32).float() / scale
+            x = x.unsqueeze(1).expand(-1, 3, -1, -1) if len(shape) == 2 else x.permute(0, 3, 1, 2).flip(1)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True
+            )
+            out[torch.as_tensor(indices, device=self.device)] = (x - self.mean) / self.std
+        return out

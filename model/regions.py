@@ -1,0 +1,77 @@
+"""Defect regions: connected parts of the thresholded map, each with a defect type.
+
+Runs on the CPU on the model-resolution map (a few hundred pixels a side), and only
+does the type averaging for images that have regions; boxes and areas are then
+scaled to frame pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+MAX_REGIONS = 32
+
+
+@dataclass(frozen=True)
+class Defect:
+    """One defect region, in frame pixels."""
+
+    type: str
+    type_probability: float
+    score: float  # highest anomaly-map value inside the region
+    area: int  # pixels of the frame
+    bbox: tuple[int, int, int, int]  # x, y, width, height in the frame
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_defects(
+    anomaly_map: np.ndarray,
+    threshold: float,
+    frame_size: tuple[int, int],
+    type_probabilities: np.ndarray | None,
+    type_names: list[str],
+    min_area: int = 16,
+) -> list[Defect]:
+    """Regions of `anomaly_map` [S, S] >= threshold; type_probabilities [g, g, K] on the patch grid."""
+    mask = (anomaly_map >= threshold).astype(np.uint8)
+    if not mask.any():
+        return []
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = [r for r in range(1, count) if stats[r, cv2.CC_STAT_AREA] >= min_area]
+    if not keep:
+        return []
+    size = anomaly_map.shape[0]
+    probs = None
+    if type_probabilities is not None and type_names:
+        probs = cv2.resize(type_probabilities.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+        probs = probs.reshape(size, size, len(type_names))
+    height, width = frame_size
+    sx, sy = width / anomaly_map.shape[1], height / anomaly_map.shape[0]
+    flat_labels = labels.ravel()
+    peak = np.zeros(count, dtype=np.float64)
+    np.maximum.at(peak, flat_labels, anomaly_map.ravel())
+    defects = []
+    for r in keep:
+        x, y, w, h, area = (int(v) for v in stats[r, :5])
+        if probs is not None:
+            mean = probs[labels == r].mean(axis=0)
+            k = int(mean.argmax())
+            kind, kind_p = type_names[k], float(mean[k])
+        else:
+            kind, kind_p = "anomaly", float("nan")
+        defects.append(
+            Defect(
+                type=kind,
+                type_probability=kind_p,
+                score=float(peak[r]),
+                area=int(round(area * sx * sy)),
+                bbox=(int(x * sx), int(y * sy), max(1, round(w * sx)), max(1, round(h * sy))),
+            )
+        )
+    defects.sort(key=lambda d: d.score, reverse=True)
+    return defects[:MAX_REGIONS]

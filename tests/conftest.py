@@ -1,0 +1,3 @@
+"""Shared pytest setup: real broker fixtures come from tests/brokers.py."""
+
+pytest_plugins = ["tests.brokers"]
