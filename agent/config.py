@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -79,7 +79,33 @@ class TlsConfig(Section):
     insecure: bool = Field(False, description="Skip hostname verification (test benches only).")
 
 
-class MqttConfig(Section):
+class SecretSection(Section):
+    """A section with a password that may come from the config, a file, or systemd credentials."""
+
+    credential_name: ClassVar[str] = ""
+
+    @field_validator("password_file", check_fields=False)
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            path = Path(value).expanduser()
+            try:
+                path.read_text()
+            except OSError as exc:
+                raise ValueError(f"cannot read password file {value}: {exc.strerror}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_password(self) -> SecretSection:
+        resolved = resolve_secret(self.password, self.password_file, self.credential_name)
+        if resolved is not self.password:
+            object.__setattr__(self, "password", resolved)
+        return self
+
+
+class MqttConfig(SecretSection):
+    credential_name: ClassVar[str] = "mqtt-password"
+
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     tls: TlsConfig = Field(default_factory=TlsConfig)
@@ -100,7 +126,9 @@ class MqttConfig(Section):
         return value
 
 
-class RedisConfig(Section):
+class RedisConfig(SecretSection):
+    credential_name: ClassVar[str] = "redis-password"
+
     url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, no password in it.")
     password: SecretStr | None = None
     password_file: Path | None = None
@@ -183,14 +211,6 @@ class InspectConfig(BaseSettings):
             raise ValueError(f"camera ids must be unique; repeated: {', '.join(dupes)}")
         return value
 
-    @model_validator(mode="after")
-    def _secrets(self) -> InspectConfig:
-        for section, credential in ((self.mqtt, "mqtt-password"), (self.redis, "redis-password")):
-            resolved = resolve_secret(section.password, section.password_file, credential)
-            if resolved is not section.password:
-                object.__setattr__(section, "password", resolved)
-        return self
-
     def product_classes(self) -> list[str]:
         """Every product class this line inspects, in camera order."""
         return list(dict.fromkeys(c.product_class for c in self.cameras))
@@ -201,10 +221,7 @@ def resolve_secret(value: SecretStr | None, path: Path | None, credential: str) 
     if value is not None:
         return value
     if path is not None:
-        try:
-            return SecretStr(Path(path).expanduser().read_text().strip())
-        except OSError as exc:
-            raise ValueError(f"cannot read {credential.replace('-', ' ')} file {path}: {exc.strerror}") from None
+        return SecretStr(Path(path).expanduser().read_text().strip())
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / credential).is_file():
         return SecretStr((Path(cred_dir) / credential).read_text().strip())

@@ -1,0 +1,208 @@
+"""Evaluation report: `report.json` for machines, `report.md` laid out like the papers' tables,
+and a PNG grid of sample predictions for a quick look at what the numbers mean.
+
+`results` is what `trainer.metrics.Evaluator.compute()` returns: {"classes": {name: row},
+"mean": row, "notes": [...], ...} with rows keyed by `trainer.metrics.COLUMNS` and values in
+[0, 1] (NaN where undefined). JSON has no NaN, so NaN is written as null.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from trainer.metrics import COLUMNS
+
+COLUMN_TITLES: dict[str, str] = {
+    "image_auroc": "Image AUROC",
+    "image_ap": "Image AP",
+    "image_f1_max": "Image F1-max",
+    "pixel_auroc": "Pixel AUROC",
+    "pixel_ap": "Pixel AP",
+    "pixel_f1_max": "Pixel F1-max",
+    "pixel_aupro": "Pixel AUPRO",
+}
+
+TILE = 192
+TITLE_HEIGHT = 28
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+# --- report.json / report.md ---------------------------------------------------------------
+
+
+def write_report(out_dir: Path, results: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write `report.json` and `report.md` into `out_dir`; returns their paths.
+
+    `meta` is copied into the JSON as is (checkpoint, data spec, image counts, skipped files,
+    timing, ...); Paths, numpy values, sets and datetimes are converted, NaN becomes null.
+    The markdown header shows `checkpoint`, `data`, `date`, `images`, `skipped` and
+    `seconds` when present.
+    """
+    if "classes" not in results or "mean" not in results:
+        raise ValueError("results need 'classes' and 'mean' (see trainer.metrics.Evaluator.compute)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    date = str(meta.get("date") or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    document = {
+        "date": date,
+        "columns": list(results.get("columns", COLUMNS)),
+        "classes": results["classes"],
+        "mean": results["mean"],
+        "notes": list(results.get("notes", [])),
+        "counts": results.get("counts", {}),
+        "meta": dict(meta),
+    }
+    json_path = out_dir / "report.json"
+    md_path = out_dir / "report.md"
+    json_path.write_text(json.dumps(_jsonable(document), indent=2, allow_nan=False) + "\n")
+    md_path.write_text(_markdown(results, meta, date))
+    return json_path, md_path
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types only; NaN/inf become null so the file is strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return [_jsonable(v) for v in sorted(value, key=str)]
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    return str(value)  # Path and anything else with a meaningful str()
+
+
+def format_percent(value: float | None) -> str:
+    """0.9123 -> "91.2", as the papers print; undefined -> "-"."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{100.0 * value:.1f}"
+
+
+def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], date: str) -> str:
+    columns = list(results.get("columns", COLUMNS))
+    lines = ["# GenCLIP evaluation report", ""]
+    for key, label in (
+        ("checkpoint", "Checkpoint"),
+        ("data", "Data"),
+        ("images", "Images"),
+        ("skipped", "Skipped files"),
+        ("seconds", "Time (s)"),
+    ):
+        if key in meta:
+            lines.append(f"- {label}: {_header_value(key, meta[key])}")
+    lines += [f"- Date: {date}", ""]
+
+    lines.append("| Class | " + " | ".join(COLUMN_TITLES.get(c, c) for c in columns) + " |")
+    lines.append("|:--|" + "--:|" * len(columns))
+    for name, row in results["classes"].items():
+        lines.append(_table_row(_escape(str(name)), row, columns))
+    lines.append(_table_row("**Mean**", results["mean"], columns))
+
+    notes = list(results.get("notes", []))
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _table_row(label: str, row: Mapping[str, Any], columns: Sequence[str]) -> str:
+    return f"| {label} | " + " | ".join(format_percent(row.get(c)) for c in columns) + " |"
+
+
+def _header_value(key: str, value: Any) -> str:
+    if key == "skipped" and isinstance(value, (list, tuple, set)):
+        return str(len(value))
+    if key == "seconds" and isinstance(value, (int, float)):
+        return f"{value:.1f}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return f"`{value}`" if key == "checkpoint" else str(value)
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+# --- sample grid ---------------------------------------------------------------------------
+
+
+def write_sample_grid(
+    path: Path,
+    rows: Sequence[tuple[np.ndarray, np.ndarray | None, np.ndarray]],
+    title: str,
+    tile: int = TILE,
+) -> Path:
+    """One PNG: per row, image | ground truth (black if none) | anomaly map over the image.
+
+    Every tile is resized to `tile` x `tile`. The heat map shows the map's absolute value in
+    [0, 1] (not normalised per image), so rows can be compared; its maximum is printed on it.
+    The PNG is 3 * tile wide and TITLE_HEIGHT + len(rows) * tile high.
+    """
+    if not rows:
+        raise ValueError("no rows to draw")
+    banner = np.zeros((TITLE_HEIGHT, 3 * tile, 3), np.uint8)
+    _label(banner, title, (6, TITLE_HEIGHT - 9), scale=0.55)
+    bands = [banner]
+    for i, (image, mask, anomaly_map) in enumerate(rows):
+        labels = ("image", "ground truth", "anomaly map") if i == 0 else ("", "", "")
+        tiles = _row_tiles(image, mask, anomaly_map, tile)
+        for t, text in zip(tiles, labels, strict=True):
+            if text:
+                _label(t, text, (4, 14))
+        band = np.hstack(tiles)
+        if i > 0:
+            band[0] = 96  # thin grey line between rows
+        bands.append(band)
+    grid = np.vstack(bands)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), grid):
+        raise OSError(f"could not write {path}")
+    return path
+
+
+def _row_tiles(
+    image: np.ndarray, mask: np.ndarray | None, anomaly_map: np.ndarray, tile: int
+) -> list[np.ndarray]:
+    size = (tile, tile)
+    picture = np.asarray(image)
+    if picture.dtype != np.uint8:
+        raise ValueError("image must be uint8 BGR")
+    if picture.ndim == 2:
+        picture = cv2.cvtColor(picture, cv2.COLOR_GRAY2BGR)
+    picture = cv2.resize(picture, size, interpolation=cv2.INTER_AREA)
+
+    truth = np.zeros((tile, tile, 3), np.uint8)
+    if mask is not None:
+        defect = (np.asarray(mask, np.float32) > 0.5).astype(np.uint8) * 255
+        truth[:] = cv2.resize(defect, size, interpolation=cv2.INTER_NEAREST)[..., None]
+
+    raw = np.asarray(anomaly_map, np.float32)
+    peak = float(np.nanmax(raw)) if np.isfinite(raw).any() else math.nan
+    scores = np.clip(cv2.resize(np.nan_to_num(raw, nan=0.0), size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    heat = cv2.applyColorMap((scores * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    overlay = cv2.addWeighted(picture, 0.5, heat, 0.5, 0.0)
+    _label(overlay, f"max {peak:.2f}", (4, tile - 6))
+    return [picture, truth, overlay]
+
+
+def _label(canvas: np.ndarray, text: str, origin: tuple[int, int], scale: float = 0.4) -> None:
+    """White text with a black outline, readable on any background."""
+    cv2.putText(canvas, text, origin, _FONT, scale, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(canvas, text, origin, _FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
