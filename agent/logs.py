@@ -79,7 +79,7 @@ def configure_logging(line_id: str, level: str = "INFO", fmt: str = "auto", stre
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if as_json else structlog.processors.ExceptionPrettyPrinter(),
+            *([structlog.processors.format_exc_info] if as_json else []),
             renderer,
         ],
     )

@@ -1,13 +1,471 @@
-"""`genclip score` and `genclip export`: the engine from the command line (filled in by the engine issue)."""
+"""`genclip score` and `genclip export onnx`: the engine from the command line.
+
+`score` tries a line's config and prompts on saved images: one JSON line per image
+on stdout (logs go to stderr, so stdout can be piped to `jq`), and optionally an
+overlay PNG per image. `export onnx` writes the image path for a set of classes as
+an ONNX graph and checks it against torch. Torch and OpenCV are imported inside
+the verbs so that `genclip config check` stays quick.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from agent.logs import get_logger
 
-def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> None:
-    """Add the engine verbs to the root CLI."""
+if TYPE_CHECKING:
+    import numpy as np
+
+    from agent.config import InspectConfig
+    from model import Engine, EngineConfig, Prediction
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ONNX_TOLERANCE = 1e-3
+log = get_logger("agent.score_command")
+
+LoadConfig = Callable[[Path | None], "InspectConfig"]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Config file (default: $GENCLIP_CONFIG, ./config.toml)."),
+]
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="Learned prompts (.safetensors from `genclip train`) to use instead of [model].checkpoint.",
+        show_default=False,
+    ),
+]
+
+SCORE_HELP = """Score images with the engine: one JSON line per image on stdout.
+
+IMAGE arguments are files or folders; a folder means the image files directly
+inside it (png, jpg, jpeg, bmp, tif, tiff, any case), sorted by name, not its
+sub-folders. Colour and grayscale, 8- and 16-bit images are read as they are
+(an alpha channel is dropped).
+
+Each line has: path, product_class, score, threshold, threshold_source
+(config, checkpoint or default), is_anomalous, defects (type, type_probability,
+score, area, bbox as x, y, width, height in image pixels), prompt_version, and
+timing (ms_per_image: the batch's time divided by its size, and batch_size);
+with --out also overlay, the PNG written. An image that cannot be read gives a
+line {"path": ..., "error": ...} and the others go on.
+
+Thresholds come from --threshold, else [thresholds] in the config, else the
+checkpoint's calibrated one, else [model].default_threshold.
+
+Logs go to stderr. Exit status: 0 all scored, 1 some image failed, 2 bad
+config, options or checkpoint.
+"""
+
+EXPORT_ONNX_HELP = """Export the image path for some product classes as an ONNX graph, checked against torch.
+
+The graph takes RGB images in [0, 1] already resized to [model].image_size
+(N x 3 x S x S) and a class index per image (the position in --classes), and
+returns image scores (N) and anomaly maps (N x S x S). Prompts are folded in.
+
+With --reference DIR, the images in DIR/<class>/ decide each class name (class
+name filtering) as the first batch would at run time: at most
+[engine].batch_size of them are used. Classes without such a folder keep their
+name as given.
+
+Prints one JSON line with the largest differences between onnxruntime and
+torch on random input; exits 1 if either is above 1e-3.
+"""
+
+
+class UnreadableImageError(Exception):
+    """An input that cannot be scored; the message says why, for the error line."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Stop a verb with a one-line reason on stderr (2: the user must fix an option or the config)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def expand_inputs(arguments: list[Path]) -> list[Path]:
+    """Files as given; folders replaced by their image files, sorted, not recursive.
+
+    A folder without images stays in the list so that it is reported as a failed input
+    instead of silently scoring nothing.
+    """
+    paths: list[Path] = []
+    for argument in arguments:
+        if argument.is_dir():
+            inside = sorted(p for p in argument.iterdir() if is_image_file(p))
+            paths.extend(inside or [argument])
+        else:
+            paths.append(argument)
+    return paths
+
+
+def read_frame(path: Path) -> np.ndarray:
+    """The image as the engine takes it (uint8/uint16, gray HxW or BGR HxWx3), or UnreadableImageError."""
+    import cv2
+    import numpy as np
+
+    from model import InvalidFrameError
+    from model.preprocess import check_frame
+
+    if path.is_dir():
+        raise UnreadableImageError(f"folder has no image files ({', '.join(s[1:] for s in IMAGE_SUFFIXES)})")
+    if not path.exists():
+        raise UnreadableImageError("file not found")
+    if not path.is_file():
+        raise UnreadableImageError("not a regular file")
+    if not os.access(path, os.R_OK):
+        raise UnreadableImageError("permission denied")
+    try:
+        frame = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise UnreadableImageError(f"cannot decode: {exc}") from None
+    if frame is None:
+        raise UnreadableImageError("cannot decode: corrupt, truncated or not a supported image format")
+    if frame.dtype not in (np.uint8, np.uint16):
+        raise UnreadableImageError(f"unsupported {frame.dtype} pixels: need 8- or 16-bit")
+    if frame.ndim == 3 and frame.shape[2] == 2:  # gray + alpha
+        frame = frame[:, :, 0]
+    try:
+        return check_frame(frame)  # drops an alpha channel, rejects odd shapes and tiny images
+    except InvalidFrameError as exc:
+        raise UnreadableImageError(exc.reason) from None
+
+
+def overlay_paths(paths: list[Path], out_dir: Path) -> list[Path]:
+    """`<stem>_overlay.png` per input, in `out_dir`; repeated stems get -2, -3, ... so none overwrites another.
+
+    Repeats happen with the same file name in two folders, or `a.png` beside `a.jpg`.
+    Names are compared without case, for case-insensitive file systems.
+    """
+    taken: set[str] = set()
+    targets = []
+    for path in paths:
+        stem = path.stem or "image"
+        name, count = f"{stem}_overlay.png", 1
+        while name.lower() in taken:
+            count += 1
+            name = f"{stem}-{count}_overlay.png"
+        taken.add(name.lower())
+        targets.append(out_dir / name)
+    return targets
+
+
+def read_in_batches(paths: list[Path], batch_size: int) -> Iterator[list[tuple[int, np.ndarray | str]]]:
+    """Groups of (input index, frame or error) holding at most `batch_size` frames, in input order.
+
+    Reading lazily keeps memory to one batch of images whatever the number of inputs.
+    """
+    group: list[tuple[int, np.ndarray | str]] = []
+    frames = 0
+    for index, path in enumerate(paths):
+        try:
+            group.append((index, read_frame(path)))
+            frames += 1
+        except UnreadableImageError as exc:
+            group.append((index, str(exc)))
+        if frames == batch_size:
+            yield group
+            group, frames = [], 0
+    if group:
+        yield group
+
+
+# --- output records ----------------------------------------------------------------------------------
+def finite(value: float) -> float | None:
+    """JSON has no NaN or infinity; such values (no defect-type probability) become null."""
+    return float(value) if math.isfinite(value) else None
+
+
+def prediction_record(path: Path, prediction: Prediction, batch_ms: float, batch_size: int) -> dict[str, Any]:
+    """One stdout line for a scored image."""
+    return {
+        "path": str(path),
+        "product_class": prediction.product_class,
+        "score": finite(prediction.score),
+        "threshold": finite(prediction.threshold),
+        "threshold_source": prediction.threshold_source,
+        "is_anomalous": bool(prediction.is_anomalous),
+        "defects": [
+            {
+                "type": d.type,
+                "type_probability": finite(d.type_probability),
+                "score": finite(d.score),
+                "area": int(d.area),
+                "bbox": [int(v) for v in d.bbox],
+            }
+            for d in prediction.defects
+        ],
+        "prompt_version": prediction.prompt_version,
+        "timing": {"ms_per_image": round(batch_ms / batch_size, 3), "batch_size": batch_size},
+    }
+
+
+def error_record(path: Path, error: str) -> dict[str, Any]:
+    """One stdout line for an image that could not be scored."""
+    return {"path": str(path), "error": error}
+
+
+def emit(record: dict[str, Any]) -> None:
+    typer.echo(json.dumps(record, allow_nan=False))
+
+
+# --- engine -----------------------------------------------------------------------------------------------
+def engine_config(cfg: InspectConfig, checkpoint: Path | None) -> EngineConfig:
+    """`[model]`, with `--checkpoint` in place of [model].checkpoint when given."""
+    if checkpoint is None:
+        return cfg.model
+    checkpoint = checkpoint.expanduser()
+    if not checkpoint.is_file():
+        fail(f"--checkpoint: prompt checkpoint not found: {checkpoint}")
+    return cfg.model.model_copy(update={"checkpoint": checkpoint})
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    """The engine, or exit 2 with the reason (missing weights, incompatible checkpoint, no CUDA, ...)."""
+    from model import BackboneError, CheckpointError, Engine
+
+    try:
+        return Engine(config)
+    except (BackboneError, CheckpointError, RuntimeError, ValueError, OSError) as exc:
+        fail(f"cannot start the engine: {exc}")
+
+
+# --- score ------------------------------------------------------------------------------------------------
+def run_score(
+    cfg: InspectConfig,
+    arguments: list[Path],
+    product_class: str,
+    checkpoint: Path | None,
+    out_dir: Path | None,
+    batch_size: int | None,
+    threshold: float | None,
+) -> int:
+    """Score every input, print its line, write its overlay; returns how many inputs failed."""
+    product_class = product_class.strip()
+    if not product_class:
+        fail("--class must not be empty")
+    paths = expand_inputs(arguments)
+    targets = None
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            fail(f"--out: cannot create folder {out_dir}: {exc.strerror}")
+        targets = overlay_paths(paths, out_dir)
+    engine = build_engine(engine_config(cfg, checkpoint))
+    thresholds = dict(cfg.thresholds)
+    if threshold is not None:
+        thresholds[product_class] = threshold
+    engine.set_thresholds(thresholds)
+    batch_size = batch_size or cfg.engine.batch_size
+    if engine.device.type == "cuda":  # so the first batch's timing is not CUDA start-up
+        engine.warmup([min(batch_size, len(paths))])
+    failed = 0
+    for group in read_in_batches(paths, batch_size):
+        failed += score_group(engine, group, paths, product_class, targets)
+    log.info("scored", images=len(paths) - failed, failed=failed, prompt_version=engine.prompt_version)
+    return failed
+
+
+def predict_batch(engine: Engine, frames: list[np.ndarray], product_class: str) -> list[Prediction] | str:
+    """The batch's predictions, or why the whole batch failed (e.g. out of GPU memory), so the run goes on."""
+    from model import InvalidFrameError
+
+    if not frames:
+        return []
+    try:
+        return engine.predict(frames, [product_class] * len(frames))
+    except (InvalidFrameError, RuntimeError) as exc:
+        log.exception("batch failed", images=len(frames))
+        return f"scoring failed: {exc}"
+
+
+def score_group(
+    engine: Engine,
+    group: list[tuple[int, np.ndarray | str]],
+    paths: list[Path],
+    product_class: str,
+    targets: list[Path] | None,
+) -> int:
+    """Score one batch, print a line per input in input order, write overlays; returns how many failed."""
+    frames = [(index, item) for index, item in group if not isinstance(item, str)]
+    outcome = predict_batch(engine, [frame for _, frame in frames], product_class)
+    batch_ms = engine.stats.last_batch_ms
+    predictions = {} if isinstance(outcome, str) else dict(zip([i for i, _ in frames], outcome, strict=True))
+    failed = 0
+    for index, item in group:
+        path = paths[index]
+        error = item if isinstance(item, str) else outcome if isinstance(outcome, str) else None
+        if error is not None:
+            failed += 1
+            log.warning("image not scored", path=str(path), error=error)
+            emit(error_record(path, error))
+            continue
+        prediction = predictions[index]
+        record = prediction_record(path, prediction, batch_ms, len(frames))
+        if targets is not None and not write_overlay(item, prediction, targets[index], record):
+            failed += 1
+        emit(record)
+    return failed
+
+
+def write_overlay(frame: np.ndarray, prediction: Prediction, target: Path, record: dict[str, Any]) -> bool:
+    """Draw and save one overlay; notes the file (or the problem) in the image's record."""
+    import cv2
+
+    from agent.overlay import draw_overlay
+
+    try:
+        written, reason = cv2.imwrite(str(target), draw_overlay(frame, prediction)), "cv2.imwrite failed"
+    except cv2.error as exc:
+        written, reason = False, str(exc).strip()
+    if written:
+        record["overlay"] = str(target)
+    else:
+        record["overlay_error"] = f"cannot write {target}: {reason}"
+    return bool(written)
+
+
+# --- export -----------------------------------------------------------------------------------------------
+def reference_frames(folder: Path, limit: int) -> list[np.ndarray]:
+    """Up to `limit` readable images from `folder` (sorted), for the class-name decision."""
+    frames = []
+    for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
+        if len(frames) == limit:
+            break
+        try:
+            frames.append(read_frame(path))
+        except UnreadableImageError as exc:
+            log.warning("reference image skipped", path=str(path), error=str(exc))
+    return frames
+
+
+def run_export_onnx(
+    cfg: InspectConfig, classes: list[str], out: Path, checkpoint: Path | None, reference: Path | None
+) -> bool:
+    """Export, check against torch, print the result line; True when within tolerance."""
+    from model.export import check_onnx, export_onnx
+
+    if reference is not None and not reference.is_dir():
+        fail(f"--reference: folder not found: {reference}")
+    engine = build_engine(engine_config(cfg, checkpoint))
+    for name in classes:
+        folder = reference / name if reference is not None else None
+        if folder is None or not folder.is_dir():
+            log.info("no reference images; class name kept as given", product_class=name)
+            continue
+        frames = reference_frames(folder, cfg.engine.batch_size)
+        decision = engine.register_class(name, frames)
+        log.info("class registered", product_class=name, images=len(frames), used_name=decision.used_name)
+    with contextlib.redirect_stdout(sys.stderr):  # torch.onnx prints progress; stdout is for the result
+        scorer = export_onnx(engine, classes, out)
+        diffs = check_onnx(scorer, out)
+    ok = all(value <= ONNX_TOLERANCE for value in diffs.values())
+    used = {name: engine.class_info(name)["used_name"] or name for name in classes}
+    emit({"path": str(out), "classes": classes, "used_names": used, **diffs, "tolerance": ONNX_TOLERANCE, "ok": ok})
+    if not ok:
+        log.error("ONNX output differs from torch", path=str(out), tolerance=ONNX_TOLERANCE, **diffs)
+    return ok
+
+
+def parse_classes(text: str | None, cfg: InspectConfig) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c'] (duplicates dropped, order kept); none given -> the cameras' classes."""
+    names = [n.strip() for n in text.split(",")] if text is not None else cfg.product_classes()
+    names = list(dict.fromkeys(n for n in names if n))
+    if not names:
+        fail("no product classes: give --classes a,b,c (or cameras in the config)")
+    return names
+
+
+# --- registration -----------------------------------------------------------------------------------------
+def register(app: typer.Typer, load_config: LoadConfig) -> None:
+    """Add `score` and `export onnx` to the root CLI; `load_config` exits 2 on a bad config.
+
+    Calling it again (tests build the CLI more than once per process) adds nothing.
+    """
+    if any(info.name == "score" for info in app.registered_commands):
+        return
+
+    def start(config: Path | None) -> InspectConfig:
+        """Load the config and send logs to stderr, the first thing every verb does."""
+        from agent.logs import configure_logging
+
+        cfg = load_config(config)
+        configure_logging(cfg.line.id, cfg.logging.level, cfg.logging.format)
+        return cfg
+
+    @app.command("score", help=SCORE_HELP)
+    def score(
+        images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.", show_default=False)],
+        product_class: Annotated[
+            str, typer.Option("--class", help="Product class of every image, e.g. 'bottle'.", show_default=False)
+        ],
+        checkpoint: CheckpointOption = None,
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                "--out",
+                help="Folder for overlay PNGs <stem>_overlay.png (heat map, defect boxes, verdict), "
+                "image-sized; a repeated stem gets <stem>-2_overlay.png.",
+                show_default=False,
+            ),
+        ] = None,
+        config: ConfigOption = None,
+        batch_size: Annotated[
+            int | None,
+            typer.Option("--batch-size", min=1, max=1024, help="Images per batch (default: [engine].batch_size)."),
+        ] = None,
+        threshold: Annotated[
+            float | None,
+            typer.Option(
+                "--threshold", min=0.0, max=1.0, help="Image-score threshold for this class, over the config's."
+            ),
+        ] = None,
+    ) -> None:
+        cfg = start(config)
+        failed = run_score(cfg, images, product_class, checkpoint, out, batch_size, threshold)
+        raise typer.Exit(1 if failed else 0)
+
+    export_app = typer.Typer(no_args_is_help=True)
+    app.add_typer(export_app, name="export", help="Export the engine to other runtimes (onnx).")
+
+    @export_app.command("onnx", help=EXPORT_ONNX_HELP)
+    def onnx(
+        out: Annotated[Path, typer.Option("--out", help="ONNX file to write.", show_default=False)],
+        classes: Annotated[
+            str | None,
+            typer.Option(
+                "--classes",
+                help="Comma-separated product classes, in class-index order (default: the cameras' classes).",
+                show_default=False,
+            ),
+        ] = None,
+        config: ConfigOption = None,
+        checkpoint: CheckpointOption = None,
+        reference: Annotated[
+            Path | None,
+            typer.Option(
+                "--reference",
+                help="Folder with a sub-folder of images per class, DIR/<class>/, to decide class names.",
+                show_default=False,
+            ),
+        ] = None,
+    ) -> None:
+        cfg = start(config)
+        ok = run_export_onnx(cfg, parse_classes(classes, cfg), out, checkpoint, reference)
+        raise typer.Exit(0 if ok else 1)

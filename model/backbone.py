@@ -156,7 +156,7 @@ def _describe(clip: nn.Module, name: str, weights: str) -> Backbone:
     mean = tuple(float(v) for v in getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(float(v) for v in getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
     patch = visual.conv1.kernel_size[0]
-    grid = int(round((visual.positional_embedding.shape[0] - 1) ** 0.5))
+    grid = round((visual.positional_embedding.shape[0] - 1) ** 0.5)
     return Backbone(
         clip=clip,
         tokenizer=open_clip.get_tokenizer(name),

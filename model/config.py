@@ -115,4 +115,3 @@ class EngineConfig(BaseModel):
     def defect_vocabulary(self, product_class: str) -> list[str]:
         """Defect names for one product class: its own list, or the default one."""
         return list(self.class_defect_types.get(product_class, self.defect_types))
-

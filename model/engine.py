@@ -321,9 +321,7 @@ class Engine:
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(classes):
             groups.setdefault(name, []).append(i)
-        texts = {
-            name: self._class_text(state, name, feats.global_embedding[idx]) for name, idx in groups.items()
-        }
+        texts = {name: self._class_text(state, name, feats.global_embedding[idx]) for name, idx in groups.items()}
         fused = model.layer_maps(feats, state.query_text).mean(dim=1)
         if cfg.branch_weight > 0:
             vision_text = model.state_text([texts[c].suffix for c in classes], feats.vision_prompts)

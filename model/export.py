@@ -26,7 +26,7 @@ class ExportedScorer(nn.Module):
         super().__init__()
         if not classes:
             raise ValueError("give at least one product class to export")
-        state = engine._state  # noqa: SLF001 - the export is a view of the running engine
+        state = engine._state
         self.model = state.model
         self.vision = state.model.vision
         self.config = engine.config
@@ -34,8 +34,8 @@ class ExportedScorer(nn.Module):
         with torch.inference_mode():
             texts = []
             for name in classes:
-                engine._decide_name(name, None)  # noqa: SLF001 - decided earlier, or kept as given
-                texts.append(engine._make_class_text(state, name))  # noqa: SLF001
+                engine._decide_name(name, None)
+                texts.append(engine._make_class_text(state, name))
             padded, lengths = state.model.pad_suffixes([t.suffix for t in texts])
         self.register_buffer("suffixes", padded.detach().clone().float())
         self.register_buffer("lengths", lengths.detach().clone())

@@ -112,7 +112,7 @@ class PromptLearner(nn.Module):
         self, sot: torch.Tensor, suffixes: torch.Tensor, suffix_lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[SOT][W][A] <defect> <class> . [EOT] for K defect names: embeddings [K, T, W], EOT [K]."""
-        k, s, w = suffixes.shape
+        k, _s, w = suffixes.shape
         head = torch.cat([self.defect, self.abnormal]).to(suffixes.dtype).expand(k, -1, -1)
         prompts = torch.cat([sot.to(suffixes.dtype).expand(k, 1, w), head, suffixes], dim=1)
         eot = 1 + self.shape.defect_tokens + self.shape.state_tokens + suffix_lengths - 1

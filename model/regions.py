@@ -69,7 +69,7 @@ def find_defects(
                 type=kind,
                 type_probability=kind_p,
                 score=float(peak[r]),
-                area=int(round(area * sx * sy)),
+                area=round(area * sx * sy),
                 bbox=(int(x * sx), int(y * sy), max(1, round(w * sx)), max(1, round(h * sy))),
             )
         )

@@ -20,10 +20,7 @@ def state_logits(patches: torch.Tensor, text: torch.Tensor, temperature: float) 
 
     patches [B, L, HW, D]; text [2, D] (shared) or [B, L, 2, D] (per image and layer).
     """
-    if text.dim() == 2:
-        sims = patches @ text.t()
-    else:
-        sims = torch.einsum("blpd,blkd->blpk", patches, text)
+    sims = patches @ text.t() if text.dim() == 2 else torch.einsum("blpd,blkd->blpk", patches, text)
     return sims.float() / temperature
 
 
@@ -81,7 +78,7 @@ def scaled_sigma(sigma_at_518: float, image_size: int) -> float:
 def grid_to_image(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Bilinear (align_corners=False) upsampling of [B, HW] patch maps or [B, h, w] maps to size."""
     if maps.dim() == 2:
-        side = int(math.isqrt(maps.shape[1]))
+        side = math.isqrt(maps.shape[1])
         maps = maps.view(maps.shape[0], side, side)
     size = (size, size) if isinstance(size, int) else size
     return F.interpolate(maps.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False).squeeze(1)

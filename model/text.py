@@ -65,7 +65,7 @@ class TextEncoder(nn.Module):
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Plain CLIP text features of whole sentences (for Class Name Filtering)."""
-        rows = [[self.sot_id, *self.word_ids(t)][: self.context_length - 1] + [self.eot_id] for t in texts]
+        rows = [[*[self.sot_id, *self.word_ids(t)][: self.context_length - 1], self.eot_id] for t in texts]
         length = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), length, dtype=torch.long, device=self.token_embedding.weight.device)
         for i, row in enumerate(rows):

@@ -32,7 +32,7 @@ def default_layers(depth: int) -> list[int]:
 
 def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """Bilinear (align_corners=False) resize of the patch position grid; the class position is kept."""
-    old = int(round((pos.shape[0] - 1) ** 0.5))
+    old = round((pos.shape[0] - 1) ** 0.5)
     if old == grid:
         return pos.clone()
     patches = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)

@@ -137,7 +137,7 @@ def test_duplicate_camera_ids_and_broken_toml(tmp_path):
 
 
 def test_missing_files_named_in_model_section(tmp_path):
-    with pytest.raises(ConfigError, match="model: .*checkpoint: prompt checkpoint not found"):
+    with pytest.raises(ConfigError, match=r"model: .*checkpoint: prompt checkpoint not found"):
         load_config(edited(tmp_path, "# checkpoint = ", "checkpoint = "))
 
 
@@ -156,7 +156,7 @@ def test_secrets_from_file_and_systemd_credentials(tmp_path, monkeypatch):
     assert cfg.redis.password.get_secret_value() == "from-systemd"
     assert cfg.mqtt.password is None
 
-    with pytest.raises(ConfigError, match="mqtt.password_file: cannot read password file /nope"):
+    with pytest.raises(ConfigError, match=r"mqtt\.password_file: cannot read password file /nope"):
         load_config(edited(tmp_path, '# password_file = "/etc/genclip/mqtt-password"', 'password_file = "/nope"'))
 
 

@@ -217,7 +217,7 @@ def test_predictions_have_frame_shapes_and_valid_ranges(engine):
         assert p.is_anomalous == (p.score >= p.threshold)
         for d in p.defects:
             x, y, w, h = d.bbox
-            assert 0 <= x and 0 <= y and x + w <= frame.shape[1] + 1 and y + h <= frame.shape[0] + 1
+            assert x >= 0 and y >= 0 and x + w <= frame.shape[1] + 1 and y + h <= frame.shape[0] + 1
             assert d.type in engine.config.defect_types and 0.0 <= d.type_probability <= 1.0
 
 
@@ -324,9 +324,7 @@ def test_bad_files_are_refused_and_old_prompts_keep_serving(tmp_path, backbone):
     wrong_shape = tmp_path / "shape.safetensors"
     perturbed_checkpoint(wrong_shape, backbone, tiny_config(query_tokens=6))
     meta = read_metadata(wrong_shape)
-    save_checkpoint(
-        wrong_shape, {"prompts.query": torch.zeros(2, 2)}, {k: v for k, v in meta.items() if k != "format"}
-    )
+    save_checkpoint(wrong_shape, {"prompts.query": torch.zeros(2, 2)}, {k: v for k, v in meta.items() if k != "format"})
 
     for bad, message in [
         (garbage, "not a readable safetensors file"),
