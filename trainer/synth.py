@@ -1,0 +1,655 @@
+"""Synthetic defects on good images: training data with exact masks when real defects are scarce.
+
+Every defect kind draws a soft layer (an alpha map and a target colour, or a warp for `dent`)
+and composites it onto the image. The mask is then derived from what actually changed: a pixel
+is in the mask when its largest channel change is at least `NOTICEABLE` grey levels, plus the
+pixels enclosed by such a region inside the defect's footprint (a stain over a speck of the same
+colour is still one stain). So the mask covers exactly the visible change; the only unmasked
+changes are faint fringes (anti-aliasing, soft edges) below `NOTICEABLE`.
+
+Colours are chosen against the local background (dark defects on bright surfaces and the other
+way round), so defects stay visible on black and on white. Sizes scale with the image. All
+randomness comes from the `numpy.random.Generator` passed in: same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+from trainer.datasets import IMAGE_EXTENSIONS, BadSampleError, folder_name, human_name, read_bgr8
+from trainer.textures import FAMILIES, instance_seed, render_texture
+
+NOTICEABLE = 12
+"""Largest per-channel change (0-255) from which a pixel counts as defective in the mask."""
+
+DEFECT_KINDS = ("scratch", "crack", "hole", "stain", "missing part", "dent")
+TEXTURE_PREFIX = "texture:"
+MARKER_FILE = ".genclip-synth.json"
+"""Written into every class folder `generate` makes; only such folders are ever replaced."""
+
+_LUMA = np.asarray([0.114, 0.587, 0.299], np.float32)  # BGR
+_TINTS = np.asarray(  # BGR hues of common stains: rust, oil, coffee, green, ink, yellow
+    [[40, 90, 160], [70, 65, 55], [50, 80, 110], [80, 140, 90], [150, 90, 60], [60, 170, 200]], np.float32
+)
+
+Defect = tuple[np.ndarray, np.ndarray]
+
+
+# --------------------------------------------------------------------------- shared drawing helpers
+
+
+def _luma(pixels: np.ndarray) -> np.ndarray:
+    return pixels.astype(np.float32) @ _LUMA
+
+
+def _mean_luma(image: np.ndarray, where: np.ndarray) -> float:
+    """Average brightness of the background the defect will sit on."""
+    if not where.any():
+        return float(_luma(image).mean())
+    return float(_luma(image[where]).mean())
+
+
+def _tone(luma: float, rng: np.random.Generator, prefer: str) -> float:
+    """A brightness that contrasts with `luma` by >= ~40 levels: darker on bright, brighter on dark."""
+    if prefer == "dark":
+        darker = luma > 75
+    elif prefer == "bright":
+        darker = luma > 180
+    else:
+        darker = luma > 127 if (luma < 90 or luma > 165) else bool(rng.random() < 0.5)
+    if darker:
+        return luma * float(rng.uniform(0.05, 0.35))
+    return luma + (255.0 - luma) * float(rng.uniform(0.55, 0.95))
+
+
+def _coloured(tone: float, rng: np.random.Generator, saturation: float) -> np.ndarray:
+    """A BGR colour of brightness ~`tone`, tinted towards a random stain hue by `saturation`."""
+    hue = _TINTS[rng.integers(len(_TINTS))]
+    hue = hue / float(hue @ _LUMA)
+    colour = (1.0 - saturation) + saturation * hue
+    return np.clip(colour * np.float32(tone), 0, 255).astype(np.float32)
+
+
+def _blend(base: np.ndarray, target: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """base + (target - base) * alpha, in float; `target` is a colour or a per-pixel image."""
+    return base + (target - base) * alpha[:, :, None]
+
+
+def _enclosed(region: np.ndarray) -> np.ndarray:
+    """Pixels not in `region` that cannot reach the image border without crossing it (its holes)."""
+    height, width = region.shape
+    canvas = np.zeros((height + 2, width + 2), np.uint8)
+    canvas[1:-1, 1:-1] = region
+    cv2.floodFill(canvas, np.zeros((height + 4, width + 4), np.uint8), (0, 0), 2)
+    return canvas[1:-1, 1:-1] == 0
+
+
+def _finish(image: np.ndarray, drawn: np.ndarray, footprint: np.ndarray, window: tuple[slice, slice]) -> Defect:
+    """Paste the drawing of `window` (pixels outside the footprint untouched) and derive the exact mask."""
+    before = image[window]
+    local = np.clip(np.rint(drawn), 0, 255).astype(np.uint8)
+    local[~footprint] = before[~footprint]
+    change = np.abs(local.astype(np.int16) - before.astype(np.int16)).max(axis=2)
+    changed = change >= NOTICEABLE
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[window] = (changed | (_enclosed(changed.astype(np.uint8)) & footprint)).astype(np.uint8) * 255
+    out = image.copy()
+    out[window] = local
+    return out, mask
+
+
+def _composite(image: np.ndarray, target: np.ndarray, alpha: np.ndarray, footprint: np.ndarray) -> Defect:
+    """Blend a full-image layer, working only inside the footprint's bounding box."""
+    x, y, w, h = cv2.boundingRect(footprint.astype(np.uint8))
+    window = (slice(y, y + h), slice(x, x + w))
+    local_target = target[window] if target.ndim == 3 else target
+    drawn = _blend(image[window].astype(np.float32), local_target, alpha[window])
+    return _finish(image, drawn, footprint[window], window)
+
+
+def _centre(rng: np.random.Generator, height: int, width: int, margin: float) -> np.ndarray:
+    return np.asarray([rng.uniform(margin, width - 1 - margin), rng.uniform(margin, height - 1 - margin)], np.float64)
+
+
+def _window(centre: np.ndarray, radius: float, height: int, width: int) -> tuple[slice, slice]:
+    """The rows and columns around `centre` that a defect of `radius` can touch."""
+    x0, x1 = int(max(0, np.floor(centre[0] - radius))), int(min(width, np.ceil(centre[0] + radius) + 1))
+    y0, y1 = int(max(0, np.floor(centre[1] - radius))), int(min(height, np.ceil(centre[1] + radius) + 1))
+    return slice(y0, y1), slice(x0, x1)
+
+
+def _local_coords(
+    rows: slice, cols: slice, centre: np.ndarray, angle: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(dx, dy) offsets from `centre` in the window and the same rotated into the defect's frame."""
+    ys = np.arange(rows.start, rows.stop, dtype=np.float32) - np.float32(centre[1])
+    xs = np.arange(cols.start, cols.stop, dtype=np.float32) - np.float32(centre[0])
+    dx, dy = np.meshgrid(xs, ys)
+    c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+    return dx, dy, dx * c + dy * s, -dx * s + dy * c
+
+
+def _smooth_field(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1], to keep blotches from looking flat."""
+    grid = rng.random((cells, cells)).astype(np.float32)
+    return np.clip(cv2.resize(grid, (max(width, 1), max(height, 1)), interpolation=cv2.INTER_CUBIC), 0, 1)
+
+
+def _fixed(points: np.ndarray) -> np.ndarray:
+    """Sub-pixel polyline points for OpenCV's `shift=4` drawing."""
+    return np.rint(points * 16).astype(np.int32).reshape(-1, 1, 2)
+
+
+# --------------------------------------------------------------------------- defect kinds
+
+
+def _draw_scratch(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    height, width = image.shape[:2]
+    size = min(height, width)
+    length = size * rng.uniform(0.2, 0.6)
+    angle = rng.uniform(0, 2 * np.pi)
+    direction = np.asarray([np.cos(angle), np.sin(angle)])
+    normal = np.asarray([-direction[1], direction[0]])
+    centre = _centre(rng, height, width, 0.1 * size)
+    p0, p2 = centre - direction * length / 2, centre + direction * length / 2
+    p1 = centre + normal * length * rng.uniform(-0.25, 0.25)
+    t = np.linspace(0.0, 1.0, 48)[:, None]
+    points = (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t**2 * p2
+    thickness = max(1, round(size / 256 * rng.uniform(0.8, 2.2)))
+    canvas = np.zeros((height, width), np.uint8)
+    for i in range(len(points) - 1):
+        fade = np.sin(np.pi * (i + 0.5) / (len(points) - 1)) ** 0.35  # ends fade out
+        a, b = _fixed(points[i : i + 2]).reshape(2, 2)
+        cv2.line(canvas, tuple(a), tuple(b), int(255 * fade), thickness, cv2.LINE_AA, shift=4)
+    alpha = canvas.astype(np.float32) / 255.0 * np.float32(rng.uniform(0.8, 1.0))
+    footprint = canvas > 0
+    tone = _tone(_mean_luma(image, footprint), rng, "either")
+    colour = _coloured(tone, rng, 0.1)
+    return _composite(image, colour, alpha, footprint)
+
+
+def _jagged_path(start: np.ndarray, angle: float, steps: int, step: float, rng: np.random.Generator) -> np.ndarray:
+    drift = np.cumsum(rng.normal(0.0, 0.08, steps))
+    angles = angle + drift + rng.normal(0.0, 0.55, steps)
+    moves = np.stack([np.cos(angles), np.sin(angles)], axis=1) * step
+    return np.vstack([start, start + np.cumsum(moves, axis=0)])
+
+
+def _draw_crack(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    height, width = image.shape[:2]
+    size = min(height, width)
+    step = max(2.0, size * rng.uniform(0.02, 0.035))
+    steps = max(4, int(size * rng.uniform(0.25, 0.55) / step))
+    angle = rng.uniform(0, 2 * np.pi)
+    start = _centre(rng, height, width, 0.15 * size) - np.asarray([np.cos(angle), np.sin(angle)]) * steps * step / 2
+    trunk = _jagged_path(start, angle, steps, step, rng)
+    thick = max(1, round(size / 256 * rng.uniform(1.2, 2.8)))
+    thin = max(1, thick - 1)
+    canvas = np.zeros((height, width), np.uint8)
+    tip = max(1, steps // 6)
+    for piece, width_px in (
+        (trunk[: tip + 1], thin),
+        (trunk[tip : steps - tip + 1], thick),
+        (trunk[steps - tip :], thin),
+    ):
+        cv2.polylines(canvas, [_fixed(piece)], False, 255, width_px, cv2.LINE_AA, shift=4)
+    for _ in range(int(rng.integers(1, 4))):
+        at = int(rng.integers(steps // 5, max(steps // 5 + 1, 4 * steps // 5)))
+        branch_angle = angle + rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.1)
+        branch = _jagged_path(trunk[at], branch_angle, max(2, int(steps * rng.uniform(0.2, 0.45))), step * 0.8, rng)
+        cv2.polylines(canvas, [_fixed(branch)], False, 255, thin, cv2.LINE_AA, shift=4)
+    alpha = canvas.astype(np.float32) / 255.0 * np.float32(rng.uniform(0.85, 1.0))
+    footprint = canvas > 0
+    tone = _tone(_mean_luma(image, footprint), rng, "dark")
+    colour = _coloured(tone, rng, 0.15)
+    return _composite(image, colour, alpha, footprint)
+
+
+def _draw_hole(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    height, width = image.shape[:2]
+    size = min(height, width)
+    radius = size * rng.uniform(0.025, 0.07) + 1.5
+    squash = rng.uniform(0.65, 1.0)
+    rim = rng.uniform(0.25, 0.5)  # rim width relative to the radius
+    centre = _centre(rng, height, width, 0.08 * size)
+    rows, cols = _window(centre, radius * (1 + rim) + 2, height, width)
+    _, _, u, v = _local_coords(rows, cols, centre, rng.uniform(0, np.pi))
+    rho = np.sqrt((u / np.float32(radius)) ** 2 + (v / np.float32(radius * squash)) ** 2)
+    inside = np.clip((1.0 - rho) * np.float32(radius * squash) + 0.5, 0.0, 1.0)  # 1 px anti-aliased edge
+    ring = np.clip(1.0 - np.abs(rho - 1.0) / np.float32(rim), 0.0, 1.0) ** 2 * np.float32(rng.uniform(0.5, 0.8))
+    patch = image[rows, cols]
+    luma = _mean_luma(patch, rho < 1 + rim)
+    if luma > 70:  # dark hole, light raised rim
+        depth = (0.6 + 0.4 * np.minimum(rho, 1.0)) * np.float32(min(luma * 0.25, rng.uniform(5, 35)))
+        rim_tone = min(255.0, luma + rng.uniform(30, 70))
+    else:  # on a dark surface: backlit through the hole, darker rim
+        depth = (1.1 - 0.2 * np.minimum(rho, 1.0)) * np.float32(rng.uniform(150, 210))
+        rim_tone = luma * 0.5
+    drawn = _blend(patch.astype(np.float32), _coloured(rim_tone, rng, 0.05), ring)
+    drawn = _blend(drawn, depth[:, :, None] * _coloured(1.0, rng, 0.05), inside)
+    return _finish(image, drawn, (inside > 0) | (ring > 0), (rows, cols))
+
+
+def _blob_outline(rng: np.random.Generator, radius: float, points: int = 72) -> np.ndarray:
+    """An irregular closed outline around (0, 0): a circle with random low harmonics."""
+    theta = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    r = np.ones_like(theta)
+    for k in range(2, 7):
+        r += rng.uniform(0.0, 0.22) / k**0.7 * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    r = np.maximum(r, 0.35) * radius
+    squash, angle = rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
+    x, y = r * np.cos(theta), r * np.sin(theta) * squash
+    return np.stack([x * np.cos(angle) - y * np.sin(angle), x * np.sin(angle) + y * np.cos(angle)], axis=1)
+
+
+def _draw_stain(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    height, width = image.shape[:2]
+    size = min(height, width)
+    radius = size * rng.uniform(0.05, 0.15) + 2
+    centre = _centre(rng, height, width, 0.1 * size)
+    outline = _blob_outline(rng, radius) + centre
+    shape = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(shape, [_fixed(outline)], 255, cv2.LINE_8, shift=4)
+    rows, cols = _window(centre, 1.4 * radius + 2, height, width)
+    depth = cv2.distanceTransform(np.pad(shape[rows, cols], 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    feather = max(1.5, radius * rng.uniform(0.15, 0.4))
+    ramp = np.clip(depth / np.float32(feather), 0.0, 1.0)
+    ramp = ramp * ramp * (3 - 2 * ramp)  # smoothstep: soft edge inside the outline
+    texture = 0.8 + 0.2 * _smooth_field(rng, ramp.shape[0], ramp.shape[1], 4)
+    alpha = ramp * texture * np.float32(rng.uniform(0.55, 0.9))
+    patch = image[rows, cols]
+    tone = _tone(_mean_luma(patch, alpha > 0), rng, "either")
+    colour = _coloured(tone, rng, rng.uniform(0.3, 0.8))
+    return _finish(image, _blend(patch.astype(np.float32), colour, alpha), alpha > 0, (rows, cols))
+
+
+def _draw_missing_part(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    height, width = image.shape[:2]
+    size = min(height, width)
+    if rng.random() < 0.35:  # a chip out of an edge
+        radius = size * rng.uniform(0.1, 0.2) + 2
+        side = int(rng.integers(4))
+        along = rng.uniform(0.2, 0.8)
+        centre = np.asarray(
+            [[along * (width - 1), 0], [along * (width - 1), height - 1], [0, along * (height - 1)],
+             [width - 1, along * (height - 1)]][side], np.float64
+        )  # fmt: skip
+    else:
+        radius = size * rng.uniform(0.06, 0.16) + 2
+        centre = _centre(rng, height, width, 0.1 * size)
+    corners = int(rng.integers(5, 10))
+    theta = np.sort(rng.uniform(0, 2 * np.pi, corners))
+    r = radius * rng.uniform(0.55, 1.0, corners)
+    polygon = centre + np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1)
+    canvas = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(canvas, [_fixed(polygon)], 255, cv2.LINE_AA, shift=4)
+    alpha = canvas.astype(np.float32) / 255.0
+    footprint = canvas > 0
+    tone = _tone(_mean_luma(image, footprint), rng, "either")
+    fill = np.empty((height, width), np.float32)
+    fill[:] = np.float32(tone)
+    ys, xs = np.nonzero(footprint)
+    if rng.random() < 0.5:  # a different texture shows through: stripes
+        period, angle = size * rng.uniform(0.03, 0.08) + 2, rng.uniform(0, np.pi)
+        phase = (xs * np.cos(angle) + ys * np.sin(angle)) / period
+        fill[ys, xs] += np.float32(10.0) * np.sin(2 * np.pi * phase).astype(np.float32)
+    fill[ys, xs] += rng.normal(0.0, 1.5, len(ys)).astype(np.float32)
+    target = fill[:, :, None] * _coloured(1.0, rng, 0.15)
+    return _composite(image, target, alpha, footprint)
+
+
+def _draw_dent(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    height, width = image.shape[:2]
+    size = min(height, width)
+    radius = size * rng.uniform(0.06, 0.14) + 3
+    squash = rng.uniform(0.6, 1.0)
+    centre = _centre(rng, height, width, 0.1 * size)
+    rows, cols = _window(centre, radius + 2, height, width)
+    dx, dy, u, v = _local_coords(rows, cols, centre, rng.uniform(0, np.pi))
+    rho2 = (u / np.float32(radius)) ** 2 + (v / np.float32(radius * squash)) ** 2
+    bump = np.where(rho2 < 1.0, (1.0 - rho2) ** 2, 0.0).astype(np.float32)  # smooth, zero at the rim
+    pull = np.float32(rng.uniform(0.25, 0.5) * rng.choice([-1.0, 1.0]))
+    map_x = (dx + np.float32(centre[0])) - pull * dx * bump
+    map_y = (dy + np.float32(centre[1])) - pull * dy * bump
+    warped = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    grad_y, grad_x = np.gradient(bump)
+    light = rng.uniform(0, 2 * np.pi)
+    directional = -(grad_x * np.float32(np.cos(light)) + grad_y * np.float32(np.sin(light))) * np.float32(radius)
+    patch = image[rows, cols]
+    luma = _mean_luma(patch, bump > 0)
+    depth_sign = -1.0 if luma > 75 else 1.0
+    shade = depth_sign * rng.uniform(28, 45) * bump + rng.uniform(10, 25) * np.clip(directional, -1.5, 1.5)
+    drawn = warped.astype(np.float32) + shade.astype(np.float32)[:, :, None]
+    return _finish(image, drawn, bump > 0, (rows, cols))
+
+
+_DRAWERS: dict[str, Callable[[np.ndarray, np.random.Generator], Defect]] = {
+    "scratch": _draw_scratch,
+    "crack": _draw_crack,
+    "hole": _draw_hole,
+    "stain": _draw_stain,
+    "missing part": _draw_missing_part,
+    "dent": _draw_dent,
+}
+
+
+def normalise_kind(kind: str) -> str:
+    """`missing_part`, `Missing Part` -> `missing part`; raises ValueError for an unknown kind."""
+    name = " ".join(kind.replace("_", " ").lower().split())
+    if name not in _DRAWERS:
+        raise ValueError(f"unknown defect kind {kind!r}; expected one of {', '.join(DEFECT_KINDS)}")
+    return name
+
+
+def apply_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> Defect:
+    """Draw one defect of `kind` on a copy of `image` (uint8 HxWx3 BGR, at least 16 px a side).
+
+    Returns (defected image, mask uint8 {0, 255}). A draw whose visible area came out tiny (e.g.
+    mostly off the image) is redrawn, up to 8 times.
+    """
+    draw = _DRAWERS[normalise_kind(kind)]
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 HxWx3 BGR image, got {image.dtype} {image.shape}")
+    if min(image.shape[:2]) < 16:
+        raise ValueError(f"image too small for a defect: {image.shape[1]}x{image.shape[0]}")
+    image = np.ascontiguousarray(image)
+    min_area = max(4, min(image.shape[:2]) // 16)
+    for _ in range(8):
+        out, mask = draw(image, rng)
+        if np.count_nonzero(mask) >= min_area:
+            break
+    return out, mask
+
+
+def scratch(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    """A thin anti-aliased curve, bright on dark surfaces and dark on bright ones, fading at the ends."""
+    return apply_defect(image, "scratch", rng)
+
+
+def crack(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    """A jagged dark line with one to three branches, thicker in the middle."""
+    return apply_defect(image, "crack", rng)
+
+
+def hole(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    """A dark elliptic hole with a soft raised rim (backlit bright on dark surfaces)."""
+    return apply_defect(image, "hole", rng)
+
+
+def stain(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    """A translucent tinted blotch with an irregular, soft outline."""
+    return apply_defect(image, "stain", rng)
+
+
+def missing_part(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    """A sharp-edged polygon (sometimes a chip out of the border) replaced by flat or striped fill."""
+    return apply_defect(image, "missing part", rng)
+
+
+def dent(image: np.ndarray, rng: np.random.Generator) -> Defect:
+    """A local warp (smooth displacement via cv2.remap) with shading; the mask is where it shows."""
+    return apply_defect(image, "dent", rng)
+
+
+# --------------------------------------------------------------------------- data set generation
+
+
+class SkippedSource(NamedTuple):
+    path: str
+    reason: str
+
+
+@dataclass
+class SynthSummary:
+    """What `generate` wrote: counts per folder and the source images it could not read."""
+
+    class_dir: Path
+    class_name: str
+    good: int = 0
+    train_good: int = 0
+    defects: dict[str, int] = field(default_factory=dict)
+    skipped: list[SkippedSource] = field(default_factory=list)
+
+    @property
+    def test_images(self) -> int:
+        return self.good + sum(self.defects.values())
+
+
+class NoGoodImagesError(ValueError):
+    """The source held no readable image to put defects on."""
+
+
+_Loader = tuple[str, Callable[[], np.ndarray]]
+
+
+class _GoodImages:
+    """Cycles through the source images in a fixed order, skipping (and recording) unreadable ones."""
+
+    def __init__(self, items: list[_Loader], what: str) -> None:
+        self.items, self.what = items, what
+        self.position = 0
+        self.bad: set[int] = set()
+        self.skipped: list[SkippedSource] = []
+
+    def next(self) -> np.ndarray:
+        while len(self.bad) < len(self.items):
+            index = self.position % len(self.items)
+            self.position += 1
+            if index in self.bad:
+                continue
+            name, load = self.items[index]
+            try:
+                return load()
+            except BadSampleError as exc:
+                self.bad.add(index)
+                self.skipped.append(SkippedSource(name, exc.reason))
+        detail = f" ({len(self.skipped)} unreadable, e.g. {self.skipped[0].path}: {self.skipped[0].reason})"
+        raise NoGoodImagesError(f"no readable images in {self.what}" + (detail if self.skipped else ""))
+
+
+def list_images(source_dir: Path, exclude: Path | None = None) -> list[Path]:
+    """Image files under `source_dir` (recursive, hidden files and folders skipped), sorted."""
+    exclude = exclude.resolve() if exclude is not None else None
+    found = []
+    for path in source_dir.rglob("*"):
+        relative = path.relative_to(source_dir)
+        if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if exclude is not None and path.resolve().is_relative_to(exclude):
+            continue  # never feed our own output back in
+        if path.is_file():
+            found.append(path)
+    return sorted(found, key=lambda p: str(p.relative_to(source_dir)))
+
+
+def _fit(image: np.ndarray, image_size: int | None) -> np.ndarray:
+    if image_size is None or image.shape[:2] == (image_size, image_size):
+        return image
+    shrink = image.shape[0] > image_size or image.shape[1] > image_size
+    return cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _sources(
+    source: Path | str, needed: int, seed: int, image_size: int | None, exclude: Path
+) -> tuple[list[_Loader], str]:
+    """Loaders for the good images: files of a folder, or `texture:FAMILY` rendered on the fly."""
+    text = str(source)
+    if text.startswith(TEXTURE_PREFIX):
+        family = text[len(TEXTURE_PREFIX) :]
+        if family not in FAMILIES:
+            raise ValueError(f"unknown texture family {family!r}; expected one of {', '.join(FAMILIES)}")
+        size = image_size or 256
+        loaders = [
+            (f"{text}#{i}", lambda i=i: render_texture(family, instance_seed(seed, i), size)) for i in range(needed)
+        ]
+        return loaders, family
+    source_dir = Path(source)
+    if not source_dir.is_dir():
+        raise NoGoodImagesError(f"source {source_dir} is not a directory")
+    files = list_images(source_dir, exclude=exclude)
+    order = np.random.default_rng([seed % (1 << 64), 0]).permutation(len(files))
+    loaders = [(str(files[i]), lambda p=files[i]: _fit(read_bgr8(p), image_size)) for i in order]
+    return loaders, source_dir.resolve().name
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    path.write_bytes(encoded.tobytes())
+
+
+def _check_replaceable(class_dir: Path) -> None:
+    occupied = class_dir.exists() and (not class_dir.is_dir() or any(class_dir.iterdir()))
+    if occupied and not (class_dir / MARKER_FILE).is_file():
+        raise FileExistsError(f"{class_dir} exists and was not made by `genclip synth`; choose another --out or class")
+
+
+def generate(
+    source_dir: Path | str,
+    out_dir: Path | str,
+    count: int,
+    seed: int,
+    kinds: Sequence[str] | None = None,
+    class_name: str | None = None,
+    good_fraction: float = 0.3,
+    image_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SynthSummary:
+    """Write an MVTec-layout data set of `count` test images made from good images.
+
+    `source_dir` is a folder of good images (searched recursively; it should hold no defective
+    images or masks) or `texture:FAMILY` to render good surfaces of a `textures.FAMILIES` family
+    (at `image_size`, default 256 px). Layout under `out_dir/<class>/`: `test/good/NNN.png`,
+    `test/<kind>/NNN.png`, `ground_truth/<kind>/NNN_mask.png` (kind folders use `_` for spaces)
+    and `train/good/NNN.png` (max(1, goods) other source images). `round(count * good_fraction)`
+    test images are good; the rest cycle through `kinds` (default all). The class name defaults
+    to the source folder's (or family's) name; `image_size` resizes to a square.
+
+    The class folder is built under a hidden temporary name and renamed into place when complete;
+    an existing class folder is replaced only if `generate` made it. Same arguments, same bytes.
+    Unreadable source images are skipped and listed in the summary; raises `NoGoodImagesError`
+    when none is readable.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, not {count}")
+    if not 0.0 <= good_fraction <= 1.0:
+        raise ValueError(f"good_fraction must be in [0, 1], not {good_fraction}")
+    chosen = [normalise_kind(k) for k in (kinds if kinds is not None else DEFECT_KINDS)]
+    chosen = list(dict.fromkeys(chosen))
+    n_good = round(count * good_fraction)
+    n_defect = count - n_good
+    if n_defect and not chosen:
+        raise ValueError("no defect kinds to generate")
+    n_train = max(1, n_good)
+    out_dir = Path(out_dir)
+    loaders, default_name = _sources(source_dir, n_good + n_train + n_defect, seed, image_size, out_dir)
+    name = human_name(class_name or default_name)
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"bad class name {name!r}")
+    class_dir = out_dir / folder_name(name)
+    _check_replaceable(class_dir)
+    goods = _GoodImages(loaders, str(source_dir))
+    summary = SynthSummary(class_dir=class_dir, class_name=name, defects=dict.fromkeys(chosen, 0))
+    total = n_good + n_train + n_defect
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{class_dir.name}.partial-", dir=out_dir))
+    try:
+        done = 0
+
+        def advance() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        for folder, n in (("test/good", n_good), ("train/good", n_train)):
+            (staging / folder).mkdir(parents=True, exist_ok=True)
+            for index in range(n):
+                _write_png(staging / folder / f"{index:03d}.png", goods.next())
+                advance()
+        summary.good, summary.train_good = n_good, n_train
+        for index in range(n_defect):
+            kind = chosen[index % len(chosen)]
+            image, mask = apply_defect(goods.next(), kind, np.random.default_rng([seed % (1 << 64), 1, index]))
+            number = summary.defects[kind]
+            for folder, file_name, pixels in (
+                ("test", f"{number:03d}.png", image),
+                ("ground_truth", f"{number:03d}_mask.png", mask),
+            ):
+                target = staging / folder / folder_name(kind)
+                target.mkdir(parents=True, exist_ok=True)
+                _write_png(target / file_name, pixels)
+            summary.defects[kind] = number + 1
+            advance()
+        summary.skipped = goods.skipped
+        marker = {"class": name, "count": count, "seed": seed, "kinds": chosen, "source": str(source_dir)}
+        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        _swap_into_place(staging, class_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
+
+
+def _swap_into_place(staging: Path, class_dir: Path) -> None:
+    _check_replaceable(class_dir)
+    if not class_dir.exists():
+        staging.rename(class_dir)
+        return
+    old = class_dir.with_name(f".{class_dir.name}.old-{os.getpid()}")
+    class_dir.rename(old)
+    staging.rename(class_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def synth_command(
+    source: Path, out: Path, count: int, seed: int, kinds: list[str] | None, class_name: str | None
+) -> int:
+    """`genclip synth`: print progress every ~10 % and a summary; return the exit code.
+
+    `source` is a folder of good images or `texture:FAMILY` (`woven`, `grain`, `metal`, `dots`,
+    `tiles`, `leather`) to render good surfaces on the fly. Exit codes: 0 written, 1 the source
+    has no readable image, 2 bad arguments (unknown kind or family, count < 1, an --out class
+    folder that `genclip synth` did not make).
+    """
+    last_tenth = -1
+
+    def report(done: int, total: int) -> None:
+        nonlocal last_tenth
+        tenth = done * 10 // total
+        if tenth != last_tenth:
+            last_tenth = tenth
+            print(f"synth: {done}/{total} images ({done * 100 // total}%)", flush=True)
+
+    try:
+        summary = generate(source, out, count, seed, kinds=kinds, class_name=class_name, progress=report)
+    except NoGoodImagesError as exc:
+        print(f"synth: {exc}")
+        return 1
+    except (ValueError, FileExistsError) as exc:
+        print(f"synth: {exc}")
+        return 2
+    kinds_text = ", ".join(f"{kind} {n}" for kind, n in summary.defects.items())
+    print(
+        f"synth: wrote {summary.test_images} test images to {summary.class_dir} "
+        f"({summary.good} good; {kinds_text}) and {summary.train_good} train goods"
+    )
+    if summary.skipped:
+        print(f"synth: skipped {len(summary.skipped)} unreadable source image(s):")
+        for skipped in summary.skipped[:20]:
+            print(f"  {skipped.path}: {skipped.reason}")
+        if len(summary.skipped) > 20:
+            print(f"  ... and {len(summary.skipped) - 20} more")
+    return 0
