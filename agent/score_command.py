@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ONNX_TOLERANCE = 1e-3
+EXPORT_CHATTER = ("onnx_ir", "onnxscript", "torch.onnx")  # loggers quieted to WARNING during an export
 log = get_logger("agent.score_command")
 
 LoadConfig = Callable[[Path | None], "InspectConfig"]
@@ -41,7 +43,7 @@ CheckpointOption = Annotated[
     Path | None,
     typer.Option(
         "--checkpoint",
-        help="Learned prompts (.safetensors from `genclip train`) to use instead of [model].checkpoint.",
+        help="Learned prompts (.safetensors from `genclip train`) to use instead of model.checkpoint in the config.",
         show_default=False,
     ),
 ]
@@ -60,8 +62,8 @@ timing (ms_per_image: the batch's time divided by its size, and batch_size);
 with --out also overlay, the PNG written. An image that cannot be read gives a
 line {"path": ..., "error": ...} and the others go on.
 
-Thresholds come from --threshold, else [thresholds] in the config, else the
-checkpoint's calibrated one, else [model].default_threshold.
+Thresholds come from --threshold, else the config's thresholds table, else the
+checkpoint's calibrated one, else model.default_threshold.
 
 Logs go to stderr. Exit status: 0 all scored, 1 some image failed, 2 bad
 config, options or checkpoint.
@@ -69,13 +71,13 @@ config, options or checkpoint.
 
 EXPORT_ONNX_HELP = """Export the image path for some product classes as an ONNX graph, checked against torch.
 
-The graph takes RGB images in [0, 1] already resized to [model].image_size
+The graph takes RGB images in [0, 1] already resized to model.image_size
 (N x 3 x S x S) and a class index per image (the position in --classes), and
 returns image scores (N) and anomaly maps (N x S x S). Prompts are folded in.
 
 With --reference DIR, the images in DIR/<class>/ decide each class name (class
 name filtering) as the first batch would at run time: at most
-[engine].batch_size of them are used. Classes without such a folder keep their
+engine.batch_size of them are used. Classes without such a folder keep their
 name as given.
 
 Prints one JSON line with the largest differences between onnxruntime and
@@ -226,7 +228,7 @@ def emit(record: dict[str, Any]) -> None:
 
 # --- engine -----------------------------------------------------------------------------------------------
 def engine_config(cfg: InspectConfig, checkpoint: Path | None) -> EngineConfig:
-    """`[model]`, with `--checkpoint` in place of [model].checkpoint when given."""
+    """The `[model]` section, with `--checkpoint` in place of its checkpoint when given."""
     if checkpoint is None:
         return cfg.model
     checkpoint = checkpoint.expanduser()
@@ -259,6 +261,7 @@ def run_score(
     product_class = product_class.strip()
     if not product_class:
         fail("--class must not be empty")
+    config = engine_config(cfg, checkpoint)
     paths = expand_inputs(arguments)
     targets = None
     if out_dir is not None:
@@ -267,7 +270,7 @@ def run_score(
         except OSError as exc:
             fail(f"--out: cannot create folder {out_dir}: {exc.strerror}")
         targets = overlay_paths(paths, out_dir)
-    engine = build_engine(engine_config(cfg, checkpoint))
+    engine = build_engine(config)
     thresholds = dict(cfg.thresholds)
     if threshold is not None:
         thresholds[product_class] = threshold
@@ -278,7 +281,7 @@ def run_score(
     failed = 0
     for group in read_in_batches(paths, batch_size):
         failed += score_group(engine, group, paths, product_class, targets)
-    log.info("scored", images=len(paths) - failed, failed=failed, prompt_version=engine.prompt_version)
+    log.info("done", inputs=len(paths), failed=failed, prompt_version=engine.prompt_version)
     return failed
 
 
@@ -363,6 +366,8 @@ def run_export_onnx(
 
     if reference is not None and not reference.is_dir():
         fail(f"--reference: folder not found: {reference}")
+    for name in EXPORT_CHATTER:  # hundreds of INFO lines per export otherwise
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(cfg.logging.level)))
     engine = build_engine(engine_config(cfg, checkpoint))
     for name in classes:
         folder = reference / name if reference is not None else None
@@ -375,9 +380,10 @@ def run_export_onnx(
     with contextlib.redirect_stdout(sys.stderr):  # torch.onnx prints progress; stdout is for the result
         scorer = export_onnx(engine, classes, out)
         diffs = check_onnx(scorer, out)
-    ok = all(value <= ONNX_TOLERANCE for value in diffs.values())
+    ok = all(math.isfinite(value) and value <= ONNX_TOLERANCE for value in diffs.values())
     used = {name: engine.class_info(name)["used_name"] or name for name in classes}
-    emit({"path": str(out), "classes": classes, "used_names": used, **diffs, "tolerance": ONNX_TOLERANCE, "ok": ok})
+    result = {name: finite(value) for name, value in diffs.items()}
+    emit({"path": str(out), "classes": classes, "used_names": used, **result, "tolerance": ONNX_TOLERANCE, "ok": ok})
     if not ok:
         log.error("ONNX output differs from torch", path=str(out), tolerance=ONNX_TOLERANCE, **diffs)
     return ok
@@ -411,7 +417,9 @@ def register(app: typer.Typer, load_config: LoadConfig) -> None:
 
     @app.command("score", help=SCORE_HELP)
     def score(
-        images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.", show_default=False)],
+        images: Annotated[
+            list[Path], typer.Argument(metavar="IMAGE", help="Image files or folders of images.", show_default=False)
+        ],
         product_class: Annotated[
             str, typer.Option("--class", help="Product class of every image, e.g. 'bottle'.", show_default=False)
         ],
@@ -428,7 +436,9 @@ def register(app: typer.Typer, load_config: LoadConfig) -> None:
         config: ConfigOption = None,
         batch_size: Annotated[
             int | None,
-            typer.Option("--batch-size", min=1, max=1024, help="Images per batch (default: [engine].batch_size)."),
+            typer.Option(
+                "--batch-size", min=1, max=1024, help="Images per batch (default: engine.batch_size in the config)."
+            ),
         ] = None,
         threshold: Annotated[
             float | None,

@@ -57,6 +57,11 @@ class Preprocessor:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 BGR [B, 3, S, S] already at input size (the trainer's batches) -> normalised RGB."""
+        x = images.to(self.device, non_blocking=True).float().flip(1) / 255.0
+        return (x - self.mean) / self.std
+
     def __call__(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
         """Checked frames -> [B, 3, S, S] float32, RGB, CLIP-normalised."""
         out = torch.empty(len(frames), 3, self.image_size, self.image_size, device=self.device)

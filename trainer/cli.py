@@ -1,13 +1,226 @@
-"""The trainer's verbs: `train`, `synth`, `calibrate`, `eval`."""
+"""The trainer's verbs: `train`, `synth`, `calibrate`, `eval`.
+
+Exit codes: 0 done, 1 the work failed (or, for calibrate/eval, some images could not
+be read), 2 bad arguments or configuration, 130 interrupted with Ctrl-C.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Config file (default: $GENCLIP_CONFIG, ./config.toml).")
+]
+DataOption = Annotated[
+    list[str],
+    typer.Option(
+        "--data",
+        help="KIND:PATH[@split], KIND one of mvtec, visa, synthetic; split train|test|all (default test). Repeatable.",
+    ),
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
 
 
 def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> None:
     """Add the trainer verbs to the root CLI; `load_config` turns --config into the validated tree."""
+
+    def setup(config: Path | None) -> Any:
+        from agent.logs import configure_logging
+
+        cfg = load_config(config)
+        configure_logging(cfg.line.id, cfg.logging.level, cfg.logging.format)
+        return cfg
+
+    def engine_for(cfg: Any, checkpoint: Path | None) -> Any:
+        from model import BackboneError, CheckpointError, Engine
+
+        model_cfg = cfg.model
+        if checkpoint is not None:
+            if not checkpoint.is_file():
+                raise _fail(f"checkpoint not found: {checkpoint}")
+            model_cfg = model_cfg.model_copy(update={"checkpoint": checkpoint})
+        try:
+            return Engine(model_cfg)
+        except (BackboneError, CheckpointError, ValueError, RuntimeError) as exc:
+            raise _fail(str(exc)) from None
+
+    @app.command("train")
+    def train(
+        data: DataOption,
+        out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, log.jsonl, summary.json.")],
+        config: ConfigOption = None,
+        epochs: Annotated[int | None, typer.Option(min=1, help="Default: [trainer].epochs.")] = None,
+        batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: [trainer].")] = None,
+        lr: Annotated[float | None, typer.Option(min=0.0, help="Learning rate; default: [trainer].lr.")] = None,
+        seed: Annotated[int | None, typer.Option(help="Default: [trainer].seed.")] = None,
+        image_size: Annotated[int | None, typer.Option("--image-size", help="Default: [model].image_size.")] = None,
+        workers: Annotated[int | None, typer.Option(min=0, help="Data loader processes.")] = None,
+        val_fraction: Annotated[float | None, typer.Option("--val-fraction", min=0.0, max=0.9)] = None,
+        device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N; default: [model].device.")] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
+        publish: Annotated[
+            Path | None, typer.Option("--publish", help="Folder the agent watches; the best checkpoint goes there.")
+        ] = None,
+        progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
+    ) -> None:
+        """Learn prompts from labelled anomaly data (or good images + `genclip synth`)."""
+        from pydantic import ValidationError
+
+        from model import BackboneError, CheckpointError
+        from trainer.datasets import DatasetError
+        from trainer.training import PromptTrainer
+
+        cfg = setup(config)
+        overrides = {
+            k: v
+            for k, v in {
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "seed": seed,
+                "image_size": image_size,
+                "workers": workers,
+                "val_fraction": val_fraction,
+            }.items()
+            if v is not None
+        }
+        try:
+            settings = cfg.trainer.model_copy(update=overrides)
+            settings = type(settings).model_validate(settings.model_dump())
+            model_cfg = cfg.model if device is None else cfg.model.model_copy(update={"device": device})
+            trainer = PromptTrainer(
+                model_cfg,
+                settings,
+                data,
+                out,
+                publish_dir=publish or settings.publish_dir,
+                resume=resume,
+                show_progress=progress,
+            )
+            summary = trainer.run()
+        except (DatasetError, BackboneError, CheckpointError, ValidationError, ValueError) as exc:
+            raise _fail(str(exc)) from None
+        best = summary.best_metrics["results"]["mean"] if summary.best_metrics else {}
+        typer.echo(
+            f"{'interrupted' if summary.interrupted else 'done'}: {summary.epochs_done} epoch(s), "
+            f"{summary.train_images} train / {summary.val_images} validation images, {summary.seconds:.0f} s"
+        )
+        if best:
+            typer.echo(
+                f"best epoch {summary.best_epoch}: image AUROC {best.get('image_auroc', float('nan')):.3f}, "
+                f"pixel AUROC {best.get('pixel_auroc', float('nan')):.3f}"
+            )
+        typer.echo(f"checkpoints: {summary.best or summary.last}  (log: {summary.run_dir / 'log.jsonl'})")
+        if summary.published:
+            typer.echo(f"published: {summary.published}")
+        if summary.skipped:
+            typer.echo(f"skipped {len(summary.skipped)} unreadable file(s):")
+            for line in summary.skipped:
+                typer.echo(f"  {line}")
+        if summary.interrupted:
+            raise typer.Exit(130)
+
+    @app.command("synth")
+    def synth(
+        source: Annotated[str, typer.Option(help="Folder of good images, or texture:FAMILY (woven, grain, ...).")],
+        out: Annotated[Path, typer.Option(help="Output root; an MVTec-style <class>/ folder is written in it.")],
+        count: Annotated[int, typer.Option(min=1, help="Number of defective images to make.")] = 100,
+        seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
+        kinds: Annotated[
+            str | None, typer.Option(help="Comma-separated defect kinds; default all (scratch, crack, hole, ...).")
+        ] = None,
+        class_name: Annotated[str | None, typer.Option("--class", help="Class name; default the folder name.")] = None,
+    ) -> None:
+        """Blend synthetic defects (with exact masks) onto good images: training data for a new product."""
+        from trainer.synth import synth_command
+
+        kind_list = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
+        source_arg: Any = source if source.startswith("texture:") else Path(source)
+        code = synth_command(source_arg, out, count, seed, kind_list, class_name)
+        if code:
+            raise typer.Exit(code)
+
+    @app.command("calibrate")
+    def calibrate(
+        checkpoint: Annotated[Path, typer.Option(help="Prompt checkpoint to calibrate (updated in place).")],
+        product_class: Annotated[str, typer.Option("--class", help="Product class of the good images.")],
+        good: Annotated[Path, typer.Option(help="Folder of images of good parts (searched recursively).")],
+        quantile: Annotated[float, typer.Option(min=0.5, max=0.9999, help="Share of good parts to pass.")] = 0.995,
+        config: ConfigOption = None,
+        print_only: Annotated[
+            bool, typer.Option("--print-only", help="Print the TOML line; leave the checkpoint unchanged.")
+        ] = False,
+    ) -> None:
+        """Set a class's threshold from good parts (score quantile) and store it in the checkpoint."""
+        from trainer.calibrate import calibrate as run_calibration
+        from trainer.calibrate import good_images, store_threshold
+
+        cfg = setup(config)
+        try:
+            paths = good_images(good)
+        except FileNotFoundError as exc:
+            raise _fail(str(exc)) from None
+        if not paths:
+            raise _fail(f"no images in {good}")
+        engine = engine_for(cfg, checkpoint)
+        try:
+            result = run_calibration(engine, product_class, paths, quantile, cfg.engine.batch_size)
+        except ValueError as exc:
+            raise _fail(str(exc), 1) from None
+        for line in result.skipped:
+            typer.echo(f"skipped {line}", err=True)
+        if not print_only:
+            store_threshold(checkpoint, result)
+        typer.echo(
+            f"# {result.images} good image(s), scores min {result.score_min:.4f} median {result.score_median:.4f} "
+            f"max {result.score_max:.4f}; threshold at quantile {quantile}"
+            + ("" if print_only else f", stored in {checkpoint}")
+        )
+        typer.echo(f"[thresholds]\n{json.dumps(product_class)} = {result.threshold:.6f}")
+        if result.skipped:
+            raise typer.Exit(1)
+
+    @app.command("eval")
+    def evaluate_command(
+        data: DataOption,
+        out: Annotated[Path, typer.Option(help="Folder for report.json, report.md and sample grids.")],
+        checkpoint: Annotated[Path | None, typer.Option(help="Prompts to evaluate; default [model].checkpoint.")] = None,
+        config: ConfigOption = None,
+        samples: Annotated[int, typer.Option(min=0, help="Examples per class in the picture grid.")] = 6,
+        batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    ) -> None:
+        """Image and pixel AUROC/AP/F1-max and AUPRO per class, like the zero-shot papers."""
+        from trainer.datasets import DatasetError, open_dataset
+        from trainer.evaluate import evaluate, write_evaluation
+
+        cfg = setup(config)
+        try:
+            items = [s for spec in data for s in open_dataset(spec)]
+        except DatasetError as exc:
+            raise _fail(str(exc)) from None
+        engine = engine_for(cfg, checkpoint)
+        outcome = evaluate(
+            engine, items, batch_size=batch_size or cfg.engine.batch_size, examples_per_class=samples
+        )
+        meta = {"checkpoint": str(checkpoint or cfg.model.checkpoint or "untrained"), "data": data}
+        written = write_evaluation(out, outcome, meta)
+        mean = outcome.results["mean"]
+        typer.echo(
+            f"{outcome.images} image(s): image AUROC {mean['image_auroc']:.3f} AP {mean['image_ap']:.3f}, "
+            f"pixel AUROC {mean['pixel_auroc']:.3f} AUPRO {mean['pixel_aupro']:.3f}"
+        )
+        for path in written:
+            typer.echo(f"wrote {path}")
+        for skipped in outcome.skipped:
+            typer.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
+        if outcome.skipped:
+            raise typer.Exit(1)

@@ -62,23 +62,23 @@ def write_report(out_dir: Path, results: Mapping[str, Any], meta: Mapping[str, A
     }
     json_path = out_dir / "report.json"
     md_path = out_dir / "report.md"
-    json_path.write_text(json.dumps(_jsonable(document), indent=2, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(jsonable(document), indent=2, allow_nan=False) + "\n")
     md_path.write_text(_markdown(results, meta, date))
     return json_path, md_path
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON types only; NaN/inf become null so the file is strict JSON."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (set, frozenset)):
-        return [_jsonable(v) for v in sorted(value, key=str)]
+        return [jsonable(v) for v in sorted(value, key=str)]
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
-        return _jsonable(value.item())
+        return jsonable(value.item())
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, (str, int, bool)) or value is None:

@@ -1,0 +1,132 @@
+"""Evaluation like the zero-shot papers, through the same Engine the agent runs.
+
+Used for validation during training (with the epoch's checkpoint hot-swapped in)
+and by `genclip eval`; scores therefore include everything the line sees:
+class-name filtering, both branches, fusion, blur.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from model.engine import Engine
+from trainer.datasets import InspectionDataset, Sample, SkippedSample, collate_inspection
+from trainer.metrics import Evaluator
+from trainer.report import write_report, write_sample_grid
+
+GridRow = tuple[np.ndarray, np.ndarray | None, np.ndarray]
+
+
+@dataclass
+class EvalOutcome:
+    """Metrics per class and mean, what was skipped, and a few examples per class for the picture."""
+
+    results: dict[str, Any]
+    images: int
+    skipped: list[SkippedSample]
+    seconds: float
+    examples: dict[str, list[GridRow]] = field(default_factory=dict)
+    scores: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+
+
+def evaluate(
+    engine: Engine,
+    samples: list[Sample],
+    *,
+    batch_size: int = 8,
+    workers: int = 0,
+    examples_per_class: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalOutcome:
+    """Score every sample with `engine` and compute image and pixel metrics per product class."""
+    started = time.perf_counter()
+    dataset = InspectionDataset(samples, engine.config.image_size, engine.config.defect_types)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_inspection
+    )
+    evaluator = Evaluator()
+    skipped: list[SkippedSample] = []
+    examples: dict[str, list[GridRow]] = {}
+    scores: dict[str, list[tuple[float, int]]] = {}
+    done = 0
+    for batch in loader:
+        skipped.extend(batch["skipped"])
+        done += len(batch["path"]) + len(batch["skipped"])
+        if len(batch["path"]):
+            _score_batch(engine, batch, evaluator, examples, scores, examples_per_class)
+        if progress:
+            progress(done, len(dataset))
+    results = evaluator.compute()
+    return EvalOutcome(
+        results=results,
+        images=sum(c["images"] for c in results["counts"].values()),
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
+        examples=examples,
+        scores=scores,
+    )
+
+
+def _score_batch(
+    engine: Engine,
+    batch: dict[str, Any],
+    evaluator: Evaluator,
+    examples: dict[str, list[GridRow]],
+    scores: dict[str, list[tuple[float, int]]],
+    examples_per_class: int,
+) -> None:
+    frames = [np.ascontiguousarray(img.permute(1, 2, 0).numpy()) for img in batch["image"]]
+    predictions = engine.predict(frames, batch["class_name"])
+    masks = batch["mask"][:, 0].numpy()
+    labels = batch["label"].numpy()
+    by_class: dict[str, list[int]] = {}
+    for i, name in enumerate(batch["class_name"]):
+        by_class.setdefault(name, []).append(i)
+    for name, indices in by_class.items():
+        known = [i for i in indices if masks[i].min() >= 0]
+        unknown = [i for i in indices if masks[i].min() < 0]
+        for group, with_masks in ((known, True), (unknown, False)):
+            if not group:
+                continue
+            group_scores = np.array([predictions[i].score for i in group])
+            maps = np.stack([predictions[i].anomaly_map for i in group]) if with_masks else None
+            evaluator.update(name, group_scores, labels[group], maps, masks[group] if with_masks else None)
+        scores.setdefault(name, []).extend((predictions[i].score, int(labels[i])) for i in indices)
+        shown = examples.setdefault(name, [])
+        for i in indices:
+            if len(shown) >= examples_per_class:
+                break
+            if labels[i] == 1 or len(shown) < examples_per_class // 2:
+                mask = masks[i] if masks[i].min() >= 0 else None
+                shown.append((frames[i], mask, predictions[i].anomaly_map))
+
+
+def write_evaluation(out_dir: Path, outcome: EvalOutcome, meta: dict[str, Any]) -> list[Path]:
+    """report.json, report.md and one sample grid PNG per class."""
+    meta = {
+        **meta,
+        "images": outcome.images,
+        "skipped": [f"{s.path}: {s.reason}" for s in outcome.skipped],
+        "seconds": round(outcome.seconds, 2),
+    }
+    written = list(write_report(out_dir, outcome.results, meta))
+    for name, rows in outcome.examples.items():
+        if rows:
+            path = Path(out_dir) / f"samples_{name.replace(' ', '_')}.png"
+            written.append(write_sample_grid(path, rows, f"{name}: image | ground truth | anomaly map"))
+    return written
+
+
+def headline(results: dict[str, Any]) -> float:
+    """One number to pick the best epoch: mean of image AUROC and pixel AUROC (image alone without masks)."""
+    mean = results["mean"]
+    values = [v for v in (mean.get("image_auroc"), mean.get("pixel_auroc")) if v is not None and not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+

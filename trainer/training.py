@@ -1,0 +1,393 @@
+"""The training loop: learned prompts and adapters from auxiliary data, validated every epoch.
+
+Writes into a run folder:
+  last.safetensors   the newest prompts (after every epoch, and on Ctrl-C)
+  best.safetensors   the prompts with the best validation score so far
+  state.safetensors  optimiser state and progress, for --resume
+  log.jsonl          one line per epoch: losses, validation metrics, skipped files
+Validation runs through the same Engine the agent uses, with the epoch's
+checkpoint hot-swapped in, so its numbers are what the line will see.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from model.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    model_identity,
+    read_checkpoint,
+    save_model,
+    write_atomic,
+)
+from model.config import EngineConfig
+from model.engine import Engine
+from model.genclip import GenClip
+from model.preprocess import Preprocessor
+from trainer.config import TrainerConfig
+from trainer.datasets import InspectionDataset, Sample, collate_inspection, open_dataset, split_holdout
+from trainer.evaluate import evaluate, headline
+from trainer.losses import defect_type_loss, image_loss, pixel_loss
+from trainer.report import jsonable
+
+log = structlog.stdlib.get_logger("trainer")
+
+
+@dataclass
+class TrainSummary:
+    """What a run produced, for the CLI's closing lines and for tests."""
+
+    run_dir: Path
+    last: Path
+    best: Path | None
+    published: Path | None
+    epochs_done: int
+    best_epoch: int | None
+    best_score: float
+    baseline: dict[str, Any] | None
+    best_metrics: dict[str, Any] | None
+    train_images: int
+    val_images: int
+    skipped: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+class PromptTrainer:
+    """Trains GenCLIP's learned tensors; see the module docstring for what it writes."""
+
+    def __init__(
+        self,
+        model_config: EngineConfig,
+        settings: TrainerConfig,
+        data: list[str],
+        run_dir: Path,
+        *,
+        publish_dir: Path | None = None,
+        resume: bool = False,
+        show_progress: bool = True,
+    ) -> None:
+        if not data:
+            raise ValueError("give at least one data set (--data KIND:PATH)")
+        self.settings = settings
+        self.data = list(data)
+        self.run_dir = Path(run_dir)
+        self.publish_dir = publish_dir
+        self.resume = resume
+        self.show_progress = show_progress
+        self.image_size = settings.image_size or model_config.image_size
+        self.model_config = model_config.model_copy(update={"image_size": self.image_size, "checkpoint": None})
+        self.skipped: list[str] = []
+
+    # --- set-up --------------------------------------------------------------------------------
+    def _samples(self) -> tuple[list[Sample], list[Sample]]:
+        samples = [s for spec in self.data for s in open_dataset(spec)]
+        train, val = split_holdout(samples, self.settings.val_fraction, self.settings.seed)
+        if not train:
+            raise ValueError("no training images left after holding out the validation part")
+        return train, val
+
+    @staticmethod
+    def _vocabulary(samples: list[Sample], fallback: list[str]) -> list[str]:
+        names = sorted({s.defect_type for s in samples if s.label == 1 and s.defect_type})
+        return names or list(fallback)
+
+    def _seed(self) -> None:
+        seed = self.settings.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    # --- the run -------------------------------------------------------------------------------
+    def run(self) -> TrainSummary:
+        started = time.perf_counter()
+        self._seed()
+        train, val = self._samples()
+        vocabulary = self._vocabulary(train, self.model_config.defect_types)
+        cfg = self.model_config
+        engine = Engine(cfg)  # validation runs the agent's own inference path
+        backbone, device = engine.backbone, engine.device
+        model = GenClip(backbone, cfg).to(device)
+        prep = Preprocessor(self.image_size, backbone.mean, backbone.std, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=self.settings.lr, betas=tuple(self.settings.betas))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        last, best = self.run_dir / "last.safetensors", self.run_dir / "best.safetensors"
+        start_epoch, best_metrics, baseline = 1, None, None
+        self.best_score, self.best_epoch = float("-inf"), None
+        if self.resume:
+            start_epoch = self._restore(model, optimizer, backbone, last)
+        log.info(
+            "training",
+            run_dir=str(self.run_dir),
+            train_images=len(train),
+            val_images=len(val),
+            vocabulary=vocabulary,
+            backbone=cfg.backbone,
+            image_size=self.image_size,
+            device=str(device),
+            start_epoch=start_epoch,
+        )
+        meta_base = {
+            "training_data": self.data,
+            "defect_vocabulary": vocabulary,
+            "trainer": json.loads(self.settings.model_dump_json()),
+        }
+        if start_epoch == 1 and val:
+            baseline = self._validate(engine, None, val)
+            self._log_epoch({"epoch": 0, "note": "untrained prompts", "val": baseline})
+        epoch = start_epoch - 1
+        interrupted = False
+        try:
+            for epoch in range(start_epoch, self.settings.epochs + 1):
+                losses = self._train_epoch(model, optimizer, prep, train, vocabulary, epoch)
+                metrics = self._save_and_validate(model, backbone, engine, optimizer, last, epoch, meta_base, val)
+                score = headline(metrics["results"]) if metrics else -float(losses["loss"])
+                improved = score > self.best_score
+                if improved:
+                    self.best_score, self.best_epoch, best_metrics = score, epoch, metrics
+                    _copy_atomic(last, best)
+                self._save_state(optimizer, epoch)
+                self._log_epoch({"epoch": epoch, **losses, "val": metrics, "best": improved})
+        except KeyboardInterrupt:
+            interrupted = True
+            save_model(last, model, backbone, self.image_size, {**meta_base, "epoch": epoch, "interrupted": True})
+            self._save_state(optimizer, epoch - 1)
+            log.warning("training interrupted; last checkpoint saved, continue with --resume", last=str(last))
+        published = None
+        if self.publish_dir is not None and best.exists() and not interrupted:
+            published = publish(best, self.publish_dir, self.run_dir.name)
+        summary = TrainSummary(
+            run_dir=self.run_dir,
+            last=last,
+            best=best if best.exists() else None,
+            published=published,
+            epochs_done=epoch,
+            best_epoch=self.best_epoch,
+            best_score=self.best_score,
+            baseline=baseline,
+            best_metrics=best_metrics,
+            train_images=len(train),
+            val_images=len(val),
+            skipped=sorted(set(self.skipped)),
+            interrupted=interrupted,
+            seconds=time.perf_counter() - started,
+        )
+        (self.run_dir / "summary.json").write_text(json.dumps(jsonable(asdict(summary)), indent=2))
+        return summary
+
+    def _autocast(self, device: torch.device):
+        if device.type == "cuda" and self.settings.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _batches(self, loader: DataLoader, epoch: int) -> Iterator[dict[str, Any]]:
+        if not self.show_progress:
+            yield from loader
+            return
+        columns = [
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+            task = bar.add_task("train", total=len(loader), epoch=epoch, epochs=self.settings.epochs, loss="-")
+            for batch in loader:
+                yield batch
+                bar.update(task, advance=1, loss=f"{self._running_loss:.4f}")
+
+    def _train_epoch(
+        self,
+        model: GenClip,
+        optimizer: torch.optim.Optimizer,
+        prep: Preprocessor,
+        samples: list[Sample],
+        vocabulary: list[str],
+        epoch: int,
+    ) -> dict[str, float]:
+        s = self.settings
+        generator = torch.Generator().manual_seed(s.seed + epoch)
+        loader = DataLoader(
+            InspectionDataset(samples, self.image_size, vocabulary),
+            batch_size=s.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=s.workers,
+            collate_fn=collate_inspection,
+        )
+        device = prep.device
+        model.train()
+        totals = {"loss": 0.0, "pixel_loss": 0.0, "image_loss": 0.0, "defect_loss": 0.0}
+        steps = 0
+        self._running_loss = 0.0
+        suffixes: dict[str, Any] = {}
+        for batch in self._batches(loader, epoch):
+            for skipped in batch["skipped"]:
+                self.skipped.append(f"{skipped.path}: {skipped.reason}")
+                log.warning("skipped unreadable sample", path=skipped.path, reason=skipped.reason)
+            if not len(batch["path"]):
+                continue
+            images = prep.normalise(batch["image"])
+            masks = batch["mask"][:, 0].to(device)
+            labels = batch["label"].to(device)
+            defect_index = batch["defect_index"].to(device)
+            classes = batch["class_name"]
+            with self._autocast(device):
+                feats = model.encode_image(images)
+                for name in set(classes) - suffixes.keys():
+                    suffixes[name] = model.suffix(name)
+                text = model.state_text([suffixes[c] for c in classes], feats.vision_prompts)
+                logits = model.layer_logits(feats, text)
+                known = masks.flatten(1).amin(dim=1) >= 0
+                pix = pixel_loss(logits[known], masks[known], self.image_size, s.focal_gamma) if known.any() else None
+                global_logits = feats.global_embedding @ model.query_text().float().t() / model.temperature
+                img = image_loss(global_logits, labels)
+                dfl = self._defect_loss(model, feats, classes, masks, defect_index, vocabulary)
+            loss = s.image_loss_weight * img
+            if pix is not None:
+                loss = loss + pix
+            if dfl is not None:
+                loss = loss + s.defect_loss_weight * dfl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            totals["loss"] += float(loss)
+            totals["pixel_loss"] += float(pix) if pix is not None else 0.0
+            totals["image_loss"] += float(img)
+            totals["defect_loss"] += float(dfl) if dfl is not None else 0.0
+            self._running_loss = totals["loss"] / steps
+        if steps == 0:
+            raise RuntimeError("no usable training image in this epoch (every sample was skipped)")
+        return {k: round(v / steps, 6) for k, v in totals.items()} | {"steps": steps}
+
+    @staticmethod
+    def _defect_loss(
+        model: GenClip,
+        feats: Any,
+        classes: list[str],
+        masks: torch.Tensor,
+        defect_index: torch.Tensor,
+        vocabulary: list[str],
+    ) -> torch.Tensor | None:
+        if len(vocabulary) < 2 or not (defect_index >= 0).any():
+            return None
+        total = None
+        for name in sorted(set(classes)):
+            rows = [i for i, c in enumerate(classes) if c == name and int(defect_index[i]) >= 0]
+            if not rows:
+                continue
+            idx = torch.as_tensor(rows, device=masks.device)
+            logits = feats.patches[idx] @ model.defect_text(vocabulary, name).float().t() / model.temperature
+            part = defect_type_loss(logits, masks[idx].clamp(min=0), defect_index[idx])
+            if part is not None:
+                total = part if total is None else total + part
+        return total
+
+    # --- checkpoints, validation, logs ---------------------------------------------------------
+    def _save_and_validate(
+        self,
+        model: GenClip,
+        backbone: Any,
+        engine: Engine,
+        optimizer: torch.optim.Optimizer,
+        last: Path,
+        epoch: int,
+        meta_base: dict[str, Any],
+        val: list[Sample],
+    ) -> dict[str, Any] | None:
+        save_model(last, model, backbone, self.image_size, {**meta_base, "epoch": epoch})
+        metrics = self._validate(engine, last, val) if val else None
+        if metrics:
+            save_model(last, model, backbone, self.image_size, {**meta_base, "epoch": epoch, "metrics": metrics})
+        return metrics
+
+    def _validate(self, engine: Engine, checkpoint: Path | None, val: list[Sample]) -> dict[str, Any]:
+        if checkpoint is not None:
+            engine.load_prompts(checkpoint)
+        outcome = evaluate(engine, val, batch_size=self.settings.batch_size)
+        for skipped in outcome.skipped:
+            self.skipped.append(f"{skipped.path}: {skipped.reason}")
+        return {"results": outcome.results, "images": outcome.images, "seconds": round(outcome.seconds, 2)}
+
+    def _save_state(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        """Optimiser moments and progress as tensors + JSON (safetensors, nothing pickled)."""
+        tensors = {
+            f"{param_id}.{key}": torch.as_tensor(value).detach().cpu().contiguous()
+            for param_id, state in optimizer.state_dict()["state"].items()
+            for key, value in state.items()
+        }
+        progress = json.dumps({"epoch": epoch, "best_score": self.best_score, "best_epoch": self.best_epoch})
+        path = self.run_dir / "state.safetensors"
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"progress": progress}))
+
+    def _restore(self, model: GenClip, optimizer: torch.optim.Optimizer, backbone: Any, last: Path) -> int:
+        """Load last.safetensors and the optimiser state; returns the epoch to start from."""
+        state_path = self.run_dir / "state.safetensors"
+        if not last.exists() or not state_path.exists():
+            log.info("nothing to resume; starting fresh", run_dir=str(self.run_dir))
+            return 1
+        tensors, meta = read_checkpoint(last)
+        check_compatible(meta, model_identity(backbone, model, self.image_size), str(last))
+        try:
+            model.load_learned_state(tensors)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{last}: cannot resume, prompt shapes differ: {exc}") from None
+        with safe_open(str(state_path), framework="pt") as fh:
+            progress = json.loads((fh.metadata() or {}).get("progress", "{}"))
+        state = optimizer.state_dict()
+        for key, value in load_file(str(state_path)).items():
+            param_id, name = key.split(".", 1)
+            state["state"].setdefault(int(param_id), {})[name] = value
+        optimizer.load_state_dict(state)
+        best = progress.get("best_score")
+        self.best_score = float(best) if best is not None else float("-inf")
+        self.best_epoch = progress.get("best_epoch")
+        log.info("resuming", after_epoch=progress.get("epoch", 0), best_score=self.best_score)
+        return int(progress.get("epoch", 0)) + 1
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record, "skipped_total": len(set(self.skipped))}
+        with (self.run_dir / "log.jsonl").open("a") as fh:
+            fh.write(json.dumps(jsonable(record)) + "\n")
+        val = record.get("val") or {}
+        mean = (val.get("results") or {}).get("mean", {})
+        log.info(
+            "epoch done",
+            epoch=record["epoch"],
+            loss=record.get("loss"),
+            image_auroc=mean.get("image_auroc"),
+            pixel_auroc=mean.get("pixel_auroc"),
+        )
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def publish(checkpoint: Path, folder: Path, name: str) -> Path:
+    """Put a checkpoint where an agent watches, atomically: it sees the old file or the whole new one."""
+    target = Path(folder) / f"{name}.safetensors"
+    _copy_atomic(checkpoint, target)
+    log.info("published", path=str(target))
+    return target
