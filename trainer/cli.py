@@ -133,7 +133,7 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
     def synth(
         source: Annotated[str, typer.Option(help="Folder of good images, or texture:FAMILY (woven, grain, ...).")],
         out: Annotated[Path, typer.Option(help="Output root; an MVTec-style <class>/ folder is written in it.")],
-        count: Annotated[int, typer.Option(min=1, help="Number of defective images to make.")] = 100,
+        count: Annotated[int, typer.Option(min=1, help="Test images to make: 30 % good, the rest with defects.")] = 100,
         seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
         kinds: Annotated[
             str | None, typer.Option(help="Comma-separated defect kinds; default all (scratch, crack, hole, ...).")
@@ -193,7 +193,9 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
     def evaluate_command(
         data: DataOption,
         out: Annotated[Path, typer.Option(help="Folder for report.json, report.md and sample grids.")],
-        checkpoint: Annotated[Path | None, typer.Option(help="Prompts to evaluate; default [model].checkpoint.")] = None,
+        checkpoint: Annotated[
+            Path | None, typer.Option(help="Prompts to evaluate; default [model].checkpoint.")
+        ] = None,
         config: ConfigOption = None,
         samples: Annotated[int, typer.Option(min=0, help="Examples per class in the picture grid.")] = 6,
         batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
@@ -208,9 +210,7 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         except DatasetError as exc:
             raise _fail(str(exc)) from None
         engine = engine_for(cfg, checkpoint)
-        outcome = evaluate(
-            engine, items, batch_size=batch_size or cfg.engine.batch_size, examples_per_class=samples
-        )
+        outcome = evaluate(engine, items, batch_size=batch_size or cfg.engine.batch_size, examples_per_class=samples)
         meta = {"checkpoint": str(checkpoint or cfg.model.checkpoint or "untrained"), "data": data}
         written = write_evaluation(out, outcome, meta)
         mean = outcome.results["mean"]

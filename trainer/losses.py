@@ -43,10 +43,25 @@ def image_loss(global_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(global_logits.float(), labels)
 
 
+def top_patch_loss(layer_logits: torch.Tensor, labels: torch.Tensor, share: float = 0.01) -> torch.Tensor:
+    """Image-level supervision of the maps (multiple-instance): the mean of each layer's top patches
+    must be low on good parts and high on defective ones. BCE, mean over layers.
+
+    The global score alone cannot teach the maps where a defect is, and with image labels only
+    the maps are what localises it; this term lets image-level-only data train them.
+    """
+    n, layers, hw, _ = layer_logits.shape
+    k = max(1, round(hw * share))
+    abnormal = (layer_logits[..., 1] - layer_logits[..., 0]).float()  # logit of p_abn
+    top = abnormal.topk(k, dim=2).values.mean(dim=2)  # [N, L]
+    target = labels.float().view(n, 1).expand(n, layers)
+    return F.binary_cross_entropy_with_logits(top, target)
+
+
 def defect_type_loss(
     defect_logits: torch.Tensor, masks: torch.Tensor, defect_index: torch.Tensor, coverage: float = 0.5
 ) -> torch.Tensor | None:
-    """Cross-entropy over defect types on anomalous patches of images whose type is known.
+    """Cross-entropy over defect types on anomalous patches of images whose type is known, mean over layers.
 
     defect_logits [N, L, HW, K]; masks [N, S, S]; defect_index [N] (-1 = unknown). A patch counts as
     anomalous when at least `coverage` of its pixels are. None when no patch qualifies.
@@ -59,4 +74,4 @@ def defect_type_loss(
         return None
     targets = defect_index.view(n, 1).expand(n, hw)[use]
     logits = defect_logits.permute(0, 2, 1, 3)[use]  # [P, L, K]
-    return sum(F.cross_entropy(logits[:, i].float(), targets) for i in range(layers))
+    return sum(F.cross_entropy(logits[:, i].float(), targets) for i in range(layers)) / layers

@@ -45,7 +45,7 @@ from model.preprocess import Preprocessor
 from trainer.config import TrainerConfig
 from trainer.datasets import InspectionDataset, Sample, collate_inspection, open_dataset, split_holdout
 from trainer.evaluate import evaluate, headline
-from trainer.losses import defect_type_loss, image_loss, pixel_loss
+from trainer.losses import defect_type_loss, image_loss, pixel_loss, top_patch_loss
 from trainer.report import jsonable
 
 log = structlog.stdlib.get_logger("trainer")
@@ -260,6 +260,10 @@ class PromptTrainer:
                 logits = model.layer_logits(feats, text)
                 known = masks.flatten(1).amin(dim=1) >= 0
                 pix = pixel_loss(logits[known], masks[known], self.image_size, s.focal_gamma) if known.any() else None
+                unknown = ~known
+                if unknown.any():  # image-level labels only: supervise the maps through their top patches
+                    weak = top_patch_loss(logits[unknown], labels[unknown])
+                    pix = weak if pix is None else pix + weak
                 global_logits = feats.global_embedding @ model.query_text().float().t() / model.temperature
                 img = image_loss(global_logits, labels)
                 dfl = self._defect_loss(model, feats, classes, masks, defect_index, vocabulary)
@@ -272,10 +276,10 @@ class PromptTrainer:
             loss.backward()
             optimizer.step()
             steps += 1
-            totals["loss"] += float(loss)
-            totals["pixel_loss"] += float(pix) if pix is not None else 0.0
-            totals["image_loss"] += float(img)
-            totals["defect_loss"] += float(dfl) if dfl is not None else 0.0
+            totals["loss"] += float(loss.detach())
+            totals["pixel_loss"] += float(pix.detach()) if pix is not None else 0.0
+            totals["image_loss"] += float(img.detach())
+            totals["defect_loss"] += float(dfl.detach()) if dfl is not None else 0.0
             self._running_loss = totals["loss"] / steps
         if steps == 0:
             raise RuntimeError("no usable training image in this epoch (every sample was skipped)")
