@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import Engine, EngineConfig  # noqa: E402
+from model import Engine, EngineConfig
 
 
 def machine() -> dict:
@@ -120,7 +120,8 @@ def main() -> None:
         print(json.dumps(report, indent=2))
     else:
         m = report["machine"]
-        print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), gpu {m['gpu']}")
+        threads = m["torch_threads"]
+        print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({threads} threads), gpu {m['gpu']}")
 
 
 if __name__ == "__main__":

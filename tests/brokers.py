@@ -155,8 +155,7 @@ class BrokerServer:
                 code = self._proc.returncode
                 self._proc = None
                 raise BrokerStartError(
-                    f"{self.name} exited with code {code} while starting on port {self.port}:\n"
-                    f"{self.log_tail()}"
+                    f"{self.name} exited with code {code} while starting on port {self.port}:\n{self.log_tail()}"
                 )
             if self._ready():
                 return

@@ -99,9 +99,7 @@ class MqttClient:
     def connect(self, session_expiry_s: int = 0) -> None:
         props = mqtt.Properties(mqtt.PacketTypes.CONNECT)
         props.SessionExpiryInterval = session_expiry_s
-        self.client.connect(
-            "127.0.0.1", self.port, keepalive=10, clean_start=self.clean_start, properties=props
-        )
+        self.client.connect("127.0.0.1", self.port, keepalive=10, clean_start=self.clean_start, properties=props)
         self.client.loop_start()
         assert self.connected.wait(WAIT_S), "no CONNACK from the broker"
 
@@ -167,9 +165,7 @@ def test_redis_xadd_xread(redis_server: RedisServer) -> None:
         r.close()
 
 
-def test_mosquitto_stop_restart_reconnects(
-    fresh_mosquitto: MosquittoServer, mqtt_clients: list[MqttClient]
-) -> None:
+def test_mosquitto_stop_restart_reconnects(fresh_mosquitto: MosquittoServer, mqtt_clients: list[MqttClient]) -> None:
     watcher = _new_client(mqtt_clients, fresh_mosquitto.port)
     watcher.connect()
     fresh_mosquitto.stop()
@@ -282,9 +278,7 @@ def services_env(tmp_path: Path) -> Iterator[tuple[dict[str, str], int, int]]:
     _services(env, "down")
 
 
-def test_services_up_status_down(
-    services_env: tuple[dict[str, str], int, int], mqtt_clients: list[MqttClient]
-) -> None:
+def test_services_up_status_down(services_env: tuple[dict[str, str], int, int], mqtt_clients: list[MqttClient]) -> None:
     env, mqtt_port, redis_port = services_env
     state = Path(env["GENCLIP_STATE_DIR"])
 
@@ -341,8 +335,6 @@ def test_services_up_leaves_foreign_port_alone(services_env: tuple[dict[str, str
 
 
 def test_services_help() -> None:
-    out = subprocess.run(
-        ["bash", str(SERVICES), "--help"], capture_output=True, text=True, timeout=10, check=False
-    )
+    out = subprocess.run(["bash", str(SERVICES), "--help"], capture_output=True, text=True, timeout=10, check=False)
     assert out.returncode == 0
     assert "install|up|down|status" in out.stdout

@@ -127,9 +127,7 @@ def test_image_auroc_and_ap_equal_sklearn(case: tuple[list[int], list[int]]) -> 
     scores, labels = np.array(case[0]) / 6.0, np.array(case[1])
     assume(0 < labels.sum() < labels.size)
     assert auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
-    assert average_precision(scores, labels) == pytest.approx(
-        average_precision_score(labels, scores), abs=1e-9
-    )
+    assert average_precision(scores, labels) == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
     assert f1_max(scores, labels) == pytest.approx(brute_f1_max(scores, labels), abs=1e-12)
 
 

@@ -68,8 +68,7 @@ def test_write_report_markdown_table(tmp_path: Path, results: dict) -> None:
     table = [line for line in text.splitlines() if line.startswith("|")]
     header, _, *rows = table
     assert header == (
-        "| Class | Image AUROC | Image AP | Image F1-max"
-        " | Pixel AUROC | Pixel AP | Pixel F1-max | Pixel AUPRO |"
+        "| Class | Image AUROC | Image AP | Image F1-max | Pixel AUROC | Pixel AP | Pixel F1-max | Pixel AUPRO |"
     )
     assert [row.split(" | ")[0] for row in rows] == ["| metal_nut", "| pcb\\|1", "| **Mean**"]
     metal_nut = results["classes"]["metal_nut"]

@@ -129,4 +129,3 @@ def headline(results: dict[str, Any]) -> float:
     mean = results["mean"]
     values = [v for v in (mean.get("image_auroc"), mean.get("pixel_auroc")) if v is not None and not np.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
-

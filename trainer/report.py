@@ -177,9 +177,7 @@ def write_sample_grid(
     return path
 
 
-def _row_tiles(
-    image: np.ndarray, mask: np.ndarray | None, anomaly_map: np.ndarray, tile: int
-) -> list[np.ndarray]:
+def _row_tiles(image: np.ndarray, mask: np.ndarray | None, anomaly_map: np.ndarray, tile: int) -> list[np.ndarray]:
     size = (tile, tile)
     picture = np.asarray(image)
     if picture.dtype != np.uint8:
