@@ -72,10 +72,11 @@ class Preprocessor:
             stacked = np.stack([frames[i] for i in indices]) if len(indices) > 1 else frames[indices[0]][None]
             x = self._to_device(stacked)
             scale = 65535.0 if x.dtype == torch.uint16 else 255.0
-            x = x.float() / scale if x.dtype != torch.uint16 else x.to(torch.int32).float() / scale
-            x = x.unsqueeze(1).expand(-1, 3, -1, -1) if len(shape) == 2 else x.permute(0, 3, 1, 2).flip(1)
+            x = x.float()
+            x = x.unsqueeze(1) if len(shape) == 2 else x.permute(0, 3, 1, 2)
             x = F.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True
             )
-            out[torch.as_tensor(indices, device=self.device)] = (x - self.mean) / self.std
+            x = x.expand(-1, 3, -1, -1) if len(shape) == 2 else x[:, [2, 1, 0]]  # BGR -> RGB, at model size
+            out[torch.as_tensor(indices, device=self.device)] = (x / scale - self.mean) / self.std
         return out

@@ -52,14 +52,13 @@ def find_defects(
         probs = probs.reshape(size, size, len(type_names))
     height, width = frame_size
     sx, sy = width / anomaly_map.shape[1], height / anomaly_map.shape[0]
-    flat_labels = labels.ravel()
-    peak = np.zeros(count, dtype=np.float64)
-    np.maximum.at(peak, flat_labels, anomaly_map.ravel())
     defects = []
     for r in keep:
         x, y, w, h, area = (int(v) for v in stats[r, :5])
+        inside = labels[y : y + h, x : x + w] == r  # work on the region's box, not the whole map
+        peak = float(anomaly_map[y : y + h, x : x + w][inside].max())
         if probs is not None:
-            mean = probs[labels == r].mean(axis=0)
+            mean = probs[y : y + h, x : x + w][inside].mean(axis=0)
             k = int(mean.argmax())
             kind, kind_p = type_names[k], float(mean[k])
         else:
@@ -68,7 +67,7 @@ def find_defects(
             Defect(
                 type=kind,
                 type_probability=kind_p,
-                score=float(peak[r]),
+                score=peak,
                 area=round(area * sx * sy),
                 bbox=(int(x * sx), int(y * sy), max(1, round(w * sx)), max(1, round(h * sy))),
             )
