@@ -124,7 +124,7 @@ class Engine:
         self._threshold_overrides: dict[str, float] = {}
         self._vision = base.vision
         if config.compile:
-            mode = "max-autotune-no-cudagraphs" if self.device.type == "cpu" else "reduce-overhead"
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on the GPU
             self._vision = torch.compile(base.vision, mode=mode, dynamic=False)
         self._state = self._build_state(config.checkpoint, base=base)
         log.info("engine ready", **self.info())

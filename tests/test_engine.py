@@ -235,6 +235,25 @@ def test_batched_equals_one_at_a_time(backbone):
         assert [d.type for d in a.defects] == [d.type for d in b.defects]
 
 
+def test_non_native_image_size_interpolates_positions(backbone):
+    engine = Engine(tiny_config(image_size=288), backbone=backbone)  # 18x18 patches instead of 14x14
+    pred = engine.predict(frames(1, size=(100, 300)), ["bottle"])[0]
+    assert pred.anomaly_map.shape == (100, 300) and 0 <= pred.score <= 1
+    with pytest.raises(ValueError, match="not a multiple of"):
+        Engine(tiny_config(image_size=250), backbone=backbone)
+
+
+def test_compiled_image_path_equals_eager(backbone):
+    """`compile = true` (torch.compile; CUDA graphs on a GPU) changes speed, not numbers."""
+    eager = Engine(tiny_config(), backbone=backbone)
+    compiled = Engine(tiny_config(compile=True), backbone=backbone)
+    compiled.warmup([3])
+    batch = frames(3, seed=9)
+    for a, b in zip(eager.predict(batch, ["bottle"] * 3), compiled.predict(batch, ["bottle"] * 3), strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-5)
+
+
 def test_invalid_frames_are_named(engine):
     with pytest.raises(InvalidFrameError, match="frame 1: expected uint8 or uint16"):
         engine.predict([frames(1)[0], np.zeros((50, 50, 3), np.float32)], ["a", "a"])
