@@ -33,9 +33,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# For now: config check, local brokers, and the engine scoring synthetic parts (overlays in demo/overlays).
 demo: setup
 	$(VENV)/bin/genclip config check --config config.toml
 	bash deploy/services.sh up
+	$(VENV)/bin/genclip synth --source texture:metal --out demo --count 12 --seed 1 --class widget
+	$(VENV)/bin/genclip score demo/widget/test/*/ --class widget --config config.toml --out demo/overlays
+	@echo "demo: scores above (JSON lines), overlays in demo/overlays/; genclip-tiny has random weights, so scores mean nothing yet"
 
 services-up:
 	bash deploy/services.sh up
