@@ -296,11 +296,15 @@ def test_mask_of_wrong_size_raises_before_resizing(tmp_path: Path) -> None:
     assert info.value.path == mask
 
 
-def test_bad_sample_error_survives_pickling() -> None:
-    import pickle
-
-    error = pickle.loads(pickle.dumps(BadSampleError(Path("/x/y.png"), "broken")))
-    assert (error.path, error.reason, str(error)) == (Path("/x/y.png"), "broken", "/x/y.png: broken")
+def test_bad_sample_crosses_a_worker_process(tmp_path: Path) -> None:
+    """A corrupt file read in a DataLoader worker process arrives in the main process as a named skip."""
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"not an image")
+    dataset = InspectionDataset([good_sample(corrupt, None, 0)], 32, VOCABULARY)
+    loader = DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=collate_inspection)
+    (batch,) = list(loader)
+    assert len(batch["path"]) == 0
+    assert [(s.path, s.reason) for s in batch["skipped"]] == [(str(corrupt), "image is not a decodable image")]
 
 
 # --------------------------------------------------------------------------- dataset and collate
