@@ -90,7 +90,7 @@ def configure_logging(line_id: str, level: str = "INFO", fmt: str = "auto", stre
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("PIL", "urllib3", "httpx", "huggingface_hub", "matplotlib"):
+    for noisy in ("PIL", "urllib3", "httpx", "huggingface_hub", "matplotlib", "onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

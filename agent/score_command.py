@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import sys
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ONNX_TOLERANCE = 1e-3
-EXPORT_CHATTER = ("onnx_ir", "onnxscript", "torch.onnx")  # loggers quieted to WARNING during an export
 log = get_logger("agent.score_command")
 
 LoadConfig = Callable[[Path | None], "InspectConfig"]
@@ -366,8 +364,6 @@ def run_export_onnx(
 
     if reference is not None and not reference.is_dir():
         fail(f"--reference: folder not found: {reference}")
-    for name in EXPORT_CHATTER:  # hundreds of INFO lines per export otherwise
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(cfg.logging.level)))
     engine = build_engine(engine_config(cfg, checkpoint))
     for name in classes:
         folder = reference / name if reference is not None else None

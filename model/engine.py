@@ -106,12 +106,12 @@ class Engine:
             config.backbone, config.pretrained, allow_download=config.allow_download, cache_dir=config.cache_dir
         )
         self.backbone.clip.to(self.device)
-        base = GenClip(self.backbone, config).to(self.device).eval()
         if config.image_size % self.backbone.patch_size:
             raise ValueError(
                 f"[model].image_size {config.image_size} is not a multiple of {config.backbone}'s "
                 f"patch size {self.backbone.patch_size}"
             )
+        base = GenClip(self.backbone, config).to(self.device).eval()
         self._base = base
         self.layers = base.layers
         self.vv_from = base.vv_from
