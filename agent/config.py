@@ -13,20 +13,19 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agent.publish.config import MqttConfig, RedisConfig
+from agent.section import Section
+from agent.sources.config import CameraConfig
 from model.config import EngineConfig
 from trainer.config import TrainerConfig
 
 ENV_PREFIX = "GENCLIP_"
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/genclip/config.toml"))
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class LineConfig(Section):
@@ -48,103 +47,6 @@ class BatchConfig(Section):
 
     batch_size: int = Field(8, ge=1, le=256, description="Largest batch sent to the engine.")
     max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="Longest a frame waits for its batch to fill.")
-
-
-class CameraConfig(Section):
-    id: str = Field(..., description="Camera id, unique on this line.")
-    source: str = Field(..., description="Device index ('0'), URL (rtsp://, http://), video file, or image folder.")
-    product_class: str = Field(..., description="What this camera sees, e.g. 'bottle' or 'pcb1'.")
-    fps: float = Field(5.0, gt=0, le=1000, description="Frames per second to take.")
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}", value):
-            raise ValueError("must be letters, digits, '-' or '_'")
-        return value
-
-    @field_validator("product_class", "source")
-    @classmethod
-    def _non_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value.strip()
-
-
-class TlsConfig(Section):
-    enabled: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    insecure: bool = Field(False, description="Skip hostname verification (test benches only).")
-
-
-class SecretSection(Section):
-    """A section with a password that may come from the config, a file, or systemd credentials."""
-
-    credential_name: ClassVar[str] = ""
-
-    @field_validator("password_file", check_fields=False)
-    @classmethod
-    def _readable(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            path = Path(value).expanduser()
-            try:
-                path.read_text()
-            except OSError as exc:
-                raise ValueError(f"cannot read password file {value}: {exc.strerror}") from None
-        return value
-
-    @model_validator(mode="after")
-    def _resolve_password(self) -> SecretSection:
-        resolved = resolve_secret(self.password, self.password_file, self.credential_name)
-        if resolved is not self.password:
-            object.__setattr__(self, "password", resolved)
-        return self
-
-
-class MqttConfig(SecretSection):
-    credential_name: ClassVar[str] = "mqtt-password"
-
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    tls: TlsConfig = Field(default_factory=TlsConfig)
-    username: str | None = None
-    password: SecretStr | None = Field(None, description="Prefer password_file or systemd credentials.")
-    password_file: Path | None = None
-    topic_prefix: str = Field("genclip", description="Topics are <prefix>/<line id>/...")
-    qos: int = Field(1, ge=0, le=2)
-    client_id: str | None = Field(None, description="Default: genclip-<line id>.")
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    outbox_size: int = Field(10_000, ge=0, description="Messages kept while the broker is unreachable.")
-
-    @field_validator("topic_prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        if not value or any(c in value for c in "#+\0") or value.startswith("/") or value.endswith("/"):
-            raise ValueError("must be a plain topic path without wildcards or leading/trailing '/'")
-        return value
-
-
-class RedisConfig(SecretSection):
-    credential_name: ClassVar[str] = "redis-password"
-
-    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, no password in it.")
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    stream_maxlen: int = Field(10_000, ge=1, description="Approximate length each stream is trimmed to.")
-    map_storage: Literal["none", "png", "raw"] = Field("png", description="How anomaly maps are stored.")
-    map_ttl_s: int = Field(3600, ge=1, description="How long stored anomaly maps live.")
-    outbox_size: int = Field(10_000, ge=0, description="Entries kept while Redis is unreachable.")
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not re.match(r"^(redis|rediss|unix)://", value):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        if re.match(r"^rediss?://[^/]*:[^/@]*@", value):
-            raise ValueError("must not contain a password; use redis.password_file or systemd credentials")
-        return value
 
 
 class AgentConfig(Section):
@@ -214,18 +116,6 @@ class InspectConfig(BaseSettings):
     def product_classes(self) -> list[str]:
         """Every product class this line inspects, in camera order."""
         return list(dict.fromkeys(c.product_class for c in self.cameras))
-
-
-def resolve_secret(value: SecretStr | None, path: Path | None, credential: str) -> SecretStr | None:
-    """A secret from the config/env, else from a file, else from systemd's credentials directory."""
-    if value is not None:
-        return value
-    if path is not None:
-        return SecretStr(Path(path).expanduser().read_text().strip())
-    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-    if cred_dir and (Path(cred_dir) / credential).is_file():
-        return SecretStr((Path(cred_dir) / credential).read_text().strip())
-    return None
 
 
 class ConfigError(Exception):

@@ -1,0 +1,30 @@
+"""The `Frame`: one picture of one part, stamped where it was taken.
+
+Every source makes these and nothing else travels down the pipeline, so a frame
+can always be traced back to its camera, sequence number and part.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Frame:
+    """One captured image with its provenance; `image` is uint8/uint16, BGR HxWx3 or gray HxW."""
+
+    camera: str
+    seq: int  # per camera, from 1, never reused while the agent runs
+    part_id: str  # the part's identity: a file name, a PLC part number, or "<camera>-<seq>"
+    product_class: str
+    image: np.ndarray
+    captured_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # wall clock, UTC
+    captured_mono: float = field(default_factory=time.monotonic)  # for latency and staleness
+
+    def age_s(self, now: float | None = None) -> float:
+        """Seconds since capture, on the monotonic clock."""
+        return (time.monotonic() if now is None else now) - self.captured_mono

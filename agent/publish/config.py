@@ -1,0 +1,100 @@
+"""The `[mqtt]` and `[redis]` sections: where results go, and the credentials to get there."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from agent.section import Section
+
+
+class TlsConfig(Section):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = Field(False, description="Skip hostname verification (test benches only).")
+
+
+class SecretSection(Section):
+    """A section with a password that may come from the config, a file, or systemd credentials."""
+
+    credential_name: ClassVar[str] = ""
+
+    @field_validator("password_file", check_fields=False)
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            path = Path(value).expanduser()
+            try:
+                path.read_text()
+            except OSError as exc:
+                raise ValueError(f"cannot read password file {value}: {exc.strerror}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_password(self) -> SecretSection:
+        resolved = resolve_secret(self.password, self.password_file, self.credential_name)
+        if resolved is not self.password:
+            object.__setattr__(self, "password", resolved)
+        return self
+
+
+class MqttConfig(SecretSection):
+    credential_name: ClassVar[str] = "mqtt-password"
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    username: str | None = None
+    password: SecretStr | None = Field(None, description="Prefer password_file or systemd credentials.")
+    password_file: Path | None = None
+    topic_prefix: str = Field("genclip", description="Topics are <prefix>/<line id>/...")
+    qos: int = Field(1, ge=0, le=2)
+    client_id: str | None = Field(None, description="Default: genclip-<line id>.")
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    outbox_size: int = Field(10_000, ge=0, description="Messages kept while the broker is unreachable.")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or any(c in value for c in "#+\0") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("must be a plain topic path without wildcards or leading/trailing '/'")
+        return value
+
+
+class RedisConfig(SecretSection):
+    credential_name: ClassVar[str] = "redis-password"
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, no password in it.")
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    stream_maxlen: int = Field(10_000, ge=1, description="Approximate length each stream is trimmed to.")
+    map_storage: Literal["none", "png", "raw"] = Field("png", description="How anomaly maps are stored.")
+    map_ttl_s: int = Field(3600, ge=1, description="How long stored anomaly maps live.")
+    outbox_size: int = Field(10_000, ge=0, description="Entries kept while Redis is unreachable.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^(redis|rediss|unix)://", value):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        if re.match(r"^rediss?://[^/]*:[^/@]*@", value):
+            raise ValueError("must not contain a password; use redis.password_file or systemd credentials")
+        return value
+
+
+def resolve_secret(value: SecretStr | None, path: Path | None, credential: str) -> SecretStr | None:
+    """A secret from the config/env, else from a file, else from systemd's credentials directory."""
+    if value is not None:
+        return value
+    if path is not None:
+        return SecretStr(Path(path).expanduser().read_text().strip())
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / credential).is_file():
+        return SecretStr((Path(cred_dir) / credential).read_text().strip())
+    return None

@@ -1,0 +1,1 @@
+"""Frame sources: one capture thread per camera (OpenCV, a watched folder, synthetic parts)."""
