@@ -16,6 +16,7 @@ import typer
 
 from agent import __version__
 from agent.config import ConfigError, InspectConfig, find_config, load_config, masked_dict
+from trainer.verb_options import ConfigOption
 
 app = typer.Typer(
     name="genclip",
@@ -27,11 +28,6 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check or show the line's configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="Config file (default: $GENCLIP_CONFIG, ./config.toml)."),
-]
 
 
 def _version(value: bool) -> None:
@@ -79,12 +75,21 @@ def config_show(config: ConfigOption = None) -> None:
     typer.echo(tomli_w.dumps(masked_dict(cfg)), nl=False)
 
 
+def load_for_verb(path: Path | None) -> InspectConfig:
+    """Every verb's first step: the validated config (or exit 2), and logging set up from it."""
+    from agent.logs import configure_logging
+
+    cfg = load_or_exit(path)
+    configure_logging(cfg.line.id, cfg.logging.level, cfg.logging.format)
+    return cfg
+
+
 def _register_verbs() -> None:
     from agent import score_command
     from trainer import cli as trainer_cli
 
-    score_command.register(app, load_or_exit)
-    trainer_cli.register(app, load_or_exit)
+    score_command.register(app, load_for_verb)
+    trainer_cli.register(app, load_for_verb)
 
 
 def main() -> None:

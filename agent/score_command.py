@@ -16,27 +16,24 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from agent.logs import get_logger
+from trainer.verb_options import ConfigOption, fail, open_engine
 
 if TYPE_CHECKING:
     import numpy as np
 
     from agent.config import InspectConfig
-    from model import Engine, EngineConfig, Prediction
+    from model import Engine, FrameError, Prediction
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ONNX_TOLERANCE = 1e-3
 log = get_logger("agent.score_command")
 
 LoadConfig = Callable[[Path | None], "InspectConfig"]
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="Config file (default: $GENCLIP_CONFIG, ./config.toml)."),
-]
 CheckpointOption = Annotated[
     Path | None,
     typer.Option(
@@ -73,10 +70,10 @@ The graph takes RGB images in [0, 1] already resized to model.image_size
 (N x 3 x S x S) and a class index per image (the position in --classes), and
 returns image scores (N) and anomaly maps (N x S x S). Prompts are folded in.
 
-With --reference DIR, the images in DIR/<class>/ decide each class name (class
-name filtering) as the first batch would at run time: at most
-engine.batch_size of them are used. Classes without such a folder keep their
-name as given.
+With --reference DIR, the images of good parts in DIR/<class>/ decide each
+class word (class name filtering; at least [model].min_reference_images, at
+most 64 are used). Otherwise the class's profile in [model].profile_dir is
+used, or the class name as given.
 
 Prints one JSON line with the largest differences between onnxruntime and
 torch on random input; exits 1 if either is above 1e-3.
@@ -85,12 +82,6 @@ torch on random input; exits 1 if either is above 1e-3.
 
 class UnreadableImageError(Exception):
     """An input that cannot be scored; the message says why, for the error line."""
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Stop a verb with a one-line reason on stderr (2: the user must fix an option or the config)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 # --- inputs ------------------------------------------------------------------------------------------
@@ -225,26 +216,6 @@ def emit(record: dict[str, Any]) -> None:
 
 
 # --- engine -----------------------------------------------------------------------------------------------
-def engine_config(cfg: InspectConfig, checkpoint: Path | None) -> EngineConfig:
-    """The `[model]` section, with `--checkpoint` in place of its checkpoint when given."""
-    if checkpoint is None:
-        return cfg.model
-    checkpoint = checkpoint.expanduser()
-    if not checkpoint.is_file():
-        fail(f"--checkpoint: prompt checkpoint not found: {checkpoint}")
-    return cfg.model.model_copy(update={"checkpoint": checkpoint})
-
-
-def build_engine(config: EngineConfig) -> Engine:
-    """The engine, or exit 2 with the reason (missing weights, incompatible checkpoint, no CUDA, ...)."""
-    from model import BackboneError, CheckpointError, Engine
-
-    try:
-        return Engine(config)
-    except (BackboneError, CheckpointError, RuntimeError, ValueError, OSError) as exc:
-        fail(f"cannot start the engine: {exc}")
-
-
 # --- score ------------------------------------------------------------------------------------------------
 def run_score(
     cfg: InspectConfig,
@@ -259,7 +230,6 @@ def run_score(
     product_class = product_class.strip()
     if not product_class:
         fail("--class must not be empty")
-    config = engine_config(cfg, checkpoint)
     paths = expand_inputs(arguments)
     targets = None
     if out_dir is not None:
@@ -268,14 +238,18 @@ def run_score(
         except OSError as exc:
             fail(f"--out: cannot create folder {out_dir}: {exc.strerror}")
         targets = overlay_paths(paths, out_dir)
-    engine = build_engine(config)
+    batch_size = batch_size or cfg.engine.batch_size
+    engine = open_engine(cfg.model, checkpoint, batch_size)
     thresholds = dict(cfg.thresholds)
     if threshold is not None:
         thresholds[product_class] = threshold
     engine.set_thresholds(thresholds)
-    batch_size = batch_size or cfg.engine.batch_size
+    try:
+        engine.setup_class(product_class, save=False)  # the line's class profile, when it has one
+    except ValueError as exc:
+        fail(f"--class: {exc}")
     if engine.device.type == "cuda":  # so the first batch's timing is not CUDA start-up
-        engine.warmup([min(batch_size, len(paths))])
+        engine.warmup()
     failed = 0
     for group in read_in_batches(paths, batch_size):
         failed += score_group(engine, group, paths, product_class, targets)
@@ -283,15 +257,13 @@ def run_score(
     return failed
 
 
-def predict_batch(engine: Engine, frames: list[np.ndarray], product_class: str) -> list[Prediction] | str:
-    """The batch's predictions, or why the whole batch failed (e.g. out of GPU memory), so the run goes on."""
-    from model import InvalidFrameError
-
+def predict_batch(engine: Engine, frames: list[np.ndarray], product_class: str) -> list[Prediction | FrameError] | str:
+    """One result per frame, or why the whole batch failed (a device error), so the run goes on."""
     if not frames:
         return []
     try:
         return engine.predict(frames, [product_class] * len(frames))
-    except (InvalidFrameError, RuntimeError) as exc:
+    except RuntimeError as exc:
         log.exception("batch failed", images=len(frames))
         return f"scoring failed: {exc}"
 
@@ -312,6 +284,8 @@ def score_group(
     for index, item in group:
         path = paths[index]
         error = item if isinstance(item, str) else outcome if isinstance(outcome, str) else None
+        if error is None and not predictions[index].ok:
+            error = predictions[index].reason
         if error is not None:
             failed += 1
             log.warning("image not scored", path=str(path), error=error)
@@ -364,20 +338,22 @@ def run_export_onnx(
 
     if reference is not None and not reference.is_dir():
         fail(f"--reference: folder not found: {reference}")
-    engine = build_engine(engine_config(cfg, checkpoint))
+    from model import ClassSetupError
+
+    engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size)
     for name in classes:
         folder = reference / name if reference is not None else None
-        if folder is None or not folder.is_dir():
-            log.info("no reference images; class name kept as given", product_class=name)
-            continue
-        frames = reference_frames(folder, cfg.engine.batch_size)
-        decision = engine.register_class(name, frames)
-        log.info("class registered", product_class=name, images=len(frames), used_name=decision.used_name)
+        frames = reference_frames(folder, 64) if folder is not None and folder.is_dir() else []
+        try:
+            profile = engine.setup_class(name, frames, save=False)
+        except ClassSetupError as exc:
+            fail(str(exc))
+        log.info("class registered", product_class=name, images=len(frames), class_word=profile.class_word)
     with contextlib.redirect_stdout(sys.stderr):  # torch.onnx prints progress; stdout is for the result
         scorer = export_onnx(engine, classes, out)
         diffs = check_onnx(scorer, out)
     ok = all(math.isfinite(value) and value <= ONNX_TOLERANCE for value in diffs.values())
-    used = {name: engine.class_info(name)["used_name"] or name for name in classes}
+    used = {name: engine.class_info(name)["class_word"] for name in classes}
     result = {name: finite(value) for name, value in diffs.items()}
     emit({"path": str(out), "classes": classes, "used_names": used, **result, "tolerance": ONNX_TOLERANCE, "ok": ok})
     if not ok:
@@ -403,13 +379,7 @@ def register(app: typer.Typer, load_config: LoadConfig) -> None:
     if any(info.name == "score" for info in app.registered_commands):
         return
 
-    def start(config: Path | None) -> InspectConfig:
-        """Load the config and send logs to stderr, the first thing every verb does."""
-        from agent.logs import configure_logging
-
-        cfg = load_config(config)
-        configure_logging(cfg.line.id, cfg.logging.level, cfg.logging.format)
-        return cfg
+    start = load_config  # loads, validates and sets logging up (the root's loader)
 
     @app.command("score", help=SCORE_HELP)
     def score(

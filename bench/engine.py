@@ -95,13 +95,17 @@ def main() -> None:
     classes = ["bottle", "metal nut"]
     results = []
     for name in backbones:
-        base = EngineConfig(backbone=name, device=args.device, precision=args.precision, compile=args.compile)
+        base = EngineConfig(
+            backbone=name, pretrained="random", device=args.device, precision=args.precision, compile=args.compile
+        )
         engine = Engine(base)
         size = args.image_size or engine.backbone.native_image_size
         for mode, weight in (("dual-branch", 0.5), ("query-only", 0.0)):
             cfg = base.model_copy(update={"image_size": size, "branch_weight": weight})
-            engine = Engine(cfg, backbone=engine.backbone)
-            warm = engine.warmup(sorted(set(batches)))
+            engine = Engine(cfg, backbone=engine.backbone, max_batch=max(batches))
+            for class_name in classes:
+                engine.register_class(class_name)
+            warm = engine.warmup()
             repeats = args.repeats or (5 if engine.backbone.vision_width < 512 else 3)
             for batch in batches:
                 point = measure(engine, batch, frames, repeats, classes)

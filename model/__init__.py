@@ -1,8 +1,9 @@
 """GenCLIP engine: a library that scores batches of frames; knows nothing of cameras or brokers.
 
     from model import Engine, EngineConfig
-    engine = Engine(EngineConfig(backbone="genclip-tiny"))
-    predictions = engine.predict(frames, ["bottle", "pcb1"])
+    engine = Engine(EngineConfig(backbone="genclip-tiny", pretrained="random"))
+    engine.register_class("bottle", good_bottle_frames)   # class word (CNF) and threshold
+    results = engine.predict(frames, ["bottle"] * len(frames))   # Prediction or FrameError per frame
 
 Names are imported on first use, so `model.config` (read by `genclip config check`)
 does not pull in torch.
@@ -19,6 +20,11 @@ _EXPORTS = {
     "EngineConfig": "model.config",
     "Engine": "model.engine",
     "Prediction": "model.engine",
+    "FrameError": "model.engine",
+    "ClassSetupError": "model.engine",
+    "ClassProfile": "model.profile",
+    "Calibration": "model.profile",
+    "ProfileError": "model.profile",
     "InvalidFrameError": "model.preprocess",
     "Defect": "model.regions",
 }

@@ -9,7 +9,6 @@ so the trainer and the agent build the very same random backbone.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import open_clip
 import torch
 from torch import nn
+
+from model.digests import sha256_file
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 RANDOM_INIT_SEED = 0
@@ -44,18 +45,15 @@ class Backbone:
     embed_dim: int
 
 
-def register_configs() -> None:
-    """Make the project's own model configs (genclip-tiny) known to open_clip."""
+def register_configs(model_config: Path | None = None) -> None:
+    """Make the project's own model configs (genclip-tiny), and a line's custom one, known to open_clip."""
     if "genclip-tiny" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    if model_config is not None:
+        try:
+            open_clip.add_model_config(Path(model_config).expanduser())
+        except (OSError, ValueError) as exc:
+            raise BackboneError(f"[model].model_config {model_config}: not a usable open_clip config ({exc})") from None
 
 
 def _cached_tag_file(name: str, tag: str, cache_dir: Path | None) -> Path | None:
@@ -89,24 +87,30 @@ def _describe_tag(name: str, tag: str) -> str:
 
 def load_backbone(
     name: str,
-    pretrained: str = "",
+    pretrained: str,
     *,
     allow_download: bool = False,
     cache_dir: Path | None = None,
+    model_config: Path | None = None,
 ) -> Backbone:
-    """Build the frozen CLIP `name` with weights from `pretrained` (tag, file, or '' for seeded random)."""
-    register_configs()
+    """Build the frozen CLIP `name` with weights from `pretrained` (tag, file, or 'random[:SEED]')."""
+    register_configs(model_config)
+    if not pretrained:
+        raise BackboneError("[model].pretrained is empty: name the weights, or 'random' for seeded random weights")
     if name not in open_clip.list_models():
         raise BackboneError(
             f"unknown backbone '{name}': use an open_clip model name (e.g. ViT-L-14-336, ViT-B-16) or genclip-tiny"
         )
     kwargs: dict = {}
     weights_file: Path | None = None
-    if not pretrained:
-        weights = f"random-init:seed={RANDOM_INIT_SEED}"
+    seed = RANDOM_INIT_SEED
+    random_weights = pretrained == "random" or pretrained.startswith("random:")
+    if random_weights:
+        seed = int(pretrained.partition(":")[2] or RANDOM_INIT_SEED)
+        weights = f"random-init:seed={seed}"
     elif Path(pretrained).expanduser().is_file():
         weights_file = Path(pretrained).expanduser()
-        weights = f"sha256:{_sha256(weights_file)}"
+        weights = f"sha256:{sha256_file(weights_file)}"
     elif "/" in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
         raise BackboneError(f"weights file not found: {pretrained} (set [model].pretrained to an existing file)")
     else:
@@ -128,13 +132,13 @@ def load_backbone(
             )
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
+            torch.manual_seed(seed)
             if weights_file is not None:
                 clip = open_clip.create_model(name, pretrained=str(weights_file), **kwargs)
-            elif pretrained:
-                clip = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
-            else:
+            elif random_weights:
                 clip = open_clip.create_model(name, pretrained=None)
+            else:
+                clip = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
     except (RuntimeError, AssertionError, KeyError, ValueError) as exc:
         source = weights_file or pretrained
         detail = (str(exc).splitlines() or [type(exc).__name__])[0][:400]

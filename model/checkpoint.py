@@ -2,7 +2,7 @@
 
 The header (safetensors metadata key "genclip") names the backbone and its
 weights, image size, layers, prompt lengths, defect vocabulary, training data,
-metrics and calibrated thresholds. Loading checks it against the running
+and metrics (thresholds live in class profiles, not here). Loading checks it against the running
 engine and refuses a mismatch naming the field. Nothing is ever unpickled, and
 files are written atomically (temporary file, fsync, rename) so a watcher never
 reads half a file.
@@ -10,20 +10,23 @@ reads half a file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import struct
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from model.backbone import Backbone
+from model.digests import sha256_bytes
 from model.genclip import GenClip
 
 FORMAT = "genclip-prompts"
@@ -53,22 +56,18 @@ def _package_version() -> str:
         return "0.0.0+source"
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def write_atomic(path: Path, write: Any, mode: int = 0o644) -> None:
+    """Call write(tmp_path), fsync it, and rename over `path` in one step; the file gets `mode`.
 
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Call write(tmp_path), fsync it, and rename over `path` in one step."""
+    0644 by default, so a service running as another user can read what a trainer published.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -90,43 +89,93 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     write_atomic(path, lambda tmp: save_file(payload, str(tmp), metadata={METADATA_KEY: json.dumps(header)}))
 
 
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint read once: its tensors, header and the digest of exactly those bytes."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    digest: str
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The JSON header alone (cheap: no tensor is read)."""
-    return _open(path)[1]
+    """The JSON header alone (reads only the header bytes)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            size_bytes = fh.read(8)
+            if len(size_bytes) < 8:
+                raise CheckpointError(f"{path}: not a readable safetensors file (too short)")
+            (size,) = struct.unpack("<Q", size_bytes)
+            if size > 100_000_000:
+                raise CheckpointError(f"{path}: not a readable safetensors file (header size {size})")
+            header = fh.read(size)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    return _parse_header(size_bytes + header, str(path))
 
 
-def _open(path: Path, with_tensors: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _parse_header(data: bytes, source: str) -> dict[str, Any]:
+    if len(data) < 8:
+        raise CheckpointError(f"{source}: not a readable safetensors file (too short)")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise CheckpointError(f"{source}: not a readable safetensors file (truncated header)")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{source}: not a readable safetensors file ({exc})") from None
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY) if isinstance(header, dict) else None
+    if raw is None:
+        raise CheckpointError(f"{source}: safetensors file without a GenCLIP header (not a prompt checkpoint)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{source}: corrupt GenCLIP header ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: header format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: checkpoint format version {meta.get('format_version')} is not supported "
+            f"(this engine reads version {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def parse_checkpoint(data: bytes, source: str) -> CheckpointFile:
+    """Tensors and header from a checkpoint's bytes; raises CheckpointError saying what is wrong."""
+    meta = _parse_header(data, source)
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: not a readable safetensors file ({exc})") from None
+    for tensor_name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: tensor {tensor_name} holds NaN or infinite values")
+    return CheckpointFile(tensors=tensors, meta=meta, digest=sha256_bytes(data))
+
+
+def read_checkpoint(path: Path) -> CheckpointFile:
+    """Read a checkpoint file once (so digest and tensors always belong together) and parse it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            raw = (fh.metadata() or {}).get(METADATA_KEY)
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()} if with_tensors else {}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    if raw is None:
-        raise CheckpointError(f"{path}: safetensors file without a GenCLIP header (not a prompt checkpoint)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: corrupt GenCLIP header ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: header format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {meta.get('format_version')} is not supported "
-            f"(this engine reads version {FORMAT_VERSION})"
-        )
-    for tensor_name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{path}: tensor {tensor_name} holds NaN or infinite values")
-    return tensors, meta
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    return parse_checkpoint(data, str(path))
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and header; raises CheckpointError saying what is wrong."""
-    return _open(path, with_tensors=True)
+def resolve_checkpoint(path: Path) -> Path | None:
+    """A checkpoint file as given, or the newest *.safetensors in a folder of published ones (None if empty)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = [p for p in path.glob("*.safetensors") if p.is_file() and not p.name.startswith(".")]
+        return max(files, key=lambda p: (p.stat().st_mtime, p.name)) if files else None
+    return path
 
 
 def check_compatible(meta: dict[str, Any], expected: dict[str, Any], source: str) -> None:
@@ -170,13 +219,12 @@ def save_model(
         "package_version": _package_version(),
         **(meta or {}),
     }
-    header.setdefault("thresholds", {})
     save_checkpoint(path, model.learned_state(), header)
 
 
 def update_metadata(path: Path, changes: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite a checkpoint with some header fields changed (e.g. calibrated thresholds), atomically."""
-    tensors, meta = read_checkpoint(path)
-    meta.update(changes)
-    save_checkpoint(path, tensors, meta)
+    """Rewrite a checkpoint with some header fields changed, atomically."""
+    found = read_checkpoint(path)
+    meta = {**found.meta, **changes}
+    save_checkpoint(path, found.tensors, meta)
     return meta

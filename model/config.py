@@ -28,15 +28,22 @@ GENERIC_CLASS_NAMES = ("object", "part", "component", "product", "item")
 class EngineConfig(BaseModel):
     """Everything the engine needs to build GenCLIP and score frames."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     backbone: str = Field(
         "genclip-tiny",
         description="open_clip model name (ViT-L-14-336, ViT-B-16, ...) or genclip-tiny for tests.",
     )
     pretrained: str = Field(
-        "",
-        description="open_clip pretrained tag (e.g. 'openai'), a local weights file, or '' for random weights.",
+        ...,
+        description="open_clip pretrained tag (e.g. 'openai'), a local weights file, or 'random' / 'random:SEED' "
+        "for seeded random weights (tests and demos only: their scores mean nothing).",
+    )
+    model_config_file: Path | None = Field(
+        None,
+        alias="model_config",
+        description="An open_clip model-config JSON for an architecture open_clip does not ship; "
+        "its file name (without .json) must equal `backbone`.",
     )
     allow_download: bool = Field(
         False, description="Let open_clip download weights from the hub when they are not on this machine."
@@ -68,6 +75,38 @@ class EngineConfig(BaseModel):
     class_defect_types: dict[str, list[str]] = Field(
         default_factory=dict, description="Per product class defect vocabulary; overrides defect_types."
     )
+    class_words: dict[str, str] = Field(
+        default_factory=dict, description="Per product class: the word used in prompts, skipping CNF."
+    )
+    profile_dir: Path | None = Field(None, description="Folder of class profiles (<class>.json) from calibration.")
+    min_reference_images: int = Field(8, ge=1, description="Fewest good-part images that may decide a class word.")
+    calibration_quantile: float = Field(
+        0.995, ge=0.5, lt=1.0, description="Share of good parts a calibrated threshold passes."
+    )
+    max_frame_pixels: int = Field(
+        50_000_000, ge=64, description="Frames with more pixels are refused (a guard against absurd inputs)."
+    )
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError(
+                "must name the CLIP weights: an open_clip tag ('openai'), a weights file, "
+                "or 'random' for seeded random weights (tests and demos only)"
+            )
+        if value.startswith("random") and not re.fullmatch(r"random(:\d+)?", value):
+            raise ValueError("random weights are written 'random' or 'random:SEED'")
+        return value
+
+    @field_validator("class_words")
+    @classmethod
+    def _class_word_values(cls, value: dict[str, str]) -> dict[str, str]:
+        cleaned = {" ".join(k.split()): " ".join(v.split()) for k, v in value.items()}
+        if any(not v for v in cleaned.values()):
+            raise ValueError("class words must not be empty")
+        return cleaned
 
     @field_validator("device")
     @classmethod
@@ -108,9 +147,23 @@ class EngineConfig(BaseModel):
         looks_like_path = "/" in self.pretrained or self.pretrained.endswith((".bin", ".pt", ".safetensors"))
         if looks_like_path and not Path(self.pretrained).expanduser().is_file():
             raise ValueError(f"pretrained: weights file not found: {self.pretrained}")
-        if self.checkpoint is not None and not self.checkpoint.expanduser().is_file():
-            raise ValueError(f"checkpoint: prompt checkpoint not found: {self.checkpoint}")
+        if self.checkpoint is not None and not self.checkpoint.expanduser().exists():
+            raise ValueError(f"checkpoint: prompt checkpoint (file or folder) not found: {self.checkpoint}")
+        if self.model_config_file is not None:
+            path = self.model_config_file.expanduser()
+            if not path.is_file():
+                raise ValueError(f"model_config: open_clip model config not found: {path}")
+            if path.stem != self.backbone:
+                raise ValueError(
+                    f"model_config: file {path.name} defines '{path.stem}' but backbone is '{self.backbone}'"
+                )
         return self
+
+    def random_seed(self) -> int | None:
+        """The seed of random weights, or None for real weights."""
+        if not self.pretrained.startswith("random"):
+            return None
+        return int(self.pretrained.partition(":")[2] or 0)
 
     def defect_vocabulary(self, product_class: str) -> list[str]:
         """Defect names for one product class: its own list, or the default one."""

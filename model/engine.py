@@ -1,23 +1,30 @@
-"""The engine: batches of frames of mixed product classes in, predictions out.
+"""The engine: batches of frames of mixed product classes in, one result per frame out.
 
-Called from one worker thread. Prompts live in an immutable `PromptState` that
-`load_prompts` builds beside the running one and swaps in with one reference
-assignment, so a batch in flight finishes on the prompts it started with and a
-bad file never disturbs the running state. Text work is cached: the query-only
-features once per prompt version, defect-type features once per class and
-version, class-name decisions (CNF) and frozen token embeddings once per class.
-Only the vision-enhanced prompts, which depend on each image, are encoded per
-batch. The engine does no I/O except reading a checkpoint when asked to.
+Threading contract. One thread (the device thread) calls `predict`, `warmup`,
+`register_class`, `calibrate_class` and `install_prompts`. Everything a batch uses
+(prompts, text features, class profiles, thresholds) sits in one immutable
+`Snapshot` that `predict` takes once at its start; every change builds a new
+snapshot and publishes it with one reference assignment, so a batch in flight
+finishes on the state it started with. `prepare_prompts` (reading, hashing and
+validating a checkpoint, on the CPU) may run on any thread; `set_thresholds`
+too. With CUDA graphs (compile on CUDA), call `warmup` on the device thread:
+graphs are recorded per thread.
+
+Classes are set up explicitly with `register_class` (see `model/profile.py`);
+`predict` never decides a class word, and a frame of an unregistered class gets
+an error, not a guess.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -26,53 +33,115 @@ import torch
 
 from model import checkpoint as ckpt
 from model.backbone import Backbone, load_backbone
-from model.cnf import TEMPLATE, CnfDecision, decide, not_filtered
+from model.cnf import TEMPLATE, CnfDecision, decide
 from model.config import EngineConfig
-from model.genclip import GenClip, ImageFeatures, prompt_shape
+from model.digests import sha256_frames
+from model.genclip import DefectGroup, GenClip, Scores, ScoringSettings, prompt_shape
 from model.preprocess import InvalidFrameError, Preprocessor, check_frame
+from model.profile import Calibration, ClassProfile, ProfileError, profile_path
 from model.prompts import PromptShape, Suffix
-from model.regions import Defect, find_defects
-from model.scoring import gaussian_blur, global_abnormal_probability, grid_to_image, image_score, scaled_sigma
+from model.regions import Defect, find_defects, region_threshold
 
 log = structlog.stdlib.get_logger("model.engine")
 UNTRAINED = "untrained"
+MAX_CLASS_NAME_CHARS = 64
+References = Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray]]
+
+
+class ClassSetupError(ValueError):
+    """A product class cannot be set up as asked (too few reference images, a word CLIP cannot fit...)."""
 
 
 @dataclass
 class Prediction:
-    """The engine's verdict on one frame."""
+    """The engine's verdict on one frame. `anomaly_map` is at model resolution and owned by this object."""
 
     product_class: str
     score: float
     threshold: float
-    threshold_source: str  # "config", "checkpoint" or "default"
+    threshold_source: str  # "config", "calibration", "stale-calibration" or "default"
     is_anomalous: bool
-    anomaly_map: np.ndarray  # float32, frame height x width, values in [0, 1]
+    anomaly_map: np.ndarray  # float32 [S, S], values in [0, 1]
+    frame_size: tuple[int, int]  # height, width of the frame it was computed from
     defects: list[Defect]
     prompt_version: str
     global_score: float
     map_max: float
+    map_threshold: float  # regions are where the map reaches this (see docs/engine.md)
+    class_word: str
+    class_word_source: str
+    ok: bool = field(default=True, init=False)
+
+    def frame_map(self) -> np.ndarray:
+        """The anomaly map resized to the frame (bilinear), computed on demand."""
+        import cv2
+
+        height, width = self.frame_size
+        if (height, width) == self.anomaly_map.shape:
+            return self.anomaly_map.copy()
+        return cv2.resize(self.anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 @dataclass
+class FrameError:
+    """A frame the engine could not score, and why; the other frames of its batch are unaffected."""
+
+    index: int
+    product_class: str
+    reason: str
+    ok: bool = field(default=False, init=False)
+
+
+@dataclass(frozen=True)
 class ClassText:
-    """Per class and prompt version: the words used and the defect-type text features."""
+    """Per class and prompt version: the frozen suffix embedding and the defect-type text features."""
 
-    used_name: str
     suffix: Suffix
-    defect_names: list[str]
-    defect_text: torch.Tensor  # [K, D]
+    defect_names: tuple[str, ...]
+    defect_text: torch.Tensor  # [K, D], fp32
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptState:
-    """One prompt version: its model view (shared frozen towers, own learned tensors) and text cache."""
+    """One prompt version: its model view (shared frozen towers, own learned tensors) and query text."""
 
     model: GenClip
     version: str
-    meta: dict[str, Any]
-    query_text: torch.Tensor  # F_Q [2, D]
-    classes: dict[str, ClassText] = field(default_factory=dict)
+    digest: str  # sha256 of the checkpoint bytes, or "untrained"
+    meta: Mapping[str, Any]
+    query_text: torch.Tensor  # F_Q [2, D], fp32
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    """A registered class in one snapshot: its profile, text and effective threshold."""
+
+    profile: ClassProfile
+    text: ClassText
+    threshold: float
+    threshold_source: str
+    stale_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one batch uses; never mutated once published."""
+
+    prompts: PromptState
+    classes: Mapping[str, ClassEntry]
+    overrides: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class PreparedPrompts:
+    """A validated checkpoint, ready to install: learned tensors loaded into a model on the CPU."""
+
+    model: GenClip
+    version: str
+    digest: str
+    meta: Mapping[str, Any]
+    path: str
 
 
 @dataclass
@@ -81,9 +150,10 @@ class EngineStats:
 
     batches: int = 0
     frames: int = 0
+    frame_errors: int = 0
     class_text_builds: int = 0
-    class_text_hits: int = 0
     prompt_swaps: int = 0
+    oom_splits: int = 0
     last_batch_ms: float = 0.0
 
 
@@ -96,14 +166,41 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def normalise_class_name(name: object) -> str:
+    """'  metal   nut ' -> 'metal nut'; raises ValueError for what cannot be a class name."""
+    if not isinstance(name, str):
+        raise ValueError(f"product class must be a string, got {type(name).__name__}")
+    cleaned = " ".join(name.split())
+    if not cleaned:
+        raise ValueError("product class is empty")
+    if len(cleaned) > MAX_CLASS_NAME_CHARS:
+        raise ValueError(
+            f"product class name of {len(cleaned)} characters is too long (at most {MAX_CLASS_NAME_CHARS})"
+        )
+    return cleaned
+
+
+def batch_sizes_up_to(largest: int) -> list[int]:
+    """Powers of two below `largest`, then `largest`: the only batch shapes the towers ever see."""
+    sizes, size = [], 1
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, largest]
+
+
 class Engine:
     """GenCLIP inference on one device; see the module docstring for the threading contract."""
 
-    def __init__(self, config: EngineConfig, *, backbone: Backbone | None = None) -> None:
+    def __init__(self, config: EngineConfig, *, backbone: Backbone | None = None, max_batch: int = 8) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.backbone = backbone or load_backbone(
-            config.backbone, config.pretrained, allow_download=config.allow_download, cache_dir=config.cache_dir
+            config.backbone,
+            config.pretrained,
+            allow_download=config.allow_download,
+            cache_dir=config.cache_dir,
+            model_config=config.model_config_file,
         )
         self.backbone.clip.to(self.device)
         if config.image_size % self.backbone.patch_size:
@@ -111,173 +208,397 @@ class Engine:
                 f"[model].image_size {config.image_size} is not a multiple of {config.backbone}'s "
                 f"patch size {self.backbone.patch_size}"
             )
-        base = GenClip(self.backbone, config).to(self.device).eval()
-        self._base = base
-        self.layers = base.layers
-        self.vv_from = base.vv_from
+        self._base = GenClip(self.backbone, config).to(self.device).eval()
+        self.layers = self._base.layers
+        self.vv_from = self._base.vv_from
+        self.settings = ScoringSettings.from_config(config)
         self.preprocess = Preprocessor(config.image_size, self.backbone.mean, self.backbone.std, self.device)
-        self.sigma = scaled_sigma(config.blur_sigma, config.image_size)
+        self.batch_sizes = batch_sizes_up_to(max(1, max_batch))
         self.stats = EngineStats()
-        self._swap_lock = threading.Lock()
-        self._cnf: dict[str, CnfDecision] = {}
-        self._suffixes: dict[str, Suffix] = {}
-        self._threshold_overrides: dict[str, float] = {}
-        self._vision = base.vision
+        self._write_lock = threading.RLock()
+        self._references: dict[str, Callable[[], Sequence[np.ndarray]]] = {}
+        self._stale_logged: set[tuple[str, str]] = set()
+        self._warm_thread: int | None = None
+        self.fault_hook: Callable[[int], None] | None = None  # tests: called with each sub-batch size
+        self._vision = self._base.vision
         if config.compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on the GPU
-            self._vision = torch.compile(base.vision, mode=mode, dynamic=False)
-        self._state = self._build_state(config.checkpoint, base=base)
-        log.info("engine ready", **self.info())
+            torch._dynamo.config.recompile_limit = max(8, len(self.batch_sizes) + 2)
+            self._vision = torch.compile(self._base.vision, mode=mode, dynamic=False)
+        checkpoint = ckpt.resolve_checkpoint(config.checkpoint) if config.checkpoint else None
+        if config.checkpoint is not None and checkpoint is None:
+            log.warning("no checkpoint in folder yet; running untrained prompts", folder=str(config.checkpoint))
+        prompts = self._untrained() if checkpoint is None else self._install_state(self.prepare_prompts(checkpoint))
+        self._snapshot = Snapshot(prompts=prompts, classes=MappingProxyType({}), overrides=MappingProxyType({}))
+        log.debug("engine ready", **self.info())
 
-    # --- prompt states ---------------------------------------------------------------------
+    # --- precision ---------------------------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        """The towers' effective precision (autocast runs on CUDA only)."""
+        return self.config.precision if self.device.type == "cuda" else "fp32"
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision != "fp32":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    # --- prompts -----------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to run on this engine."""
         return ckpt.model_identity(self.backbone, self._base, self.config.image_size)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda" and self.config.precision != "fp32":
-            dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
-
-    def _build_state(self, path: Path | None, base: GenClip | None = None) -> PromptState:
-        if path is None:
-            model = base or GenClip(self.backbone, self.config).to(self.device).eval()
-            version, meta = UNTRAINED, {}
-        else:
-            tensors, meta = ckpt.read_checkpoint(path)
-            ckpt.check_compatible(meta, self.identity(), str(path))
-            shape = self._shape_from(meta, str(path))
-            model = GenClip(self.backbone, self.config, shape)
-            try:
-                model.load_learned_state(tensors)
-            except RuntimeError as exc:
-                raise ckpt.CheckpointError(f"{path}: learned tensors do not fit this model: {exc}") from None
-            model = model.to(self.device).eval()
-            version = f"{Path(path).stem}@{ckpt.file_digest(path)[:12]}"
+    def _untrained(self) -> PromptState:
         with torch.inference_mode(), self._autocast():
-            query_text = model.query_text()
-        return PromptState(model=model, version=version, meta=meta, query_text=query_text)
+            query = self._base.query_text().float()
+        return PromptState(self._base, UNTRAINED, UNTRAINED, MappingProxyType({}), query)
 
-    def _shape_from(self, meta: dict[str, Any], source: str) -> PromptShape:
+    def _shape_from(self, meta: Mapping[str, Any], source: str) -> PromptShape:
         base = prompt_shape(self.backbone, self.config, len(self.layers))
         try:
-            return PromptShape(
+            return replace(
+                base,
                 query_tokens=int(meta["query_tokens"]),
                 state_tokens=int(meta["state_tokens"]),
                 defect_tokens=int(meta["defect_tokens"]),
-                layers=base.layers,
-                vision_width=base.vision_width,
-                text_width=base.text_width,
-                embed_dim=base.embed_dim,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ckpt.CheckpointError(f"{source}: header lacks prompt lengths ({exc})") from None
 
-    def load_prompts(self, path: Path) -> str:
-        """Validate a checkpoint and swap it in between batches; returns the new prompt version.
+    def prepare_prompts(self, path: Path) -> PreparedPrompts:
+        """Read a checkpoint once, validate it against this engine, load it into a CPU model. Any thread.
 
-        On any problem the running prompts stay in place and CheckpointError says why.
+        Raises CheckpointError naming the problem; nothing of the running engine changes.
         """
-        new = self._build_state(Path(path))
-        old = self._state
+        found = ckpt.read_checkpoint(Path(path))
+        ckpt.check_compatible(found.meta, self.identity(), str(path))
+        model = GenClip(self.backbone, self.config, self._shape_from(found.meta, str(path)))
+        try:
+            model.load_learned_state(found.tensors)
+        except RuntimeError as exc:
+            raise ckpt.CheckpointError(f"{path}: learned tensors do not fit this model: {exc}") from None
+        version = f"{Path(path).stem}@{found.digest[:12]}"
+        return PreparedPrompts(model, version, found.digest, MappingProxyType(dict(found.meta)), str(path))
+
+    def _install_state(self, prepared: PreparedPrompts) -> PromptState:
+        model = prepared.model.to(self.device).eval()
         with torch.inference_mode(), self._autocast():
-            for name in list(old.classes):
-                new.classes[name] = self._make_class_text(new, name)
-        with self._swap_lock:
-            self._state = new
+            query = model.query_text().float()
+        return PromptState(model, prepared.version, prepared.digest, prepared.meta, query, prepared.path)
+
+    def install_prompts(self, prepared: PreparedPrompts) -> str:
+        """Swap validated prompts in (device thread): class texts rebuilt and classes with reference
+        images recalibrated on the new prompts first, so the next batch runs entirely on the new version."""
+        with self._write_lock:
+            old = self._snapshot
+            prompts = self._install_state(prepared)
+            classes = {}
+            for name, entry in old.classes.items():
+                text = self._class_text(prompts.model, entry.profile)
+                profile = entry.profile
+                if profile.calibration is not None and name in self._references:
+                    profile = self._recalibrate(prompts, name, profile, text)
+                classes[name] = self._entry(prompts, profile, text, old.overrides)
+            self._publish(Snapshot(prompts, MappingProxyType(classes), old.overrides))
             self.stats.prompt_swaps += 1
-        log.info("prompts loaded", version=new.version, previous=old.version, path=str(path))
-        return new.version
+        log.info("prompts loaded", version=prompts.version, previous=old.prompts.version, path=prepared.path)
+        return prompts.version
+
+    def load_prompts(self, path: Path) -> str:
+        """prepare_prompts + install_prompts, for callers on the device thread; returns the new version."""
+        return self.install_prompts(self.prepare_prompts(path))
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
 
     @property
     def prompt_version(self) -> str:
-        return self._state.version
+        return self._snapshot.prompts.version
 
     @property
     def prompt_metadata(self) -> dict[str, Any]:
-        return dict(self._state.meta)
+        return dict(self._snapshot.prompts.meta)
 
-    # --- classes -----------------------------------------------------------------------------
-    def set_thresholds(self, thresholds: dict[str, float]) -> None:
-        """Per-class image-score thresholds from the line's config; they win over the checkpoint's."""
-        self._threshold_overrides = dict(thresholds)
+    def _publish(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot  # one reference assignment: a batch in flight keeps its own
+
+    # --- classes -----------------------------------------------------------------------------------------
+    def scoring_settings(self, class_word: str) -> dict[str, Any]:
+        """What a calibration depends on besides the prompts; compared key by key."""
+        return {
+            "backbone": self.backbone.name,
+            "weights": self.backbone.weights,
+            "image_size": self.config.image_size,
+            "layers": list(self.layers),
+            "vv_from_layer": self.vv_from,
+            "branch_weight": self.config.branch_weight,
+            "score_alpha": self.config.score_alpha,
+            "blur_sigma": self.config.blur_sigma,
+            "temperature": self.config.temperature,
+            "precision": self.precision,
+            "class_word": class_word,
+        }
+
+    def set_thresholds(self, thresholds: Mapping[str, float]) -> None:
+        """Per-class thresholds from the line's config (they win over calibrations); any thread."""
+        overrides = MappingProxyType({normalise_class_name(k): float(v) for k, v in thresholds.items()})
+        with self._write_lock:
+            old = self._snapshot
+            classes = {name: self._entry(old.prompts, e.profile, e.text, overrides) for name, e in old.classes.items()}
+            self._publish(Snapshot(old.prompts, MappingProxyType(classes), overrides))
 
     def threshold(self, product_class: str) -> tuple[float, str]:
-        if product_class in self._threshold_overrides:
-            return float(self._threshold_overrides[product_class]), "config"
-        calibrated = self._state.meta.get("thresholds", {})
-        if product_class in calibrated:
-            return float(calibrated[product_class]), "checkpoint"
+        """The threshold a frame of this class would be judged with now, and where it comes from."""
+        name = normalise_class_name(product_class)
+        entry = self._snapshot.classes.get(name)
+        if entry is not None:
+            return entry.threshold, entry.threshold_source
+        if name in self._snapshot.overrides:
+            return self._snapshot.overrides[name], "config"
         return self.config.default_threshold, "default"
 
-    def register_class(self, name: str, reference_frames: Sequence[np.ndarray] = ()) -> CnfDecision:
-        """Decide the class name now (CNF) from reference frames of good or any parts of that class."""
-        frames = [check_frame(f, i) for i, f in enumerate(reference_frames)]
-        with torch.inference_mode(), self._autocast():
-            embeddings = None
-            if frames:
-                images = self.preprocess(frames)
-                embeddings = self._state.model.image_features(self._vision(images)).global_embedding
-            return self._decide_name(name, embeddings)
+    def _entry(
+        self, prompts: PromptState, profile: ClassProfile, text: ClassText, overrides: Mapping[str, float]
+    ) -> ClassEntry:
+        name = profile.product_class
+        if name in overrides:
+            return ClassEntry(profile, text, overrides[name], "config")
+        calibration = profile.calibration
+        if calibration is None:
+            return ClassEntry(profile, text, self.config.default_threshold, "default")
+        stale = calibration.stale_because(prompts.digest, self.scoring_settings(profile.class_word))
+        if stale is None:
+            return ClassEntry(profile, text, calibration.threshold, "calibration")
+        if (name, prompts.digest) not in self._stale_logged:
+            self._stale_logged.add((name, prompts.digest))
+            log.warning(
+                "calibration does not hold; using the default threshold",
+                product_class=name,
+                reason=stale,
+                default_threshold=self.config.default_threshold,
+            )
+        return ClassEntry(profile, text, self.config.default_threshold, "stale-calibration", stale)
 
-    def _decide_name(self, name: str, image_embeddings: torch.Tensor | None) -> CnfDecision:
-        if name in self._cnf:
-            return self._cnf[name]
-        model = self._state.model
-        generic = self.config.cnf_generic_names
-        if not self.config.cnf:
-            decision = not_filtered(name, "class name filtering is off")
-        elif name.strip().lower() in {g.lower() for g in generic}:
-            decision = not_filtered(name, "already a generic name")
-        elif image_embeddings is None or image_embeddings.shape[0] == 0:
-            return not_filtered(name, "no reference images yet")
-        else:
-            texts = model.text.encode_texts([TEMPLATE.format(n) for n in [name, *generic]])
-            decision = decide(name, image_embeddings, texts[0], texts[1:], list(generic), self.config.cnf_margin)
-        self._cnf[name] = decision
-        log.info("class name decision", product_class=name, used_name=decision.used_name, reason=decision.reason)
-        return decision
-
-    def _suffix(self, model: GenClip, words: str) -> Suffix:
-        if words not in self._suffixes:
-            self._suffixes[words] = model.suffix(words)
-        return self._suffixes[words]
-
-    def _make_class_text(self, state: PromptState, name: str) -> ClassText:
-        decision = self._cnf.get(name) or not_filtered(name, "undecided")
-        defect_names = self.config.defect_vocabulary(name)
+    def _class_text(self, model: GenClip, profile: ClassProfile) -> ClassText:
         self.stats.class_text_builds += 1
-        return ClassText(
-            used_name=decision.used_name,
-            suffix=self._suffix(state.model, decision.used_name),
-            defect_names=defect_names,
-            defect_text=state.model.defect_text(defect_names, decision.used_name),
+        names = list(profile.defect_types)
+        with torch.inference_mode(), self._autocast():
+            defect_text = model.defect_text(names, profile.class_word).float()
+        return ClassText(model.suffix(profile.class_word), tuple(names), defect_text)
+
+    def _check_fits_context(self, model: GenClip, word: str, defect_names: Sequence[str]) -> None:
+        """Refuse a class word (with the defect names) that would not fit CLIP's context."""
+        shape = model.shape
+        longest = max([len(model.text.word_ids(f"{d} {word}.")) for d in defect_names], default=0)
+        need = max(
+            1 + shape.query_tokens + shape.state_tokens + len(model.text.word_ids(f"{word}.")) + 1,
+            1 + shape.defect_tokens + shape.state_tokens + longest + 1,
         )
+        if need > model.text.context_length:
+            raise ClassSetupError(
+                f"class word '{word}' is too long: its prompts need {need} tokens, "
+                f"CLIP's context holds {model.text.context_length}"
+            )
 
-    def _class_text(self, state: PromptState, name: str, embeddings: torch.Tensor) -> ClassText:
-        cached = state.classes.get(name)
-        if cached is not None:
-            self.stats.class_text_hits += 1
-            return cached
-        self._decide_name(name, embeddings)
-        text = self._make_class_text(state, name)
-        if name in self._cnf:  # only cache once the name is decided for good
-            state.classes[name] = text
-        return text
+    def _decide_word(self, name: str, frames: Sequence[np.ndarray]) -> tuple[str, str, CnfDecision | None]:
+        """The class word and its source: configured, CNF on reference frames, or the plain name."""
+        cfg = self.config
+        configured = cfg.class_words.get(name)
+        if configured:
+            return configured, "config", None
+        if not cfg.cnf:
+            return name, "cnf-off", None
+        generic = cfg.cnf_generic_names
+        if name.lower() in {g.lower() for g in generic}:
+            return name, "generic", None
+        if not frames:
+            return name, "unfiltered", None
+        embeddings = self._global_embeddings(frames)
+        model = self._snapshot.prompts.model
+        with torch.inference_mode(), self._autocast():
+            texts = model.text.encode_texts([TEMPLATE.format(n) for n in [name, *generic]]).float()
+        decision = decide(name, embeddings, texts[0], texts[1:], list(generic), cfg.cnf_margin)
+        return decision.used_name, "cnf", decision
 
-    def class_info(self, name: str) -> dict[str, Any]:
-        """What the engine knows about a product class: CNF decision, vocabulary, threshold."""
-        decision = self._cnf.get(name)
+    def _global_embeddings(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """CLIP's own normalised image embeddings (frozen, no prompts), in chunks of the largest batch."""
+        out = []
+        for start in range(0, len(frames), self.batch_sizes[-1]):
+            chunk = frames[start : start + self.batch_sizes[-1]]
+            with torch.inference_mode(), self._autocast():
+                vision = self._base.vision(self.preprocess(chunk))
+            out.append(torch.nn.functional.normalize(vision.global_embedding.float(), dim=-1))
+        return torch.cat(out)
+
+    def register_class(
+        self,
+        product_class: str,
+        references: References = (),
+        *,
+        profile: ClassProfile | None = None,
+        calibrate: bool | None = None,
+    ) -> ClassProfile:
+        """Set a product class up for scoring (device thread); returns its profile.
+
+        - `profile`: a saved profile; its class word is kept when made for this backbone and weights.
+        - `references`: frames of good parts (or a function that reads them): they decide the class word
+          by CNF when no profile or configured word does (at least `min_reference_images`), and calibrate
+          the threshold when `calibrate` (default: when references are given). A loader is kept, so
+          `install_prompts` recalibrates the class on new prompts.
+        - neither: the plain class name, reported as class_word_source "unfiltered".
+        Raises ClassSetupError (or InvalidFrameError for a bad reference frame) naming the problem.
+        """
+        name = normalise_class_name(product_class)
+        loader = references if callable(references) else None
+        frames = [check_frame(f, i) for i, f in enumerate(references() if loader else references)]
+        if frames and len(frames) < self.config.min_reference_images:
+            raise ClassSetupError(
+                f"class '{name}': {len(frames)} reference image(s) of good parts are too few to decide its class "
+                f"word or threshold; give at least {self.config.min_reference_images} "
+                f"([model].min_reference_images)"
+            )
+        defect_types = tuple(self.config.defect_vocabulary(name))
+        model = self._snapshot.prompts.model
+        usable = profile is not None and (profile.backbone, profile.weights) == (
+            self.backbone.name,
+            self.backbone.weights,
+        )
+        if profile is not None and not usable:
+            log.warning("profile made for other CLIP weights; deciding the class word again", product_class=name)
+        if usable and name not in self.config.class_words:
+            assert profile is not None
+            new = replace(profile, product_class=name, defect_types=defect_types)
+        else:
+            word, source, decision = self._decide_word(name, frames)
+            new = ClassProfile(
+                product_class=name,
+                class_word=word,
+                class_word_source=source,  # type: ignore[arg-type]
+                backbone=self.backbone.name,
+                weights=self.backbone.weights,
+                defect_types=defect_types,
+                cnf=decision.as_dict() if decision else None,
+                reference_images=len(frames),
+                reference_digest=sha256_frames(frames) if frames else None,
+                calibration=profile.calibration if profile is not None else None,
+            )
+            log.info("class word decided", product_class=name, class_word=word, source=source)
+        self._check_fits_context(model, new.class_word, defect_types)
+        with self._write_lock:
+            old = self._snapshot
+            text = self._class_text(old.prompts.model, new)
+            if loader is not None:
+                self._references[name] = loader
+            if (calibrate if calibrate is not None else bool(frames)) and frames:
+                new = self._calibrated(old.prompts, new, text, frames, self._quantile(new))
+            classes = {**old.classes, name: self._entry(old.prompts, new, text, old.overrides)}
+            self._publish(Snapshot(old.prompts, MappingProxyType(classes), old.overrides))
+        return new
+
+    def setup_class(self, product_class: str, references: References = (), *, save: bool = True) -> ClassProfile:
+        """register_class with the line's profile from [model].profile_dir when there is one; a profile
+        decided or calibrated anew is saved back there, so a restart scores identically."""
+        name = normalise_class_name(product_class)
+        directory = self.config.profile_dir
+        saved: ClassProfile | None = None
+        if directory is not None and profile_path(directory, name).is_file():
+            try:
+                saved = ClassProfile.load(profile_path(directory, name))
+            except ProfileError as exc:
+                log.warning("class profile unusable; setting the class up again", product_class=name, error=str(exc))
+        profile = self.register_class(name, references, profile=saved)
+        if save and directory is not None and profile != saved:
+            try:
+                profile.save(profile_path(directory, name))
+            except OSError as exc:
+                log.warning("cannot save class profile", product_class=name, error=str(exc))
+        return profile
+
+    def _quantile(self, profile: ClassProfile) -> float:
+        return profile.calibration.quantile if profile.calibration else self.config.calibration_quantile
+
+    def _calibrated(
+        self, prompts: PromptState, profile: ClassProfile, text: ClassText, frames: Sequence[np.ndarray], q: float
+    ) -> ClassProfile:
+        scores = self._score_only(prompts, text, frames)
+        calibration = Calibration.from_scores(
+            scores, q, prompts.version, prompts.digest, self.scoring_settings(profile.class_word)
+        )
+        log.info(
+            "class calibrated",
+            product_class=profile.product_class,
+            threshold=round(calibration.threshold, 6),
+            images=calibration.images,
+            prompt_version=prompts.version,
+        )
+        return profile.with_calibration(calibration)
+
+    def _recalibrate(self, prompts: PromptState, name: str, profile: ClassProfile, text: ClassText) -> ClassProfile:
+        try:
+            frames = [check_frame(f, i) for i, f in enumerate(self._references[name]())]
+        except Exception as exc:  # a reference folder that went away must not block a prompt swap
+            log.warning("reference images unreadable; calibration will be stale", product_class=name, error=str(exc))
+            return profile
+        if not frames:
+            return profile
+        return self._calibrated(prompts, profile, text, frames, self._quantile(profile))
+
+    def calibrate_class(self, product_class: str, frames: Sequence[np.ndarray], quantile: float) -> ClassProfile:
+        """Measure a registered class's threshold on good parts with the running prompts (device thread)."""
+        name = normalise_class_name(product_class)
+        checked = [check_frame(f, i) for i, f in enumerate(frames)]
+        if not checked:
+            raise ClassSetupError(f"class '{name}': no good images to calibrate on")
+        with self._write_lock:
+            old = self._snapshot
+            entry = old.classes.get(name)
+            if entry is None:
+                raise ClassSetupError(f"class '{name}' is not registered")
+            profile = self._calibrated(old.prompts, entry.profile, entry.text, checked, quantile)
+            classes = {**old.classes, name: self._entry(old.prompts, profile, entry.text, old.overrides)}
+            self._publish(Snapshot(old.prompts, MappingProxyType(classes), old.overrides))
+        return profile
+
+    def _score_only(self, prompts: PromptState, text: ClassText, frames: Sequence[np.ndarray]) -> np.ndarray:
+        scores = []
+        step = self.batch_sizes[-1]
+        for start in range(0, len(frames), step):
+            chunk = list(frames[start : start + step])
+            with torch.inference_mode(), self._autocast():
+                out, _ = self._score(prompts, [text] * len(chunk), chunk)
+            scores.append(out.scores.float().cpu().numpy())
+        return np.concatenate(scores)
+
+    def profile(self, product_class: str) -> ClassProfile | None:
+        entry = self._snapshot.classes.get(normalise_class_name(product_class))
+        return entry.profile if entry else None
+
+    def registered_classes(self) -> list[str]:
+        return sorted(self._snapshot.classes)
+
+    def class_info(self, product_class: str) -> dict[str, Any]:
+        """What the engine knows about a product class: class word and why, vocabulary, threshold and why."""
+        name = normalise_class_name(product_class)
+        entry = self._snapshot.classes.get(name)
         value, source = self.threshold(name)
+        if entry is None:
+            return {"product_class": name, "registered": False, "threshold": value, "threshold_source": source}
+        p = entry.profile
         return {
             "product_class": name,
-            "used_name": decision.used_name if decision else None,
-            "cnf": decision.as_dict() if decision else None,
-            "defect_types": self.config.defect_vocabulary(name),
+            "registered": True,
+            "class_word": p.class_word,
+            "class_word_source": p.class_word_source,
+            "cnf": p.cnf,
+            "defect_types": list(p.defect_types),
             "threshold": value,
             "threshold_source": source,
-            "text_cached": name in self._state.classes,
+            "stale_reason": entry.stale_reason,
+            "calibration": None
+            if p.calibration is None
+            else {k: getattr(p.calibration, k) for k in ("threshold", "quantile", "images", "prompt_version")},
         }
 
     def info(self) -> dict[str, Any]:
@@ -285,137 +606,183 @@ class Engine:
             "backbone": self.backbone.name,
             "weights": self.backbone.weights,
             "device": str(self.device),
-            "precision": self.config.precision if self.device.type == "cuda" else "fp32",
+            "precision": self.precision,
             "image_size": self.config.image_size,
             "layers": self.layers,
             "vv_from_layer": self.vv_from,
-            "prompt_version": self._state.version,
-            "classes": sorted(self._cnf),
+            "prompt_version": self.prompt_version,
+            "batch_sizes": self.batch_sizes,
+            "classes": self.registered_classes(),
         }
 
-    # --- inference ---------------------------------------------------------------------------
-    def predict(self, frames: Sequence[np.ndarray], classes: Sequence[str]) -> list[Prediction]:
-        """Score a batch of frames (uint8/uint16 BGR HxWx3 or gray HxW, any sizes) of mixed classes."""
+    # --- inference ---------------------------------------------------------------------------------------
+    def predict(self, frames: Sequence[object], classes: Sequence[object]) -> list[Prediction | FrameError]:
+        """Score frames (uint8/uint16 BGR HxWx3 or gray HxW, any sizes) of registered classes.
+
+        One result per frame, in order: a Prediction, or a FrameError naming the problem.
+        """
         if len(frames) != len(classes):
             raise ValueError(f"{len(frames)} frames but {len(classes)} class names")
-        if not frames:
-            return []
-        checked = [check_frame(f, i) for i, f in enumerate(frames)]
-        for i, name in enumerate(classes):
-            if not isinstance(name, str) or not name.strip():
-                raise InvalidFrameError(i, f"product class must be a non-empty string, got {name!r}")
-        state = self._state
+        snap = self._snapshot
+        results: list[Prediction | FrameError | None] = [None] * len(frames)
+        good: list[tuple[int, np.ndarray, str]] = []
+        for i, (frame, raw_name) in enumerate(zip(frames, classes, strict=True)):
+            label = raw_name if isinstance(raw_name, str) else repr(raw_name)
+            try:
+                name = normalise_class_name(raw_name)
+                label = name
+                if name not in snap.classes:
+                    raise ValueError(f"unknown product class '{name}' (not registered with the engine)")
+                checked = check_frame(frame, i)
+                pixels = checked.shape[0] * checked.shape[1]
+                if pixels > self.config.max_frame_pixels:
+                    raise ValueError(
+                        f"frame of {checked.shape[1]}x{checked.shape[0]} px is over the limit of "
+                        f"{self.config.max_frame_pixels} pixels ([model].max_frame_pixels)"
+                    )
+                good.append((i, checked, name))
+            except InvalidFrameError as exc:
+                results[i] = FrameError(i, label, exc.reason)
+            except ValueError as exc:
+                results[i] = FrameError(i, label, str(exc))
         started = time.perf_counter()
-        with torch.inference_mode(), self._autocast():
-            out = self._forward(state, checked, list(classes))
-        predictions = self._assemble(state, checked, list(classes), out)
+        step = self.batch_sizes[-1]
+        for start in range(0, len(good), step):
+            self._run(snap, good[start : start + step], results)
         self.stats.batches += 1
         self.stats.frames += len(frames)
+        self.stats.frame_errors += sum(1 for r in results if isinstance(r, FrameError))
         self.stats.last_batch_ms = (time.perf_counter() - started) * 1000
-        return predictions
+        return results  # type: ignore[return-value]
 
-    def _forward(self, state: PromptState, frames: list[np.ndarray], classes: list[str]) -> dict[str, Any]:
-        model, cfg = state.model, self.config
+    def _run(
+        self, snap: Snapshot, items: list[tuple[int, np.ndarray, str]], results: list[Prediction | FrameError | None]
+    ) -> None:
+        """Score a sub-batch; on out-of-memory, free the cache and retry in halves."""
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(len(items))
+            with torch.inference_mode(), self._autocast():
+                texts = [snap.classes[name].text for _, _, name in items]
+                host = _to_host(*self._score(snap.prompts, texts, [frame for _, frame, _ in items]), len(items))
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                index, _, name = items[0]
+                log.error("out of device memory on a single frame", index=index)
+                results[index] = FrameError(index, name, "out of device memory")
+                return
+            self.stats.oom_splits += 1
+            log.warning("out of device memory; retrying the batch in halves", frames=len(items))
+            half = len(items) // 2
+            self._run(snap, items[:half], results)
+            self._run(snap, items[half:], results)
+            return
+        for j, (index, frame, name) in enumerate(items):
+            results[index] = self._assemble(snap, snap.classes[name], frame, host, j)
+
+    def _score(
+        self, prompts: PromptState, texts: list[ClassText], frames: list[np.ndarray]
+    ) -> tuple[Scores, list[list[int]]]:
+        """The one scoring path, on a batch padded to a fixed size so compiled graphs are reused."""
+        n = len(frames)
+        padded = next(s for s in self.batch_sizes if s >= n)
         images = self.preprocess(frames)
-        feats = model.image_features(self._vision(images))
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(classes):
-            groups.setdefault(name, []).append(i)
-        texts = {name: self._class_text(state, name, feats.global_embedding[idx]) for name, idx in groups.items()}
-        fused = model.layer_maps(feats, state.query_text).mean(dim=1)
-        if cfg.branch_weight > 0:
-            vision_text = model.state_text([texts[c].suffix for c in classes], feats.vision_prompts)
-            enhanced = model.layer_maps(feats, vision_text).mean(dim=1)
-            fused = cfg.branch_weight * enhanced + (1.0 - cfg.branch_weight) * fused
-        maps = gaussian_blur(grid_to_image(fused, cfg.image_size), self.sigma)
-        global_p = global_abnormal_probability(feats.global_embedding, state.query_text, model.temperature)
-        scores = image_score(global_p, maps, cfg.score_alpha)
-        type_probs = self._type_probabilities(model, feats, groups, texts)
-        frame_maps = self._frame_maps(maps, frames)
-        return {
-            "scores": scores.float().cpu().numpy(),
-            "global": global_p.float().cpu().numpy(),
-            "maps": maps.float().cpu().numpy(),
-            "frame_maps": frame_maps,
-            "types": type_probs,
-        }
-
-    def _type_probabilities(
-        self,
-        model: GenClip,
-        feats: ImageFeatures,
-        groups: dict[str, list[int]],
-        texts: dict[str, ClassText],
-    ) -> dict[int, np.ndarray]:
-        """Per image: defect-type probabilities on the patch grid [g, g, K], averaged over layers."""
-        out: dict[int, np.ndarray] = {}
-        g = feats.grid
-        for name, indices in groups.items():
-            idx = torch.as_tensor(indices, device=feats.patches.device)
-            sub = ImageFeatures(feats.global_embedding[idx], feats.patches[idx], feats.vision_prompts[idx], g)
-            probs = model.defect_logits(sub, texts[name].defect_text).softmax(dim=-1).mean(dim=1)
-            probs = probs.view(len(indices), g, g, -1).float().cpu().numpy()
-            for j, i in enumerate(indices):
-                out[i] = probs[j]
-        return out
-
-    def _frame_maps(self, maps: torch.Tensor, frames: list[np.ndarray]) -> list[np.ndarray]:
-        """Upsample each map to its frame's size on the device (one call per distinct size)."""
-        result: list[np.ndarray | None] = [None] * len(frames)
-        sizes: dict[tuple[int, int], list[int]] = {}
-        for i, frame in enumerate(frames):
-            sizes.setdefault(frame.shape[:2], []).append(i)
-        for size, indices in sizes.items():
-            idx = torch.as_tensor(indices, device=maps.device)
-            up = grid_to_image(maps[idx], size).clamp_(0.0, 1.0).cpu().numpy()
-            for j, i in enumerate(indices):
-                result[i] = up[j]
-        return result  # type: ignore[return-value]
+        if padded > n:
+            images = torch.cat([images, images.new_zeros(padded - n, *images.shape[1:])])
+        model = prompts.model
+        suffixes, lengths = model.pad_suffixes([t.suffix for t in texts] + [texts[0].suffix] * (padded - n))
+        groups: dict[int, list[int]] = {}
+        for i, text in enumerate(texts):
+            groups.setdefault(id(text), []).append(i)
+        by_id = {id(t): t for t in texts}
+        defect_groups = [
+            DefectGroup(torch.as_tensor(idx, device=self.device), by_id[key].defect_text) for key, idx in groups.items()
+        ]
+        out = model.score(
+            images, prompts.query_text, suffixes, lengths, self.settings, defect_groups, vision=self._vision
+        )
+        return out, list(groups.values())
 
     def _assemble(
-        self, state: PromptState, frames: list[np.ndarray], classes: list[str], out: dict[str, Any]
-    ) -> list[Prediction]:
-        predictions = []
-        for i, name in enumerate(classes):
-            threshold, source = self.threshold(name)
-            text = state.classes.get(name)
-            defect_names = text.defect_names if text else self.config.defect_vocabulary(name)
-            score = float(out["scores"][i])
-            defects = find_defects(
-                out["maps"][i],
-                threshold,
-                frames[i].shape[:2],
-                out["types"].get(i),
-                defect_names,
-                self.config.min_defect_area,
-            )
-            predictions.append(
-                Prediction(
-                    product_class=name,
-                    score=score,
-                    threshold=threshold,
-                    threshold_source=source,
-                    is_anomalous=score >= threshold,
-                    anomaly_map=out["frame_maps"][i].astype(np.float32, copy=False),
-                    defects=defects,
-                    prompt_version=state.version,
-                    global_score=float(out["global"][i]),
-                    map_max=float(out["maps"][i].max()),
-                )
-            )
-        return predictions
+        self, snap: Snapshot, entry: ClassEntry, frame: np.ndarray, host: dict[str, Any], j: int
+    ) -> Prediction:
+        score = float(host["scores"][j])
+        global_p = float(host["global"][j])
+        anomaly_map = host["maps"][j].copy()  # owned: holds no reference to the batch's buffer
+        map_max = float(anomaly_map.max())
+        is_ng = score >= entry.threshold
+        map_t = region_threshold(entry.threshold, global_p, self.config.score_alpha, map_max, is_ng)
+        defects = find_defects(
+            anomaly_map,
+            map_t,
+            frame.shape[:2],
+            host["types"].get(j),
+            list(entry.text.defect_names),
+            self.config.min_defect_area,
+            keep_peak=is_ng,
+        )
+        return Prediction(
+            product_class=entry.profile.product_class,
+            score=score,
+            threshold=entry.threshold,
+            threshold_source=entry.threshold_source,
+            is_anomalous=is_ng,
+            anomaly_map=anomaly_map,
+            frame_size=(int(frame.shape[0]), int(frame.shape[1])),
+            defects=defects,
+            prompt_version=snap.prompts.version,
+            global_score=global_p,
+            map_max=map_max,
+            map_threshold=map_t,
+            class_word=entry.profile.class_word,
+            class_word_source=entry.profile.class_word_source,
+        )
 
-    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> float:
-        """Run dummy batches so the first real frame is not slow (CUDA kernels, compile); returns seconds."""
+    def warmup(self) -> float:
+        """Run every padded batch size once on this thread (compile, CUDA graphs, kernels); returns seconds.
+
+        Call it on the thread that will call `predict`: CUDA graph trees are recorded per thread.
+        """
         started = time.perf_counter()
+        prompts = self._snapshot.prompts
         size = self.config.image_size
-        state = self._state
-        with torch.inference_mode(), self._autocast():
-            for batch in batch_sizes:
-                images = torch.zeros(batch, 3, size, size, device=self.device)
-                feats = state.model.image_features(self._vision(images))
-                suffix = self._suffix(state.model, "object")
-                state.model.layer_maps(feats, state.model.state_text([suffix] * batch, feats.vision_prompts))
+        word = next(iter(self._snapshot.classes.values()), None)
+        text = word.text if word else self._class_text(prompts.model, self._placeholder_profile())
+        frame = np.zeros((size, size, 3), np.uint8)
+        for batch in self.batch_sizes:
+            with torch.inference_mode(), self._autocast():
+                _to_host(*self._score(prompts, [text] * batch, [frame] * batch), batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self._warm_thread = threading.get_ident()
         return time.perf_counter() - started
+
+    def _placeholder_profile(self) -> ClassProfile:
+        return ClassProfile(
+            "object", "object", "generic", self.backbone.name, self.backbone.weights, tuple(self.config.defect_types)
+        )
+
+    # --- export ------------------------------------------------------------------------------------------
+    def cpu_copy(self) -> tuple[GenClip, PromptState]:
+        """A CPU fp32 copy of the running prompt model (for export), leaving the engine on its device."""
+        prompts = self._snapshot.prompts
+        model = copy.deepcopy(prompts.model).to("cpu").float().eval()
+        return model, replace(prompts, model=model, query_text=prompts.query_text.detach().to("cpu").float())
+
+
+def _to_host(out: Scores, groups: list[list[int]], n: int) -> dict[str, Any]:
+    """One copy of each output to the host, real (unpadded) rows only."""
+    types: dict[int, np.ndarray] = {}
+    for indices, probs in zip(groups, out.type_probabilities, strict=True):
+        host = probs.float().cpu().numpy()
+        for k, i in enumerate(indices):
+            if i < n:
+                types[i] = host[k]
+    return {
+        "scores": out.scores[:n].float().cpu().numpy(),
+        "global": out.global_probability[:n].float().cpu().numpy(),
+        "maps": out.maps[:n].float().cpu().numpy(),
+        "types": types,
+    }

@@ -15,55 +15,51 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.engine import Engine
-from model.scoring import gaussian_blur, global_abnormal_probability, grid_to_image, image_score
+from model.engine import Engine, normalise_class_name
 
 
 class ExportedScorer(nn.Module):
-    """The engine's scoring for `classes`, as one traceable module."""
+    """The engine's scoring for `classes`, as one traceable module on a CPU copy of the model."""
 
     def __init__(self, engine: Engine, classes: list[str]) -> None:
         super().__init__()
         if not classes:
             raise ValueError("give at least one product class to export")
-        state = engine._state
-        self.model = state.model
-        self.vision = state.model.vision
-        self.config = engine.config
-        self.sigma = engine.sigma
-        with torch.inference_mode():
-            texts = []
-            for name in classes:
-                engine._decide_name(name, None)
-                texts.append(engine._make_class_text(state, name))
-            padded, lengths = state.model.pad_suffixes([t.suffix for t in texts])
-        self.register_buffer("suffixes", padded.detach().clone().float())
-        self.register_buffer("lengths", lengths.detach().clone())
-        self.register_buffer("query_text", state.query_text.detach().clone().float())
-        mean = torch.tensor(engine.backbone.mean).view(1, 3, 1, 1)
-        std = torch.tensor(engine.backbone.std).view(1, 3, 1, 1)
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
+        names = [normalise_class_name(c) for c in classes]
+        for name in names:
+            if name not in engine.snapshot.classes:
+                engine.register_class(name)  # the plain name, as predict would use for an unfiltered class
+        model, prompts = engine.cpu_copy()
+        self.model = model
+        self.settings = engine.settings
+        entries = [engine.snapshot.classes[n] for n in names]
+        padded, lengths = model.pad_suffixes([e.text.suffix for e in entries])
+        self.register_buffer("suffixes", padded.detach().to("cpu").float().clone())
+        self.register_buffer("lengths", lengths.detach().to("cpu").clone())
+        self.register_buffer("query_text", prompts.query_text.clone())
+        self.register_buffer("mean", torch.tensor(engine.backbone.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(engine.backbone.std).view(1, 3, 1, 1))
+
+    @property
+    def image_size(self) -> int:
+        return self.settings.image_size
 
     def forward(self, images: torch.Tensor, class_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
         x = (images - self.mean) / self.std
-        feats = self.model.image_features(self.vision(x))
-        fused = self.model.layer_maps(feats, self.query_text).mean(dim=1)
-        if cfg.branch_weight > 0:
-            text = self.model.state_text_padded(
-                self.suffixes[class_index], self.lengths[class_index], feats.vision_prompts, truncate=False
-            )
-            enhanced = self.model.layer_maps(feats, text).mean(dim=1)
-            fused = cfg.branch_weight * enhanced + (1.0 - cfg.branch_weight) * fused
-        maps = gaussian_blur(grid_to_image(fused, cfg.image_size), self.sigma)
-        global_p = global_abnormal_probability(feats.global_embedding, self.query_text, self.model.temperature)
-        return image_score(global_p, maps, cfg.score_alpha), maps
+        out = self.model.score(
+            x,
+            self.query_text,
+            self.suffixes[class_index],
+            self.lengths[class_index],
+            self.settings,
+            truncate_text=False,
+        )
+        return out.scores, out.maps
 
 
 def export_onnx(engine: Engine, classes: list[str], path: Path, opset: int = 18) -> ExportedScorer:
     """Write the ONNX graph for `classes` to `path`; returns the torch module it was made from."""
-    scorer = ExportedScorer(engine, classes).to("cpu").eval()
+    scorer = ExportedScorer(engine, classes).eval()
     size = engine.config.image_size
     images = torch.rand(2, 3, size, size)
     index = torch.zeros(2, dtype=torch.long)
@@ -92,7 +88,7 @@ def check_onnx(scorer: ExportedScorer, path: Path, batch: int = 3, seed: int = 0
     import onnxruntime as ort
 
     generator = torch.Generator().manual_seed(seed)
-    size = scorer.config.image_size
+    size = scorer.image_size
     images = torch.rand(batch, 3, size, size, generator=generator)
     index = torch.randint(0, scorer.suffixes.shape[0], (batch,), generator=generator)
     with torch.no_grad():

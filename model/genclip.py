@@ -6,6 +6,8 @@ frames, caches or training loops. Only `prompts` and `adapters` have gradients.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +17,15 @@ from torch import nn
 from model.backbone import Backbone
 from model.config import EngineConfig
 from model.prompts import PatchAdapters, PromptLearner, PromptShape, Suffix
-from model.scoring import abnormal_probability, state_logits
+from model.scoring import (
+    abnormal_probability,
+    gaussian_blur,
+    global_abnormal_probability,
+    grid_to_image,
+    image_score,
+    scaled_sigma,
+    state_logits,
+)
 from model.text import TextEncoder
 from model.vision import PatchEncoder, VisionOutput, default_layers
 
@@ -30,6 +40,47 @@ class ImageFeatures:
     patches: torch.Tensor
     vision_prompts: torch.Tensor
     grid: int
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """The numbers that turn features into maps and scores; a calibration is only valid for the same ones."""
+
+    image_size: int
+    branch_weight: float
+    score_alpha: float
+    blur_sigma: float  # at 518 px, scaled with image_size
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> ScoringSettings:
+        return cls(config.image_size, config.branch_weight, config.score_alpha, config.blur_sigma)
+
+    @property
+    def sigma(self) -> float:
+        return scaled_sigma(self.blur_sigma, self.image_size)
+
+
+@dataclass
+class DefectGroup:
+    """Images of one product class in a batch and that class's defect-type text features [K, D]."""
+
+    indices: torch.Tensor
+    defect_text: torch.Tensor
+
+
+@dataclass
+class Scores:
+    """What the scoring path gives for a batch: image scores, the global term, model-size maps, type probabilities."""
+
+    scores: torch.Tensor  # [B]
+    global_probability: torch.Tensor  # [B]
+    maps: torch.Tensor  # [B, S, S], fp32
+    type_probabilities: list[torch.Tensor]  # per DefectGroup: [n, g, g, K]
+
+
+def head_precision(device_type: str) -> contextlib.AbstractContextManager:
+    """Everything after the towers runs in fp32, so a threshold calibrated in fp32 holds under bf16 towers."""
+    return torch.autocast(device_type, enabled=False)
 
 
 def prompt_shape(backbone: Backbone, config: EngineConfig, layers: int) -> PromptShape:
@@ -94,7 +145,7 @@ class GenClip(nn.Module):
 
     def image_features(self, out: VisionOutput) -> ImageFeatures:
         """Learned adapters and vision prompts on top of the frozen tower's output."""
-        tokens = [t.detach() for t in out.layer_tokens]
+        tokens = [t.detach().float() for t in out.layer_tokens]
         return ImageFeatures(
             global_embedding=F.normalize(out.global_embedding.detach().float(), dim=-1),
             patches=self.adapters(tokens),
@@ -155,3 +206,58 @@ class GenClip(nn.Module):
     def defect_logits(self, features: ImageFeatures, defect_text: torch.Tensor) -> torch.Tensor:
         """[B, L, HW, K] logits of patches against K defect-type features."""
         return features.patches @ defect_text.float().t() / self.temperature
+
+    # --- the one scoring path (engine, warm-up, export, trainer validation) ----------------------------
+    def score(
+        self,
+        images: torch.Tensor,
+        query_text: torch.Tensor,
+        suffixes: torch.Tensor,
+        suffix_lengths: torch.Tensor,
+        settings: ScoringSettings,
+        defect_groups: Sequence[DefectGroup] = (),
+        *,
+        vision: Callable[[torch.Tensor], VisionOutput] | None = None,
+        truncate_text: bool = True,
+    ) -> Scores:
+        """Normalised images [B, 3, S, S] -> scores and maps.
+
+        suffixes [B, T, W] / suffix_lengths [B]: each image's class words (see `pad_suffixes`).
+        The towers run under whatever autocast the caller set; the head always in fp32.
+        `vision` replaces the image tower (a torch.compile'd copy).
+        """
+        out = (vision if vision is not None else self.vision)(images)
+        with head_precision(images.device.type):
+            feats = self.image_features(out)
+        enhanced = None
+        if settings.branch_weight > 0:
+            enhanced = self.state_text_padded(suffixes, suffix_lengths, feats.vision_prompts, truncate=truncate_text)
+        return self.head(feats, query_text, enhanced, settings, defect_groups)
+
+    def head(
+        self,
+        feats: ImageFeatures,
+        query_text: torch.Tensor,
+        enhanced_text: torch.Tensor | None,
+        settings: ScoringSettings,
+        defect_groups: Sequence[DefectGroup] = (),
+    ) -> Scores:
+        """Cosines, softmax, fusion, blur, image score and defect-type probabilities, in fp32."""
+        with head_precision(feats.patches.device.type):
+            query_text = query_text.float()
+            fused = self.layer_maps(feats, query_text).mean(dim=1)
+            if enhanced_text is not None:
+                enhanced = self.layer_maps(feats, enhanced_text.float()).mean(dim=1)
+                fused = settings.branch_weight * enhanced + (1.0 - settings.branch_weight) * fused
+            maps = gaussian_blur(grid_to_image(fused, settings.image_size), settings.sigma)
+            global_p = global_abnormal_probability(feats.global_embedding, query_text, self.temperature)
+            scores = image_score(global_p, maps, settings.score_alpha)
+            types = []
+            g = feats.grid
+            for group in defect_groups:
+                sub = ImageFeatures(
+                    feats.global_embedding[group.indices], feats.patches[group.indices], feats.vision_prompts, g
+                )
+                probs = self.defect_logits(sub, group.defect_text).softmax(dim=-1).mean(dim=1)
+                types.append(probs.view(len(group.indices), g, g, -1))
+        return Scores(scores=scores, global_probability=global_p, maps=maps, type_probabilities=types)

@@ -29,6 +29,20 @@ class Defect:
         return asdict(self)
 
 
+def region_threshold(threshold: float, global_score: float, alpha: float, map_max: float, is_ng: bool) -> float:
+    """The map level that makes regions agree with the verdict.
+
+    score = alpha * global + (1 - alpha) * max(map) >= threshold  <=>  max(map) >= (threshold - alpha * global)
+    / (1 - alpha). Regions are where the map reaches that level, so an NG frame has at least one (the peak)
+    and an OK frame none. With alpha = 1 the map plays no part in the verdict: an NG frame then shows its
+    peak region alone.
+    """
+    level = (threshold - alpha * global_score) / (1.0 - alpha) if alpha < 1.0 else map_max
+    if is_ng:
+        return float(min(level, map_max))  # rounding must never leave an NG frame without a region
+    return float(max(level, np.nextafter(np.float32(map_max), np.float32(np.inf))))
+
+
 def find_defects(
     anomaly_map: np.ndarray,
     threshold: float,
@@ -36,13 +50,21 @@ def find_defects(
     type_probabilities: np.ndarray | None,
     type_names: list[str],
     min_area: int = 16,
+    keep_peak: bool = False,
 ) -> list[Defect]:
-    """Regions of `anomaly_map` [S, S] >= threshold; type_probabilities [g, g, K] on the patch grid."""
+    """Regions of `anomaly_map` [S, S] >= threshold; type_probabilities [g, g, K] on the patch grid.
+
+    Regions smaller than `min_area` are left out, except, with `keep_peak`, the one holding the map's
+    maximum when no other is left (an NG verdict always shows where).
+    """
     mask = (anomaly_map >= threshold).astype(np.uint8)
     if not mask.any():
         return []
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     keep = [r for r in range(1, count) if stats[r, cv2.CC_STAT_AREA] >= min_area]
+    if not keep and keep_peak:
+        peak = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
+        keep = [int(labels[peak])] if labels[peak] > 0 else []
     if not keep:
         return []
     size = anomaly_map.shape[0]

@@ -16,6 +16,7 @@ from model.genclip import GenClip
 
 def tiny_config(**overrides: Any) -> EngineConfig:
     """genclip-tiny on the CPU, as tests and CI run it."""
+    overrides.setdefault("pretrained", "random")
     return EngineConfig(backbone="genclip-tiny", device="cpu", **overrides)
 
 

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from agent.cli import app
@@ -48,16 +49,28 @@ def edited(tmp_path: Path, old: str, new: str) -> Path:
 def test_repo_config_loads_and_matches_the_defaults_it_documents():
     cfg = load_config(CONFIG)
     assert cfg.line.id == "line-1"
-    assert cfg.model.backbone == "genclip-tiny" and cfg.model.pretrained == ""
+    assert cfg.model.backbone == "genclip-tiny" and cfg.model.pretrained == "random"
     assert cfg.engine.batch_size == 8 and cfg.mqtt.qos == 1
     assert [c.id for c in cfg.cameras] == ["cam-1"]
     assert cfg.product_classes() == ["widget"]
     assert cfg.trainer.betas == (0.5, 0.999)
 
 
-def test_built_in_defaults_are_valid_without_a_file():
+def test_built_in_defaults_need_only_the_weights_named(monkeypatch):
+    with pytest.raises(ValidationError, match=r"model\.pretrained"):
+        InspectConfig()
+    monkeypatch.setenv("GENCLIP_MODEL__PRETRAINED", "random")
     cfg = InspectConfig()
     assert cfg.mqtt.host == "127.0.0.1" and cfg.redis.url.startswith("redis://")
+
+
+@pytest.mark.parametrize("value", ["", "  ", "random:x"])
+def test_pretrained_must_name_weights_explicitly(tmp_path, value):
+    path = tmp_path / "line.toml"
+    path.write_text(CONFIG.read_text().replace('pretrained = "random"', f"pretrained = {value!r}"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert any(line.startswith("model.pretrained:") for line in err.value.errors)
 
 
 def test_environment_overrides_the_file(tmp_path, monkeypatch):
@@ -120,7 +133,9 @@ def test_bad_values_are_reported_with_their_path(tmp_path, old, new, where, what
 
 
 def test_every_error_is_listed_at_once(tmp_path):
-    path = write(tmp_path, "[engine]\nbatch_size = 0\nmax_wait_ms = -1\n[mqtt]\nport = 0\n")
+    path = write(
+        tmp_path, '[model]\npretrained = "random"\n[engine]\nbatch_size = 0\nmax_wait_ms = -1\n[mqtt]\nport = 0\n'
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert {e.split(":")[0] for e in err.value.errors} == {"engine.batch_size", "engine.max_wait_ms", "mqtt.port"}
@@ -137,7 +152,7 @@ def test_duplicate_camera_ids_and_broken_toml(tmp_path):
 
 
 def test_missing_files_named_in_model_section(tmp_path):
-    with pytest.raises(ConfigError, match=r"model: .*checkpoint: prompt checkpoint not found"):
+    with pytest.raises(ConfigError, match=r"model: .*checkpoint: prompt checkpoint \(file or folder\) not found"):
         load_config(edited(tmp_path, "# checkpoint = ", "checkpoint = "))
 
 

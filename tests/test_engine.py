@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, Engine, InvalidFrameError
+from model import CheckpointError, ClassSetupError, Engine
 from model.backbone import BackboneError, load_backbone
 from model.checkpoint import read_metadata, save_checkpoint
 from model.cnf import FALLBACK_NAME, TEMPLATE, decide
@@ -21,12 +21,22 @@ from tests.factories import frames, perturbed_checkpoint, tiny_config
 
 @pytest.fixture(scope="module")
 def backbone():
-    return load_backbone("genclip-tiny")
+    return load_backbone("genclip-tiny", "random")
+
+
+COMMON_CLASSES = ("bottle", "pcb1", "screw", "metal nut", "a")
+
+
+def registered(engine: Engine, *names: str) -> Engine:
+    """Register classes with their plain names (no reference images: class_word_source 'unfiltered')."""
+    for name in names or COMMON_CLASSES:
+        engine.register_class(name)
+    return engine
 
 
 @pytest.fixture
 def engine(backbone):
-    return Engine(tiny_config(), backbone=backbone)
+    return registered(Engine(tiny_config(), backbone=backbone))
 
 
 # --- faithfulness to open_clip -------------------------------------------------------------------
@@ -42,7 +52,7 @@ def test_global_embedding_equals_open_clip(backbone, vv_from):
 
 
 def test_text_encoder_equals_open_clip(backbone, engine):
-    text = engine._state.model.text
+    text = engine.snapshot.prompts.model.text
     sentences = ["a photo of a bottle.", "a photo of a metal nut with a scratch."]
     with torch.no_grad():
         ours = text.encode_texts(sentences)
@@ -52,7 +62,7 @@ def test_text_encoder_equals_open_clip(backbone, engine):
 
 def test_eot_truncation_changes_nothing(engine):
     """Running only up to the last EOT equals the full 77-token run, whatever follows EOT."""
-    model = engine._state.model
+    model = engine.snapshot.prompts.model
     suffixes = [model.suffix("bottle"), model.suffix("metal nut"), model.suffix("printed circuit board")]
     padded, lengths = model.pad_suffixes(suffixes)
     offsets = torch.randn(3, len(model.layers), model.shape.text_width) * 0.1
@@ -86,11 +96,11 @@ def test_value_value_attention_matches_a_plain_reference(backbone):
 
 
 def test_four_layer_maps_differ(engine):
-    model = engine._state.model
+    model = engine.snapshot.prompts.model
     images = engine.preprocess(frames(2))
     with torch.no_grad():
         feats = model.encode_image(images)
-        maps = model.layer_maps(feats, engine._state.query_text)
+        maps = model.layer_maps(feats, engine.snapshot.prompts.query_text)
     assert maps.shape[1] == 4
     for i in range(4):
         for j in range(i + 1, 4):
@@ -118,7 +128,7 @@ def test_position_embedding_resize_keeps_class_position(backbone):
 
 def test_untrained_adapters_are_plain_clip(engine, backbone):
     """A_i start at CLIP's projection: patch features equal ln_post(tokens) @ proj, normalised."""
-    model = engine._state.model
+    model = engine.snapshot.prompts.model
     images = engine.preprocess(frames(1))
     with torch.no_grad():
         out = model.vision(images)
@@ -182,25 +192,44 @@ def test_cnf_rule_with_controlled_similarities():
     assert not strict.kept
 
 
-def test_engine_cnf_replaces_unrecognisable_name_and_keeps_known_one(backbone):
+def test_engine_cnf_replaces_unrecognisable_name_and_keeps_known_one(backbone, monkeypatch):
     """The engine's CNF through the real text encoder, with reference 'images' whose similarities we set."""
     engine = Engine(tiny_config(), backbone=backbone)
-    text = engine._state.model.text
+    text = engine.snapshot.prompts.model.text
     with torch.no_grad():
-        looks_generic = text.encode_texts([TEMPLATE.format("object")])
-        looks_like_gizmo = text.encode_texts([TEMPLATE.format("gizmo")])
-    replaced = engine._decide_name("qx7-pcb4", looks_generic)
-    kept = engine._decide_name("gizmo", looks_like_gizmo)
-    assert replaced.used_name == "object" and not replaced.kept
-    assert kept.used_name == "gizmo" and kept.kept
-    info = engine.class_info("qx7-pcb4")
-    assert info["used_name"] == "object" and info["cnf"]["generic_similarities"]
+        looks = {
+            "qx7-pcb4": text.encode_texts([TEMPLATE.format("object")]),
+            "gizmo": text.encode_texts([TEMPLATE.format("gizmo")]),
+        }
+    refs = frames(8)
+    for name, embedding in looks.items():
+        monkeypatch.setattr(engine, "_global_embeddings", lambda f, e=embedding: e.expand(len(f), -1))
+        engine.register_class(name, refs)
+    replaced, kept = engine.class_info("qx7-pcb4"), engine.class_info("gizmo")
+    assert replaced["class_word"] == "object" and replaced["class_word_source"] == "cnf"
+    assert not replaced["cnf"]["kept"] and replaced["cnf"]["generic_similarities"]
+    assert kept["class_word"] == "gizmo" and kept["cnf"]["kept"]
+
+
+def test_class_setup_rules(backbone):
+    words = {"pcb4": "circuit board", "long": "very " * 70}
+    engine = Engine(tiny_config(class_words=words, min_reference_images=4), backbone=backbone)
+    with pytest.raises(ClassSetupError, match=r"3 reference image\(s\).*at least 4"):
+        engine.register_class("widget", frames(3))
+    assert engine.register_class("pcb4").class_word_source == "config"
+    assert engine.class_info("pcb4")["class_word"] == "circuit board"
+    unfiltered = engine.register_class("  wid   get ")
+    assert (unfiltered.product_class, unfiltered.class_word_source) == ("wid get", "unfiltered")
+    assert engine.register_class("object").class_word_source == "generic"
+    with pytest.raises(ClassSetupError, match="too long: its prompts need"):
+        engine.register_class("long")
 
 
 def test_cnf_off_keeps_names(backbone):
     engine = Engine(tiny_config(cnf=False), backbone=backbone)
-    engine.predict(frames(1), ["pcb4"])
-    assert engine.class_info("pcb4")["used_name"] == "pcb4"
+    engine.register_class("pcb4", frames(8))
+    assert engine.class_info("pcb4")["class_word"] == "pcb4"
+    assert engine.class_info("pcb4")["class_word_source"] == "cnf-off"
 
 
 # --- the batched API ---------------------------------------------------------------------------------
@@ -210,7 +239,8 @@ def test_predictions_have_frame_shapes_and_valid_ranges(engine):
     preds = engine.predict(batch, ["bottle", "bottle", "pcb1", "pcb1"])
     assert len(preds) == 4
     for frame, p in zip(batch, preds, strict=True):
-        assert p.anomaly_map.shape == frame.shape[:2] and p.anomaly_map.dtype == np.float32
+        assert p.anomaly_map.shape == (224, 224) and p.anomaly_map.dtype == np.float32
+        assert p.frame_size == frame.shape[:2] and p.frame_map().shape == frame.shape[:2]
         assert 0.0 <= p.anomaly_map.min() <= p.anomaly_map.max() <= 1.0
         assert 0.0 <= p.score <= 1.0 and 0.0 <= p.global_score <= 1.0
         assert p.prompt_version == "untrained"
@@ -226,7 +256,7 @@ def test_batched_equals_one_at_a_time(backbone):
     batch = frames(4, seed=5)
     classes = ["bottle", "pcb1", "bottle", "screw"]
     for name in set(classes):
-        engine.register_class(name, [batch[i] for i, c in enumerate(classes) if c == name])
+        engine.register_class(name)
     together = engine.predict(batch, classes)
     alone = [engine.predict([f], [c])[0] for f, c in zip(batch, classes, strict=True)]
     for a, b in zip(together, alone, strict=True):
@@ -236,63 +266,73 @@ def test_batched_equals_one_at_a_time(backbone):
 
 
 def test_non_native_image_size_interpolates_positions(backbone):
-    engine = Engine(tiny_config(image_size=288), backbone=backbone)  # 18x18 patches instead of 14x14
+    engine = registered(Engine(tiny_config(image_size=288), backbone=backbone), "bottle")  # 18x18 patches
     pred = engine.predict(frames(1, size=(100, 300)), ["bottle"])[0]
-    assert pred.anomaly_map.shape == (100, 300) and 0 <= pred.score <= 1
+    assert pred.anomaly_map.shape == (288, 288) and pred.frame_map().shape == (100, 300) and 0 <= pred.score <= 1
     with pytest.raises(ValueError, match="not a multiple of"):
         Engine(tiny_config(image_size=250), backbone=backbone)
 
 
 def test_compiled_image_path_equals_eager(backbone):
     """`compile = true` (torch.compile; CUDA graphs on a GPU) changes speed, not numbers."""
-    eager = Engine(tiny_config(), backbone=backbone)
-    compiled = Engine(tiny_config(compile=True), backbone=backbone)
-    compiled.warmup([3])
+    eager = registered(Engine(tiny_config(), backbone=backbone), "bottle")
+    compiled = registered(Engine(tiny_config(compile=True), backbone=backbone, max_batch=4), "bottle")
+    compiled.warmup()
     batch = frames(3, seed=9)
     for a, b in zip(eager.predict(batch, ["bottle"] * 3), compiled.predict(batch, ["bottle"] * 3), strict=True):
         assert a.score == pytest.approx(b.score, abs=1e-5)
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-5)
 
 
-def test_invalid_frames_are_named(engine):
-    with pytest.raises(InvalidFrameError, match="frame 1: expected uint8 or uint16"):
-        engine.predict([frames(1)[0], np.zeros((50, 50, 3), np.float32)], ["a", "a"])
-    with pytest.raises(InvalidFrameError, match="frame 0: expected HxW gray or HxWx3"):
-        engine.predict([np.zeros((50, 50, 5), np.uint8)], ["a"])
-    with pytest.raises(InvalidFrameError, match="frame 0: expected a numpy array"):
-        engine.predict([None], ["a"])
-    with pytest.raises(InvalidFrameError, match="product class"):
-        engine.predict(frames(1), [""])
+def test_invalid_frames_are_named_and_the_rest_scored(engine):
+    good = frames(1)[0]
+    batch = [good, np.zeros((50, 50, 3), np.float32), np.zeros((50, 50, 5), np.uint8), None, good, good, good]
+    classes = ["a", "a", "a", "a", "", "nobody", "x" * 80]
+    results = engine.predict(batch, classes)
+    assert results[0].ok and results[0].anomaly_map.shape == (224, 224)
+    reasons = [r.reason for r in results[1:]]
+    assert "expected uint8 or uint16" in reasons[0]
+    assert "expected HxW gray or HxWx3" in reasons[1]
+    assert "expected a numpy array" in reasons[2]
+    assert "product class is empty" in reasons[3]
+    assert "unknown product class 'nobody'" in reasons[4]
+    assert "too long" in reasons[5]
+    assert [r.index for r in results[1:]] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(ValueError, match="2 frames but 1 class"):
         engine.predict(frames(2), ["a"])
-    assert engine.predict(frames(1), ["a"])[0].anomaly_map.shape == (120, 160)
+
+
+def test_oversized_frames_are_refused_by_the_pixel_limit(backbone):
+    engine = registered(Engine(tiny_config(max_frame_pixels=100 * 100), backbone=backbone), "a")
+    small, big = frames(1, size=(100, 100))[0], frames(1, size=(101, 100))[0]
+    ok, refused = engine.predict([small, big], ["a", "a"])
+    assert ok.ok and not refused.ok and "max_frame_pixels" in refused.reason
 
 
 def test_text_cache_second_batch_does_no_class_text_work(engine):
-    text = engine._state.model.text
+    text = engine.snapshot.prompts.model.text
     engine.predict(frames(2), ["bottle", "bottle"])
     builds, calls = engine.stats.class_text_builds, text.calls
     engine.predict(frames(3, seed=1), ["bottle"] * 3)
     assert engine.stats.class_text_builds == builds
     assert text.calls - calls == 1  # only the per-image vision-enhanced prompts
-    assert engine.class_info("bottle")["text_cached"]
 
 
 def test_query_only_mode_runs_no_text_per_batch(backbone):
-    engine = Engine(tiny_config(branch_weight=0.0), backbone=backbone)
+    engine = registered(Engine(tiny_config(branch_weight=0.0), backbone=backbone), "bottle")
     engine.predict(frames(2), ["bottle", "bottle"])
-    calls = engine._state.model.text.calls
+    calls = engine.snapshot.prompts.model.text.calls
     engine.predict(frames(2, seed=2), ["bottle", "bottle"])
-    assert engine._state.model.text.calls == calls
+    assert engine.snapshot.prompts.model.text.calls == calls
 
 
-def test_thresholds_come_from_config_then_checkpoint_then_default(tmp_path, backbone):
-    config = tiny_config()
-    path = tmp_path / "p.safetensors"
-    perturbed_checkpoint(path, backbone, config, meta={"thresholds": {"bottle": 0.7}})
-    engine = Engine(tiny_config(checkpoint=path), backbone=backbone)
-    assert engine.threshold("bottle") == (0.7, "checkpoint")
-    assert engine.threshold("screw") == (config.default_threshold, "default")
+def test_thresholds_come_from_config_then_calibration_then_default(backbone):
+    engine = Engine(tiny_config(), backbone=backbone)
+    engine.register_class("bottle", frames(8, seed=4))  # good parts: class word and calibration
+    engine.register_class("screw")
+    value, source = engine.threshold("bottle")
+    assert source == "calibration" and value == engine.profile("bottle").calibration.threshold
+    assert engine.threshold("screw") == (engine.config.default_threshold, "default")
     engine.set_thresholds({"bottle": 0.9})
     assert engine.threshold("bottle") == (0.9, "config")
     assert engine.predict(frames(1), ["bottle"])[0].threshold == 0.9
@@ -305,13 +345,13 @@ def test_checkpoint_round_trip(tmp_path, backbone):
     model = perturbed_checkpoint(path, backbone, config, meta={"training_data": ["synthetic:/x"]})
     engine = Engine(tiny_config(checkpoint=path), backbone=backbone)
     for k, v in model.learned_state().items():
-        assert torch.equal(engine._state.model.learned_state()[k], v)
+        assert torch.equal(engine.snapshot.prompts.model.learned_state()[k], v)
     meta = read_metadata(path)
     assert meta["backbone"] == "genclip-tiny" and meta["layers"] == [2, 4, 6, 8]
     assert meta["training_data"] == ["synthetic:/x"] and "created_at" in meta
     assert engine.prompt_version.startswith("prompts@")
-    untrained = Engine(config, backbone=backbone).predict(frames(1), ["bottle"])[0]
-    trained = engine.predict(frames(1), ["bottle"])[0]
+    untrained = registered(Engine(config, backbone=backbone), "bottle").predict(frames(1), ["bottle"])[0]
+    trained = registered(engine, "bottle").predict(frames(1), ["bottle"])[0]
     assert abs(untrained.score - trained.score) > 1e-4
 
 
@@ -329,7 +369,7 @@ def test_checkpoint_for_another_model_is_refused(tmp_path, backbone, field, valu
 def test_bad_files_are_refused_and_old_prompts_keep_serving(tmp_path, backbone):
     good = tmp_path / "good.safetensors"
     perturbed_checkpoint(good, backbone, tiny_config())
-    engine = Engine(tiny_config(checkpoint=good), backbone=backbone)
+    engine = registered(Engine(tiny_config(checkpoint=good), backbone=backbone), "bottle")
     version = engine.prompt_version
     before = engine.predict(frames(1), ["bottle"])[0].score
 
@@ -363,24 +403,24 @@ def test_swap_happens_between_batches(tmp_path, backbone):
     first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
     perturbed_checkpoint(first, backbone, tiny_config(), seed=1)
     perturbed_checkpoint(second, backbone, tiny_config(), seed=2)
-    engine = Engine(tiny_config(checkpoint=first), backbone=backbone)
+    engine = registered(Engine(tiny_config(checkpoint=first), backbone=backbone), "bottle", "pcb1")
     engine.predict(frames(1), ["bottle"])
     old_version = engine.prompt_version
-    original_forward = engine._forward
+    original_score = engine._score
     swapped: list[str] = []
 
-    def forward_with_swap_midway(state, batch, classes):
+    def score_with_swap_midway(prompts, texts, batch):
         if not swapped:
             swapped.append(engine.load_prompts(second))
-        return original_forward(state, batch, classes)
+        return original_score(prompts, texts, batch)
 
-    engine._forward = forward_with_swap_midway
+    engine._score = score_with_swap_midway
     in_flight = engine.predict(frames(2), ["bottle", "pcb1"])
     after = engine.predict(frames(2), ["bottle", "pcb1"])
     assert {p.prompt_version for p in in_flight} == {old_version}
     assert {p.prompt_version for p in after} == {swapped[0]} and swapped[0] != old_version
     assert engine.stats.prompt_swaps == 1
-    assert engine.class_info("bottle")["text_cached"]  # class text rebuilt before the swap
+    assert engine.registered_classes() == ["bottle", "pcb1"]  # class texts rebuilt before the swap
 
 
 # --- backbone loading ------------------------------------------------------------------------------
@@ -392,7 +432,7 @@ def test_missing_pretrained_weights_fail_with_instructions(tmp_path):
     with pytest.raises(BackboneError, match="weights file not found"):
         load_backbone("ViT-B-16", str(tmp_path / "nope.safetensors"))
     with pytest.raises(BackboneError, match="unknown backbone"):
-        load_backbone("ViT-Q-99")
+        load_backbone("ViT-Q-99", "random")
 
 
 def test_weights_file_for_another_architecture_is_refused(tmp_path, backbone):
@@ -411,7 +451,7 @@ def test_onnx_export_equals_torch(tmp_path, engine):
     from model.export import check_onnx, export_onnx
 
     frame = frames(1, size=(224, 224))[0]
-    engine_score = engine.predict([frame], ["bottle"])[0].score  # decides the class name first
+    engine_score = engine.predict([frame], ["bottle"])[0].score
     path = tmp_path / "genclip.onnx"
     scorer = export_onnx(engine, ["bottle", "metal nut"], path)
     diffs = check_onnx(scorer, path, batch=3)

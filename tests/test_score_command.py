@@ -216,7 +216,7 @@ def test_threshold_option_wins_over_the_config(inputs, config_file, tmp_path):
 
 def test_checkpoint_option_loads_those_prompts(inputs, config_file, tmp_path):
     checkpoint = tmp_path / "line-7.safetensors"
-    perturbed_checkpoint(checkpoint, load_backbone("genclip-tiny"), tiny_config())
+    perturbed_checkpoint(checkpoint, load_backbone("genclip-tiny", "random"), tiny_config())
     result = invoke(
         "score", inputs["colour8.png"], "--class", "widget", "--config", config_file, "--checkpoint", checkpoint
     )

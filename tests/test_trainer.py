@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 from agent.cli import _register_verbs, app
 from model import Engine
 from model.checkpoint import read_checkpoint, read_metadata
+from model.profile import ClassProfile, profile_path
 from tests.factories import perturbed_checkpoint, tiny_config
-from trainer.calibrate import calibrate, good_images, store_threshold, threshold_from_scores
+from trainer.calibrate import calibrate, good_images, threshold_from_scores
 from trainer.config import TrainerConfig
 from trainer.datasets import open_dataset, read_bgr8
 from trainer.evaluate import evaluate
@@ -210,7 +211,7 @@ def test_calibrated_threshold_flags_about_half_a_percent_of_good_parts(tmp_path)
     calibration = write_good_images("metal", tmp_path / "calib", 400, seed=1, size=128)
     held_out = write_good_images("metal", tmp_path / "held", 400, seed=2, size=128)
     engine = Engine(tiny_config())
-    result = calibrate(engine, "metal", calibration, quantile=0.995, batch_size=32)
+    result = calibrate(engine, "metal", calibration, quantile=0.995)
     assert result.images == 400
     engine.set_thresholds({"metal": result.threshold})
     flagged = 0
@@ -221,7 +222,7 @@ def test_calibrated_threshold_flags_about_half_a_percent_of_good_parts(tmp_path)
     assert flagged <= 5
 
 
-def test_threshold_quantile_and_storage(tmp_path):
+def test_threshold_quantile_and_profile(tmp_path):
     scores = np.linspace(0, 1, 1001)
     assert threshold_from_scores(scores, 0.995) == pytest.approx(0.995)
     with pytest.raises(ValueError, match="no good images"):
@@ -232,24 +233,28 @@ def test_threshold_quantile_and_storage(tmp_path):
     goods = write_good_images("tiles", tmp_path / "good", 12, seed=4, size=96)
     assert good_images(tmp_path / "good") == sorted(goods)
     result = calibrate(Engine(tiny_config(checkpoint=checkpoint), backbone=engine.backbone), "tiles", goods, 0.99)
-    store_threshold(checkpoint, result)
-    meta = read_metadata(checkpoint)
-    assert meta["thresholds"] == {"tiles": result.threshold} and meta["calibration"]["tiles"]["images"] == 12
-    reloaded = Engine(tiny_config(checkpoint=checkpoint), backbone=engine.backbone)
-    assert reloaded.threshold("tiles") == (result.threshold, "checkpoint")
+    assert result.images == 12 and result.profile.calibration.prompt_version.startswith("p@")
+    result.profile.save(profile_path(tmp_path / "profiles", "tiles"))
+    config = tiny_config(checkpoint=checkpoint, profile_dir=tmp_path / "profiles")
+    reloaded = Engine(config, backbone=engine.backbone)
+    reloaded.setup_class("tiles")
+    assert reloaded.threshold("tiles") == (result.threshold, "calibration")
+    assert "thresholds" not in read_metadata(checkpoint)  # never written into the prompt checkpoint
 
 
-def test_calibrate_cli_prints_toml_and_stores(tmp_path):
+def test_calibrate_cli_prints_toml_and_writes_the_profile(tmp_path):
     engine = Engine(tiny_config())
     checkpoint = tmp_path / "p.safetensors"
     perturbed_checkpoint(checkpoint, engine.backbone, tiny_config())
     write_good_images("leather", tmp_path / "good", 8, seed=5, size=96)
     (tmp_path / "good" / "broken.png").write_bytes(b"nope")
     args = ["calibrate", "--checkpoint", str(checkpoint), "--class", "leather", "--good", str(tmp_path / "good")]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, "--profiles", str(tmp_path / "profiles")])
     assert result.exit_code == 1, result.output  # one unreadable image is reported
     assert "broken.png" in result.output and '"leather" = ' in result.output
-    assert "leather" in read_metadata(checkpoint)["thresholds"]
+    profile = ClassProfile.load(tmp_path / "profiles" / "leather.json")
+    assert profile.calibration.images == 8 and profile.calibration.prompt_version.startswith("p@")
+    assert "no profile folder" in runner.invoke(app, args).output
 
 
 def test_eval_cli_writes_reports_and_pictures(data, tmp_path):

@@ -13,9 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="Config file (default: $GENCLIP_CONFIG, ./config.toml).")
-]
+from trainer.verb_options import ConfigOption, fail, open_engine
+
 DataOption = Annotated[
     list[str],
     typer.Option(
@@ -25,33 +24,9 @@ DataOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
 def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> None:
-    """Add the trainer verbs to the root CLI; `load_config` turns --config into the validated tree."""
-
-    def setup(config: Path | None) -> Any:
-        from agent.logs import configure_logging
-
-        cfg = load_config(config)
-        configure_logging(cfg.line.id, cfg.logging.level, cfg.logging.format)
-        return cfg
-
-    def engine_for(cfg: Any, checkpoint: Path | None) -> Any:
-        from model import BackboneError, CheckpointError, Engine
-
-        model_cfg = cfg.model
-        if checkpoint is not None:
-            if not checkpoint.is_file():
-                raise _fail(f"checkpoint not found: {checkpoint}")
-            model_cfg = model_cfg.model_copy(update={"checkpoint": checkpoint})
-        try:
-            return Engine(model_cfg)
-        except (BackboneError, CheckpointError, ValueError, RuntimeError) as exc:
-            raise _fail(str(exc)) from None
+    """Add the trainer verbs to the root CLI; `load_config` turns --config into the validated tree
+    (and sets logging up, as the root does for every verb)."""
 
     @app.command("train")
     def train(
@@ -79,7 +54,7 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         from trainer.datasets import DatasetError
         from trainer.training import PromptTrainer
 
-        cfg = setup(config)
+        cfg = load_config(config)
         overrides = {
             k: v
             for k, v in {
@@ -108,7 +83,7 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             )
             summary = trainer.run()
         except (DatasetError, BackboneError, CheckpointError, ValidationError, ValueError) as exc:
-            raise _fail(str(exc)) from None
+            fail(str(exc))
         best = summary.best_metrics["results"]["mean"] if summary.best_metrics else {}
         typer.echo(
             f"{'interrupted' if summary.interrupted else 'done'}: {summary.epochs_done} epoch(s), "
@@ -151,41 +126,51 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
 
     @app.command("calibrate")
     def calibrate(
-        checkpoint: Annotated[Path, typer.Option(help="Prompt checkpoint to calibrate (updated in place).")],
         product_class: Annotated[str, typer.Option("--class", help="Product class of the good images.")],
         good: Annotated[Path, typer.Option(help="Folder of images of good parts (searched recursively).")],
+        checkpoint: Annotated[
+            Path | None, typer.Option(help="Prompts to calibrate for; default [model].checkpoint.")
+        ] = None,
+        profiles: Annotated[
+            Path | None, typer.Option(help="Folder for class profiles; default [model].profile_dir.")
+        ] = None,
         quantile: Annotated[float, typer.Option(min=0.5, max=0.9999, help="Share of good parts to pass.")] = 0.995,
         config: ConfigOption = None,
-        print_only: Annotated[
-            bool, typer.Option("--print-only", help="Print the TOML line; leave the checkpoint unchanged.")
-        ] = False,
+        print_only: Annotated[bool, typer.Option("--print-only", help="Print the result; write no profile.")] = False,
     ) -> None:
-        """Set a class's threshold from good parts (score quantile) and store it in the checkpoint."""
+        """Decide a class's word and threshold from good parts; write its profile (<profiles>/<class>.json)."""
+        from model import ClassSetupError
+        from model.profile import profile_path
         from trainer.calibrate import calibrate as run_calibration
-        from trainer.calibrate import good_images, store_threshold
+        from trainer.calibrate import good_images
 
-        cfg = setup(config)
+        cfg = load_config(config)
+        folder = profiles or cfg.model.profile_dir
+        if folder is None and not print_only:
+            fail("no profile folder: give --profiles DIR or set [model].profile_dir (or use --print-only)")
         try:
             paths = good_images(good)
         except FileNotFoundError as exc:
-            raise _fail(str(exc)) from None
+            fail(str(exc))
         if not paths:
-            raise _fail(f"no images in {good}")
-        engine = engine_for(cfg, checkpoint)
+            fail(f"no images in {good}")
+        engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size)
         try:
-            result = run_calibration(engine, product_class, paths, quantile, cfg.engine.batch_size)
-        except ValueError as exc:
-            raise _fail(str(exc), 1) from None
+            result = run_calibration(engine, product_class, paths, quantile)
+        except (ClassSetupError, ValueError) as exc:
+            fail(str(exc), 1)
         for line in result.skipped:
             typer.echo(f"skipped {line}", err=True)
-        if not print_only:
-            store_threshold(checkpoint, result)
+        c = result.profile.calibration
+        assert c is not None
+        written = None if print_only else result.profile.save(profile_path(folder, result.profile.product_class))
         typer.echo(
-            f"# {result.images} good image(s), scores min {result.score_min:.4f} median {result.score_median:.4f} "
-            f"max {result.score_max:.4f}; threshold at quantile {quantile}"
-            + ("" if print_only else f", stored in {checkpoint}")
+            f"# {c.images} good image(s), scores min {c.score_min:.4f} median {c.score_median:.4f} "
+            f"p95 {c.score_p95:.4f} max {c.score_max:.4f}; threshold at quantile {quantile}; "
+            f"class word '{result.profile.class_word}' ({result.profile.class_word_source}); "
+            f"prompts {c.prompt_version}" + (f"; profile {written}" if written else "")
         )
-        typer.echo(f"[thresholds]\n{json.dumps(product_class)} = {result.threshold:.6f}")
+        typer.echo(f"[thresholds]\n{json.dumps(result.profile.product_class)} = {c.threshold:.6f}")
         if result.skipped:
             raise typer.Exit(1)
 
@@ -204,12 +189,12 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         from trainer.datasets import DatasetError, open_dataset
         from trainer.evaluate import evaluate, write_evaluation
 
-        cfg = setup(config)
+        cfg = load_config(config)
         try:
             items = [s for spec in data for s in open_dataset(spec)]
         except DatasetError as exc:
-            raise _fail(str(exc)) from None
-        engine = engine_for(cfg, checkpoint)
+            fail(str(exc))
+        engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size)
         outcome = evaluate(engine, items, batch_size=batch_size or cfg.engine.batch_size, examples_per_class=samples)
         meta = {"checkpoint": str(checkpoint or cfg.model.checkpoint or "untrained"), "data": data}
         written = write_evaluation(out, outcome, meta)

@@ -47,6 +47,9 @@ def evaluate(
 ) -> EvalOutcome:
     """Score every sample with `engine` and compute image and pixel metrics per product class."""
     started = time.perf_counter()
+    for name in dict.fromkeys(s.product_class for s in samples):
+        if engine.profile(name) is None:
+            engine.register_class(name)  # the plain class name, as for a class without reference images
     dataset = InspectionDataset(samples, engine.config.image_size, engine.config.defect_types)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_inspection
@@ -60,7 +63,7 @@ def evaluate(
         skipped.extend(batch["skipped"])
         done += len(batch["path"]) + len(batch["skipped"])
         if len(batch["path"]):
-            _score_batch(engine, batch, evaluator, examples, scores, examples_per_class)
+            skipped.extend(_score_batch(engine, batch, evaluator, examples, scores, examples_per_class))
         if progress:
             progress(done, len(dataset))
     results = evaluator.compute()
@@ -81,14 +84,17 @@ def _score_batch(
     examples: dict[str, list[GridRow]],
     scores: dict[str, list[tuple[float, int]]],
     examples_per_class: int,
-) -> None:
+) -> list[SkippedSample]:
+    """Score one batch into the evaluator; returns the frames the engine could not score."""
     frames = [np.ascontiguousarray(img.permute(1, 2, 0).numpy()) for img in batch["image"]]
     predictions = engine.predict(frames, batch["class_name"])
+    failed = [SkippedSample(batch["path"][p.index], p.reason) for p in predictions if not p.ok]
     masks = batch["mask"][:, 0].numpy()
     labels = batch["label"].numpy()
     by_class: dict[str, list[int]] = {}
     for i, name in enumerate(batch["class_name"]):
-        by_class.setdefault(name, []).append(i)
+        if predictions[i].ok:
+            by_class.setdefault(name, []).append(i)
     for name, indices in by_class.items():
         known = [i for i in indices if masks[i].min() >= 0]
         unknown = [i for i in indices if masks[i].min() < 0]
@@ -106,6 +112,7 @@ def _score_batch(
             if labels[i] == 1 or len(shown) < examples_per_class // 2:
                 mask = masks[i] if masks[i].min() >= 0 else None
                 shown.append((frames[i], mask, predictions[i].anomaly_map))
+    return failed
 
 
 def write_evaluation(out_dir: Path, outcome: EvalOutcome, meta: dict[str, Any]) -> list[Path]:

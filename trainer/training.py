@@ -351,10 +351,10 @@ class PromptTrainer:
         if not last.exists() or not state_path.exists():
             log.info("nothing to resume; starting fresh", run_dir=str(self.run_dir))
             return 1
-        tensors, meta = read_checkpoint(last)
-        check_compatible(meta, model_identity(backbone, model, self.image_size), str(last))
+        found = read_checkpoint(last)
+        check_compatible(found.meta, model_identity(backbone, model, self.image_size), str(last))
         try:
-            model.load_learned_state(tensors)
+            model.load_learned_state(found.tensors)
         except RuntimeError as exc:
             raise CheckpointError(f"{last}: cannot resume, prompt shapes differ: {exc}") from None
         with safe_open(str(state_path), framework="pt") as fh:

@@ -1,0 +1,168 @@
+"""Class profiles: how one product class is scored on a line, decided once and kept in a small JSON file.
+
+A profile records the class word used in the prompts (and why: Class Name
+Filtering's similarities, a configured word, or none), the reference set it was
+decided on, the defect vocabulary, and the calibration: the threshold with the
+prompt version, precision and scoring settings it was measured with. A
+calibration is only used while those still equal the running engine's; a
+profile lives beside the line's config, never inside a prompt checkpoint, so a
+new prompt version cannot silently inherit thresholds measured on the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+FORMAT = "genclip-class-profile"
+FORMAT_VERSION = 1
+ClassWordSource = Literal["cnf", "config", "unfiltered", "cnf-off", "generic"]
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message names the file and the problem."""
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def threshold_at_quantile(scores: np.ndarray, quantile: float) -> float:
+    """The score at `quantile` of good parts (the 'higher' value, so at most 1 - quantile of them reach it)."""
+    if len(scores) == 0:
+        raise ValueError("no good images were scored")
+    if not 0.5 <= quantile < 1.0:
+        raise ValueError(f"quantile must be in [0.5, 1), got {quantile}")
+    return float(np.quantile(np.asarray(scores, dtype=np.float64), quantile, method="higher"))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A threshold measured on good parts, with everything it depends on."""
+
+    threshold: float
+    quantile: float
+    images: int
+    score_min: float
+    score_median: float
+    score_p95: float
+    score_max: float
+    prompt_version: str
+    prompt_digest: str
+    settings: dict[str, Any]  # Engine.scoring_settings(class_word) when measured
+    measured_at: str = field(default_factory=now_iso)
+
+    @classmethod
+    def from_scores(
+        cls, scores: np.ndarray, quantile: float, prompt_version: str, prompt_digest: str, settings: dict[str, Any]
+    ) -> Calibration:
+        values = np.asarray(scores, dtype=np.float64)
+        return cls(
+            threshold=threshold_at_quantile(values, quantile),
+            quantile=quantile,
+            images=len(values),
+            score_min=float(values.min()),
+            score_median=float(np.median(values)),
+            score_p95=float(np.quantile(values, 0.95)),
+            score_max=float(values.max()),
+            prompt_version=prompt_version,
+            prompt_digest=prompt_digest,
+            settings=dict(settings),
+        )
+
+    def stale_because(self, prompt_digest: str, settings: dict[str, Any]) -> str | None:
+        """Why this calibration does not hold for the running engine, or None when it does."""
+        if self.prompt_digest != prompt_digest:
+            return f"measured on prompts {self.prompt_version}, running other prompts"
+        changed = sorted(k for k in set(self.settings) | set(settings) if self.settings.get(k) != settings.get(k))
+        if changed:
+            return "scoring settings changed since calibration: " + ", ".join(changed)
+        return None
+
+
+@dataclass(frozen=True)
+class ClassProfile:
+    """Everything decided about one product class; immutable, replaced as a whole."""
+
+    product_class: str
+    class_word: str
+    class_word_source: ClassWordSource
+    backbone: str
+    weights: str
+    defect_types: tuple[str, ...]
+    cnf: dict[str, Any] | None = None
+    reference_images: int = 0
+    reference_digest: str | None = None
+    calibration: Calibration | None = None
+    updated_at: str = field(default_factory=now_iso)
+
+    def with_calibration(self, calibration: Calibration | None) -> ClassProfile:
+        return replace(self, calibration=calibration, updated_at=now_iso())
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["defect_types"] = list(self.defect_types)
+        if data["cnf"] is not None:
+            data["cnf"] = _json_safe(data["cnf"])
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
+
+    def save(self, path: Path) -> Path:
+        """Write atomically (temporary file, then rename), readable by the service user."""
+        from model.checkpoint import write_atomic
+
+        text = json.dumps(self.as_dict(), indent=2, allow_nan=False) + "\n"
+        write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), mode=0o644)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ClassProfile:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ProfileError(f"{path}: no such profile file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"{path}: not a readable JSON profile ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ProfileError(f"{path}: not a GenCLIP class profile (format {data.get('format')!r})")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ProfileError(f"{path}: profile format version {data.get('format_version')} is not supported")
+        try:
+            calibration = data.get("calibration")
+            return cls(
+                product_class=str(data["product_class"]),
+                class_word=str(data["class_word"]),
+                class_word_source=data["class_word_source"],
+                backbone=str(data["backbone"]),
+                weights=str(data["weights"]),
+                defect_types=tuple(str(w) for w in data["defect_types"]),
+                cnf=data.get("cnf"),
+                reference_images=int(data.get("reference_images", 0)),
+                reference_digest=data.get("reference_digest"),
+                calibration=Calibration(**calibration) if calibration else None,
+                updated_at=str(data.get("updated_at", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(f"{path}: profile field missing or of the wrong type ({exc})") from None
+
+
+def profile_path(directory: Path, product_class: str) -> Path:
+    """`<dir>/<class>.json`, with characters unsafe in file names replaced."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in product_class).strip(".") or "_"
+    return Path(directory) / f"{safe}.json"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
