@@ -85,6 +85,7 @@ class RedisConfig(SecretSection):
     credential_name: ClassVar[str] = "redis-password"
 
     url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, no password in it.")
+    username: str | None = Field(None, description="ACL user; default the URL's, else 'default'.")
     password: SecretStr | None = None
     password_file: Path | None = None
     stream_maxlen: int = Field(10_000, ge=1, description="Approximate length each stream is trimmed to.")
