@@ -17,6 +17,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import structlog.testing
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -397,3 +398,43 @@ def test_slow_handler_does_not_stall_publishing(mosquitto: MosquittoServer, clie
     assert sub.on(pub.topic("cmd", "response")) == []
     release.set()
     assert wait_until(lambda: len(sub.on(pub.topic("cmd", "response"))) == 1)
+
+
+# --- refused connections -------------------------------------------------------------------------
+
+
+class AuthMosquitto(MosquittoServer):
+    """Mosquitto that only lets `agent` / `right-password` in."""
+
+    def _command(self) -> list[str]:
+        command = super()._command()
+        passwords = self.workdir / "passwd"
+        subprocess.run(
+            ["mosquitto_passwd", "-b", "-c", str(passwords), "agent", "right-password"], check=True, capture_output=True
+        )
+        conf = self.workdir / "mosquitto.conf"
+        text = conf.read_text().replace("allow_anonymous true", f"allow_anonymous false\npassword_file {passwords}")
+        conf.write_text(text)
+        return command
+
+
+@pytest.fixture
+def auth_mosquitto(tmp_path: Path) -> Iterator[AuthMosquitto]:
+    server = AuthMosquitto(tmp_path / "auth-mosquitto")
+    with server:
+        yield server
+
+
+def test_bad_password_is_reported_once(auth_mosquitto: AuthMosquitto, clients: list[Any], line: str) -> None:
+    with structlog.testing.capture_logs() as logs:
+        pub = start_publisher(clients, auth_mosquitto.port, line, username="agent", password="wrong")
+        assert wait_until(lambda: pub.health()[1].startswith("refused by broker"))
+        time.sleep(0.6)  # a few more attempts: still one log line
+    ok, reason = pub.health()
+    assert not ok and reason in ("refused by broker: Bad user name or password", "refused by broker: Not authorized")
+    refused = [e for e in logs if e["event"] == "mqtt connection refused"]
+    assert len(refused) == 1 and refused[0]["log_level"] == "error" and refused[0]["reason"] == reason
+    assert "wrong" not in repr(logs)
+
+    good = start_publisher(clients, auth_mosquitto.port, f"{line}-b", username="agent", password="right-password")
+    assert wait_until(lambda: good.health() == (True, "connected"))
