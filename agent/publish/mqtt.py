@@ -252,7 +252,7 @@ class MqttPublisher:
             first = [self._status_message("online")]
             if self._info is not None:
                 first.append(self._info_message())
-            self._outbox.put_front(first)
+            self._outbox.put_front(first, trim=False)
             self._connected = self.stats.connected = True
             self._problem = "connected"
             self._cv.notify_all()

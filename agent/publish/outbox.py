@@ -49,14 +49,19 @@ class Outbox(Generic[T]):
                     self._on_drop(dropped)
             self.cond.notify_all()
 
-    def put_front(self, items: Iterable[T]) -> None:
+    def put_front(self, items: Iterable[T], *, trim: bool = True) -> None:
         """Give entries back in their order, ahead of the rest (a failed send).
 
-        Never drops: these were within capacity when taken, and a publisher takes
-        only a small window at a time, so the overshoot is bounded.
+        With trim, the capacity holds as for `put`: entries taken out for a send that
+        failed count as still queued, so the oldest go first. Without it nothing is
+        dropped, for the few messages that must lead a new connection.
         """
         with self.cond:
             self._items.extendleft(reversed(list(items)))
+            while trim and len(self._items) > self.capacity:
+                dropped = self._items.popleft()
+                if self._on_drop is not None:
+                    self._on_drop(dropped)
             self.cond.notify_all()
 
     def pop(self) -> T | None:
