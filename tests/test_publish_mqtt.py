@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -438,3 +441,38 @@ def test_bad_password_is_reported_once(auth_mosquitto: AuthMosquitto, clients: l
 
     good = start_publisher(clients, auth_mosquitto.port, f"{line}-b", username="agent", password="right-password")
     assert wait_until(lambda: good.health() == (True, "connected"))
+
+
+def test_tls_verify_failure_is_reported(tmp_path: Path, clients: list[Any], line: str) -> None:
+    """A broker whose certificate our CA did not sign: a permanent failure, visible in health()."""
+    cert, key = tmp_path / "broker.crt", tmp_path / "broker.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by the test
+                return
+            with contextlib.suppress(OSError), server_ctx.wrap_socket(conn, server_side=True):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        pub = start_publisher(clients, listener.getsockname()[1], line, tls={"enabled": True})
+        assert wait_until(lambda: "TLS" in pub.health()[1]), pub.health()
+        assert pub.health()[1].startswith("TLS certificate verification failed: self")
+    finally:
+        done.set()
+        listener.close()
