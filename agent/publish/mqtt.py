@@ -101,6 +101,7 @@ class MqttPublisher:
         self._closing = False
         self._closed = False
         self._started = False
+        self._commands_closed = False
         self._problem = "connecting"
         self._info: bytes | None = None
         self._commands: queue.Queue[tuple[str, bytes, bytes | None, str | None] | None] = queue.Queue(COMMAND_QUEUE)
@@ -157,7 +158,10 @@ class MqttPublisher:
         if not self._started or self._closed:
             return
         end = time.monotonic() + timeout
-        self._commands.put(None)
+        try:
+            self._commands.put_nowait(None)
+        except queue.Full:  # commands still queued are not run
+            self._commands_closed = True
         self._command_thread.join(max(0.0, end - time.monotonic()))
         with self._cv:
             self._cv.wait_for(lambda: not self._outbox and not self._inflight, max(0.0, end - time.monotonic()))
@@ -405,7 +409,13 @@ class MqttPublisher:
 
     def _command_loop(self) -> None:
         """Runs handlers off paho's network thread: a reload may take seconds."""
-        while (item := self._commands.get()) is not None:
+        while not self._commands_closed:
+            try:
+                item = self._commands.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
             name, payload, correlation, reply_to = item
             self._respond(name, correlation, reply_to, self._run_command(name, payload, correlation))
 
