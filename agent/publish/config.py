@@ -54,10 +54,18 @@ class MqttConfig(SecretSection):
     password: SecretStr | None = Field(None, description="Prefer password_file or systemd credentials.")
     password_file: Path | None = None
     topic_prefix: str = Field("genclip", description="Topics are <prefix>/<line id>/...")
-    qos: int = Field(1, ge=0, le=2)
+    qos: int = Field(1, ge=1, le=2, description="QoS of reject, decision and command-response messages.")
+    result_qos: int = Field(0, ge=0, le=2, description="QoS of result messages; 0 drops them while disconnected.")
+    decisions: bool = Field(True, description="Publish a decision (reject or pass) for every part.")
+    decision_window_ms: int = Field(
+        2000, ge=1, le=3_600_000, description="How long a PLC waits for a decision; rejects expire after it."
+    )
     client_id: str | None = Field(None, description="Default: genclip-<line id>.")
     keepalive_s: int = Field(30, ge=5, le=3600)
-    outbox_size: int = Field(10_000, ge=0, description="Messages kept while the broker is unreachable.")
+    reconnect_min_s: float = Field(1.0, gt=0, le=3600, description="First delay before reconnecting.")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest delay between reconnect attempts.")
+    outbox_size: int = Field(10_000, ge=1, description="Messages kept while the broker is unreachable.")
+    command_max_bytes: int = Field(4096, ge=64, le=1_048_576, description="Larger command payloads are refused.")
 
     @field_validator("topic_prefix")
     @classmethod
@@ -66,17 +74,27 @@ class MqttConfig(SecretSection):
             raise ValueError("must be a plain topic path without wildcards or leading/trailing '/'")
         return value
 
+    @model_validator(mode="after")
+    def _reconnect_order(self) -> MqttConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must not be less than reconnect_min_s")
+        return self
+
 
 class RedisConfig(SecretSection):
     credential_name: ClassVar[str] = "redis-password"
 
     url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, no password in it.")
+    username: str | None = Field(None, description="ACL user; default the URL's, else 'default'.")
     password: SecretStr | None = None
     password_file: Path | None = None
     stream_maxlen: int = Field(10_000, ge=1, description="Approximate length each stream is trimmed to.")
-    map_storage: Literal["none", "png", "raw"] = Field("png", description="How anomaly maps are stored.")
+    maps: Literal["all", "ng", "none"] = Field("ng", description="Which frames get an anomaly-map PNG.")
+    map_size: int | None = Field(None, ge=16, le=4096, description="PNG side in pixels; default the model's.")
     map_ttl_s: int = Field(3600, ge=1, description="How long stored anomaly maps live.")
-    outbox_size: int = Field(10_000, ge=0, description="Entries kept while Redis is unreachable.")
+    outbox_size: int = Field(10_000, ge=1, description="Entries kept while Redis is unreachable.")
+    reconnect_min_s: float = Field(0.5, gt=0, le=3600, description="First delay before retrying Redis.")
+    reconnect_max_s: float = Field(10.0, gt=0, le=3600, description="Longest delay between Redis retries.")
 
     @field_validator("url")
     @classmethod
@@ -86,6 +104,12 @@ class RedisConfig(SecretSection):
         if re.match(r"^rediss?://[^/]*:[^/@]*@", value):
             raise ValueError("must not contain a password; use redis.password_file or systemd credentials")
         return value
+
+    @model_validator(mode="after")
+    def _reconnect_order(self) -> RedisConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must not be less than reconnect_min_s")
+        return self
 
 
 def resolve_secret(value: SecretStr | None, path: Path | None, credential: str) -> SecretStr | None:

@@ -1,0 +1,103 @@
+"""Commands from the line (`<prefix>/<line>/cmd/<name>`): parsed and validated before anything acts on them.
+
+Anyone on the plant network who can publish to the broker can send these, so
+every payload is bounded, must be a JSON object with exactly the documented
+fields, and anything else becomes a `CommandError` the sender is told about.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_MAX_BYTES = 4096
+
+
+class CommandError(Exception):
+    """The command cannot be run; the message is sent back to whoever asked."""
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ReloadArgs(_Args):
+    """Reload the configuration and the prompt checkpoint."""
+
+
+class ThresholdArgs(_Args):
+    """Set one product class's image-score threshold."""
+
+    model_config = ConfigDict(populate_by_name=False)
+
+    product_class: str = Field(alias="class", min_length=1, max_length=200)
+    value: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+
+
+class CameraArgs(_Args):
+    """Pause or resume one camera, or all of them when `camera` is absent."""
+
+    camera: str | None = Field(None, min_length=1, max_length=200)
+
+
+class SnapshotArgs(_Args):
+    """Save the next frame of every camera."""
+
+
+ARGS: dict[str, type[_Args]] = {
+    "reload": ReloadArgs,
+    "threshold": ThresholdArgs,
+    "pause": CameraArgs,
+    "resume": CameraArgs,
+    "snapshot": SnapshotArgs,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A validated command; `correlation` is the request's MQTT 5 CorrelationData, echoed in the response."""
+
+    name: str
+    args: _Args
+    correlation: bytes | None = None
+
+
+def parse_command(
+    name: str, payload: bytes, *, correlation: bytes | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Command:
+    """Validate a command name and its JSON payload (empty means {}); raises CommandError and nothing else."""
+    model = ARGS.get(name)
+    if model is None:
+        raise CommandError(f"unknown command {name[:64]!r}; known: {', '.join(ARGS)}")
+    if len(payload) > max_bytes:
+        raise CommandError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    data = _json_object(payload)
+    try:
+        args = model.model_validate(data)
+    except ValidationError as exc:
+        raise CommandError(_describe(exc)) from None
+    return Command(name=name, args=args, correlation=correlation)
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    if not payload.strip():
+        return {}
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CommandError(f"payload is not valid JSON: {str(exc)[:120]}") from None
+    if not isinstance(data, dict):
+        raise CommandError(f"payload must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
