@@ -23,6 +23,7 @@ from agent.metrics import AgentMetrics
 log = get_logger(__name__)
 
 HEALTH_PATHS = ("/healthz", "/health")  # /health: the name config.toml has always used
+POLL_S = 0.1  # how soon stop() is noticed by the serving loop
 
 
 class HealthServerError(RuntimeError):
@@ -116,7 +117,9 @@ class HealthServer:
                 f"or stop the other process (another agent for this line?)"
             ) from exc
         self._port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="health-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(POLL_S,), name="health-http", daemon=True
+        )
         self._thread.start()
         log.info("health server listening", host=self.host, port=self._port)
 
