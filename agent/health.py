@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -37,6 +38,8 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], owner: HealthServer) -> None:
         self.owner = owner
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
 
@@ -113,7 +116,7 @@ class HealthServer:
             why = "the address is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
             raise HealthServerError(
                 f"cannot serve /healthz and /metrics on {self.host}:{self._port}: {why}; "
-                f"set [agent].health_port (or [agent].health_host) to a free address, "
+                f"set [agent].health_port (or GENCLIP_AGENT__HEALTH_PORT) to a free port, "
                 f"or stop the other process (another agent for this line?)"
             ) from exc
         self._port = self._server.server_address[1]

@@ -173,20 +173,23 @@ class CheckpointWatcher:
     def _arm(self, initial: bool = False) -> None:
         """Watch the checkpoint folder, or while it is missing its nearest existing ancestor."""
         assert self._observer is not None
-        where = next((p for p in (self.folder, *self.folder.parents) if p.is_dir()), None)
-        if where is None or where == self._watched:
-            return
-        if self._watch is not None:
-            self._observer.unschedule(self._watch)
-        self._watch = self._observer.schedule(_Handler(self._event), str(where), recursive=False)
-        self._watched = where
-        if where != self.folder:
+        while True:
+            where = next((p for p in (self.folder, *self.folder.parents) if p.is_dir()), None)
+            if where is None or where == self._watched:
+                return
+            if self._watch is not None:
+                self._observer.unschedule(self._watch)
+            self._watch = self._observer.schedule(_Handler(self._event), str(where), recursive=False)
+            self._watched = where
+            if where == self.folder:
+                break
             log.warning(
                 "checkpoint folder does not exist yet; waiting for it", folder=str(self.folder), watching=str(where)
             )
-            return
+            # Look again: a deeper folder may have appeared before this watch existed (mkdir -p).
+            initial = False
         log.info("watching for prompt checkpoints", target=str(self.target), folder=str(self.folder))
-        # The folder appeared later, perhaps with a checkpoint already in it: that one is new.
+        # The folder appeared after start(), perhaps with a checkpoint already in it: that one is new.
         if not initial and self._resolve() is not None:
             self._pending()
 
