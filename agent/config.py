@@ -55,6 +55,9 @@ class AgentConfig(Section):
     frame_queue: int = Field(64, ge=1, description="Frames waiting for the engine before the oldest is dropped.")
     publish_queue: int = Field(1024, ge=1, description="Results waiting for the publishers.")
     prompt_dir: Path | None = Field(None, description="Folder watched for new prompt checkpoints.")
+    reload_debounce_s: float = Field(
+        0.5, ge=0, le=60, description="Quiet time after a checkpoint is published before it is loaded (bursts: once)."
+    )
 
 
 class LoggingConfig(Section):

@@ -1,0 +1,158 @@
+"""The agent's Prometheus metrics, in a registry of their own.
+
+A private `CollectorRegistry` (never the process-global one) lets tests, and a
+process that runs two agents, build as many `AgentMetrics` as they like.
+Publishers report plain nested dicts through `add_stats_source`; they are read at
+scrape time, so no publisher imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent.logs import get_logger
+
+log = get_logger(__name__)
+
+NAMESPACE = "genclip"
+DropReason = Literal["queue_full", "stale", "shutdown", "paused", "invalid"]
+DROP_REASONS: tuple[DropReason, ...] = ("queue_full", "stale", "shutdown", "paused", "invalid")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+StatsReader = Callable[[], dict[str, dict[str, int]]]
+
+
+class _StatsCollector(Collector):
+    """Turns `{kind: {outcome: count}}` from each named source into one counter family."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, StatsReader] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, read: StatsReader) -> None:
+        with self._lock:
+            if name in self._sources:
+                raise ValueError(f"stats source {name!r} is already registered")
+            self._sources[name] = read
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            f"{NAMESPACE}_messages",
+            "Messages handled by each publisher sink, by kind and outcome (sent, expired, dropped, ...).",
+            labels=["sink", "kind", "outcome"],
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        # Registration asks for names only; without this it would call every reader early.
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        with self._lock:
+            sources = list(self._sources.items())
+        for sink, read in sources:
+            try:
+                stats = read()
+                rows = [(kind, outcome, float(n)) for kind, by in stats.items() for outcome, n in by.items()]
+            except Exception:
+                # One broken publisher must not take /metrics down with it.
+                log.warning("stats source failed; skipped in this scrape", sink=sink, exc_info=True)
+                continue
+            for kind, outcome, n in rows:
+                family.add_metric([sink, str(kind), str(outcome)], n)
+        yield family
+
+
+class AgentMetrics:
+    """Every metric the agent exports; the service updates them, `/metrics` renders them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r, ns = self.registry, NAMESPACE
+
+        self.frames_captured = Counter(
+            "frames_captured", "Frames read from each camera.", ["camera"], namespace=ns, registry=r
+        )
+        self.frames_dropped = Counter(
+            "frames_dropped",
+            "Frames discarded before scoring, by reason (queue_full, stale, shutdown, paused, invalid).",
+            ["camera", "reason"],
+            namespace=ns,
+            registry=r,
+        )
+        self.frames_processed = Counter(
+            "frames_processed", "Frames scored by the engine.", ["camera"], namespace=ns, registry=r
+        )
+        self.frame_errors = Counter(
+            "frame_errors", "Frames the engine could not score.", ["camera"], namespace=ns, registry=r
+        )
+        self.results_published = Counter(
+            "results_published", "Results handed to the publishers.", ["camera", "verdict"], namespace=ns, registry=r
+        )
+        self.prompt_reloads = Counter(
+            "prompt_reloads", "Prompt checkpoint reloads (ok, refused).", ["outcome"], namespace=ns, registry=r
+        )
+        self.batch_size = Histogram(
+            "batch_size", "Frames per engine batch.", buckets=BATCH_BUCKETS, namespace=ns, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "inference_seconds", "Engine time per batch.", buckets=INFERENCE_BUCKETS, namespace=ns, registry=r
+        )
+        self.capture_to_publish_seconds = Histogram(
+            "capture_to_publish_seconds",
+            "Time from frame capture to publishing its result or reject signal.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
+        self.queue_depth = Gauge("queue_depth", "Items waiting in each queue.", ["queue"], namespace=ns, registry=r)
+        self.camera_up = Gauge(
+            "camera_up", "1 while the camera delivers frames, else 0.", ["camera"], namespace=ns, registry=r
+        )
+        self.broker_up = Gauge(
+            "broker_up", "1 while the sink is connected to its broker, else 0.", ["sink"], namespace=ns, registry=r
+        )
+        self.prompt = Info("prompt", "The prompt checkpoint in use.", namespace=ns, registry=r)
+        self._stats = _StatsCollector()
+        r.register(self._stats)
+
+    def add_camera(self, camera: str) -> None:
+        """Create the camera's series at zero so rate() and alerts see them before the first event."""
+        for counter in (self.frames_captured, self.frames_processed, self.frame_errors):
+            counter.labels(camera=camera)
+        for reason in DROP_REASONS:
+            self.frames_dropped.labels(camera=camera, reason=reason)
+        self.camera_up.labels(camera=camera).set(0)
+
+    def dropped(self, camera: str, reason: DropReason, n: int = 1) -> None:
+        """Count dropped frames; an unknown reason is a programming error, not a new label value."""
+        if reason not in DROP_REASONS:
+            raise ValueError(f"unknown drop reason {reason!r}; expected one of {', '.join(DROP_REASONS)}")
+        self.frames_dropped.labels(camera=camera, reason=reason).inc(n)
+
+    def watch_queue(self, queue: str, size: Callable[[], int]) -> None:
+        """Read a queue's depth at scrape time instead of setting it on every put and get."""
+        self.queue_depth.labels(queue=queue).set_function(lambda: float(size()))
+
+    def set_prompt(self, version: str, backbone: str, path: str) -> None:
+        self.prompt.info({"version": version, "backbone": backbone, "path": path})
+
+    def add_stats_source(self, name: str, read: StatsReader) -> None:
+        """Export `read()` -> `{kind: {outcome: count}}` as genclip_messages_total{sink=name,kind,outcome}.
+
+        `read` is called on every scrape, from the HTTP thread: it must be cheap and thread-safe.
+        """
+        self._stats.add(name, read)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
