@@ -230,7 +230,7 @@ class Engine:
             log.warning("no checkpoint in folder yet; running untrained prompts", folder=str(config.checkpoint))
         prompts = self._untrained() if checkpoint is None else self._install_state(self.prepare_prompts(checkpoint))
         self._snapshot = Snapshot(prompts=prompts, classes=MappingProxyType({}), overrides=MappingProxyType({}))
-        log.debug("engine ready", **self.info())
+        log.info("engine ready", **self.info())
 
     # --- precision ---------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,168 @@
+"""Camera queues and the `FrameBatcher` that forms engine batches from all of them.
+
+Each camera has a bounded queue with its own policy: `drop_oldest` for live streams
+(the newest frame matters, the oldest is dropped and counted) or `block` for files
+and folders (the source waits, nothing is lost). The batcher takes frames from
+all queues in turn, up to the batch size or until the first frame of the batch
+has waited `max_wait_ms`, and drops frames older than their camera's staleness
+budget (counted as expired).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.frames import Frame
+from agent.ledger import FrameLedger
+
+Policy = str  # "drop_oldest" | "block"
+
+
+@dataclass
+class CameraLane:
+    """One camera's queue and settings, guarded by the batcher's lock."""
+
+    camera: str
+    capacity: int
+    policy: Policy
+    max_age_s: float  # 0: no limit
+    frames: deque[Frame]
+    paused: bool = False
+
+
+class FrameBatcher:
+    """Bounded per-camera queues in, mixed-camera batches out; one consumer (the engine worker)."""
+
+    def __init__(
+        self,
+        ledger: FrameLedger,
+        batch_size: int,
+        max_wait_ms: float,
+        on_drop: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._on_drop = on_drop or (lambda camera, reason: None)
+        self._lanes: dict[str, CameraLane] = {}
+        self._order: list[str] = []
+        self._next = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def add_camera(self, camera: str, capacity: int, policy: Policy, max_age_ms: float) -> None:
+        with self._cond:
+            self._lanes[camera] = CameraLane(camera, capacity, policy, max_age_ms / 1000.0, deque())
+            self._order.append(camera)
+
+    def emitter(self, camera: str) -> Callable[[Frame], None]:
+        """The `emit` a source calls with each frame it captured."""
+        return lambda frame: self.put(camera, frame)
+
+    def depth(self, camera: str | None = None) -> int:
+        with self._cond:
+            return sum(len(lane.frames) for name, lane in self._lanes.items() if camera in (None, name))
+
+    def set_paused(self, camera: str | None, paused: bool) -> list[str]:
+        """Pause (frames are dropped as 'paused') or resume one camera or all; returns the cameras changed."""
+        with self._cond:
+            names = [camera] if camera else list(self._lanes)
+            unknown = [n for n in names if n not in self._lanes]
+            if unknown:
+                raise KeyError(f"unknown camera {unknown[0]!r}; cameras: {', '.join(self._lanes)}")
+            for name in names:
+                self._lanes[name].paused = paused
+                if paused:
+                    while self._lanes[name].frames:
+                        self._drop(self._lanes[name].frames.popleft(), "paused")
+            self._cond.notify_all()
+            return names
+
+    def paused(self) -> list[str]:
+        with self._cond:
+            return [n for n, lane in self._lanes.items() if lane.paused]
+
+    def put(self, camera: str, frame: Frame) -> None:
+        """Accept a frame (counted), then queue it by the camera's policy; may block with 'block'."""
+        self.ledger.accepted(camera)
+        with self._cond:
+            lane = self._lanes[camera]
+            if self._closed:
+                self._drop(frame, "shutdown")
+                return
+            if lane.paused:
+                self._drop(frame, "paused")
+                return
+            if lane.policy == "block":
+                while len(lane.frames) >= lane.capacity and not self._closed and not lane.paused:
+                    self._cond.wait(0.5)
+                if self._closed or lane.paused:
+                    self._drop(frame, "shutdown" if self._closed else "paused")
+                    return
+            elif len(lane.frames) >= lane.capacity:
+                self._drop(lane.frames.popleft(), "queue_full")
+            lane.frames.append(frame)
+            self._cond.notify_all()
+
+    def _drop(self, frame: Frame, reason: str) -> None:
+        self.ledger.dropped(frame.camera, reason)  # type: ignore[arg-type]
+        self._on_drop(frame.camera, reason)
+
+    def _take_one(self, now: float) -> Frame | None:
+        """The next frame, cameras in turn; stale frames on the way are counted as expired."""
+        for _ in range(len(self._order)):
+            lane = self._lanes[self._order[self._next % len(self._order)]]
+            self._next += 1
+            while lane.frames:
+                frame = lane.frames.popleft()
+                if lane.max_age_s and frame.age_s(now) > lane.max_age_s:
+                    self.ledger.expired(frame.camera)
+                    self._on_drop(frame.camera, "stale")
+                    continue
+                return frame
+        return None
+
+    def next_batch(self, timeout: float) -> list[Frame]:
+        """Up to batch_size frames, waiting at most `timeout` for the first and max_wait for the rest."""
+        deadline = time.monotonic() + timeout
+        batch: list[Frame] = []
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while len(batch) < self.batch_size:
+                    frame = self._take_one(now)
+                    if frame is None:
+                        break
+                    batch.append(frame)
+                    if len(batch) == 1:
+                        deadline = now + self.max_wait_s
+                self._cond.notify_all()  # room for blocked sources
+                if len(batch) >= self.batch_size or now >= deadline or (self._closed and not batch):
+                    return batch
+                if self._closed and self.depth_locked() == 0:
+                    return batch
+                self._cond.wait(max(0.0, deadline - now))
+
+    def depth_locked(self) -> int:
+        return sum(len(lane.frames) for lane in self._lanes.values())
+
+    def close(self) -> None:
+        """No more frames are accepted (they are dropped as 'shutdown'); queued ones can still be taken."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drain(self, reason: str = "shutdown") -> int:
+        """Drop everything still queued, counted; returns how many."""
+        with self._cond:
+            count = 0
+            for lane in self._lanes.values():
+                while lane.frames:
+                    self._drop(lane.frames.popleft(), reason)
+                    count += 1
+            self._cond.notify_all()
+            return count
