@@ -216,6 +216,8 @@ class FrameSource(ABC):
                 self._cleanup()
             except Exception as exc:
                 self._count_error("cleanup failed", exc)
+            if self._stopping.is_set():
+                self._set_state("ended", "stopped")
 
 
 class SourceError(Exception):
