@@ -86,9 +86,10 @@ class CameraConfig(Section):
             raise ValueError(
                 f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})"
             )
-        if "synthetic" in self.model_fields_set and self.kind not in ("auto", "synthetic"):
+        tuned = bool(self.synthetic.model_fields_set)  # an empty [cameras.synthetic] table is harmless
+        if tuned and self.kind not in ("auto", "synthetic"):
             raise ValueError(f"synthetic: only for synthetic sources, not kind {self.kind!r}")
-        if "synthetic" in self.model_fields_set and self.kind == "auto" and not self.is_synthetic_source:
+        if tuned and self.kind == "auto" and not self.is_synthetic_source:
             raise ValueError(f"synthetic: only for synthetic sources; source must start with {SYNTHETIC_PREFIX!r}")
         return self
 
