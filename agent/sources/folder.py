@@ -41,7 +41,7 @@ DECODE_RETRY_S = 0.2  # at least this long between decode attempts of a settled 
 IDLE_CHECK_S = 1.0  # how often an idle source checks that its folder and observer are still there
 
 
-class _BlockedError(Exception):
+class _BlockedError(SourceError):
     """A file could not be moved out of the way (done/ or rejected/ unwritable): stop taking files."""
 
 
