@@ -51,7 +51,6 @@ def stop_promptly(source: FrameSource, limit: float = 2.0) -> float:
     start = time.monotonic()
     source.stop(timeout=limit + 1)
     took = time.monotonic() - start
-    print(f"stop() of {source.camera.id} took {took:.3f} s")
     assert not source.alive, f"thread of {source.camera.id} still running after stop()"
     assert took < limit, f"stop() took {took:.2f} s"
     return took

@@ -87,6 +87,7 @@ class FrameSource(ABC):
         self._last_frame_at: datetime | None = None
         self._heartbeat_at = time.monotonic()
         self._emitting = False
+        self._traced: set[type[BaseException]] = set()
 
     # --- public API -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -145,11 +146,13 @@ class FrameSource(ABC):
             self.log.info("source state", state=state, detail=detail or None)
 
     def _count_error(self, what: str, exc: BaseException) -> None:
-        """Log and count a caught exception; the traceback only for ones we did not expect."""
+        """Log and count a caught exception; a traceback only the first time an unexpected kind is seen."""
         with self._lock:
             self._errors += 1
         expected = isinstance(exc, OSError | ValueError | SourceError)
-        self.log.warning(what, error=str(exc) or type(exc).__name__, exc_info=not expected)
+        first = type(exc) not in self._traced  # one traceback per kind of surprise, not one per frame
+        self._traced.add(type(exc))
+        self.log.warning(what, error=str(exc) or type(exc).__name__, exc_info=first and not expected)
 
     def _back_off(self, state: State, reason: str) -> bool:
         """Show `state` with the reason and the wait, then wait the next backoff; True when stop was asked."""
