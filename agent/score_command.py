@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from agent.images import UnreadableImageError, is_image_file, read_frame
 from agent.logs import get_logger
 from trainer.verb_options import ConfigOption, fail, open_engine
 
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from agent.config import InspectConfig
     from model import Engine, FrameError, Prediction
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ONNX_TOLERANCE = 1e-3
 log = get_logger("agent.score_command")
 
@@ -80,15 +79,7 @@ torch on random input; exits 1 if either is above 1e-3.
 """
 
 
-class UnreadableImageError(Exception):
-    """An input that cannot be scored; the message says why, for the error line."""
-
-
 # --- inputs ------------------------------------------------------------------------------------------
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-
-
 def expand_inputs(arguments: list[Path]) -> list[Path]:
     """Files as given; folders replaced by their image files, sorted, not recursive.
 
@@ -103,38 +94,6 @@ def expand_inputs(arguments: list[Path]) -> list[Path]:
         else:
             paths.append(argument)
     return paths
-
-
-def read_frame(path: Path) -> np.ndarray:
-    """The image as the engine takes it (uint8/uint16, gray HxW or BGR HxWx3), or UnreadableImageError."""
-    import cv2
-    import numpy as np
-
-    from model import InvalidFrameError
-    from model.preprocess import check_frame
-
-    if path.is_dir():
-        raise UnreadableImageError(f"folder has no image files ({', '.join(s[1:] for s in IMAGE_SUFFIXES)})")
-    if not path.exists():
-        raise UnreadableImageError("file not found")
-    if not path.is_file():
-        raise UnreadableImageError("not a regular file")
-    if not os.access(path, os.R_OK):
-        raise UnreadableImageError("permission denied")
-    try:
-        frame = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise UnreadableImageError(f"cannot decode: {exc}") from None
-    if frame is None:
-        raise UnreadableImageError("cannot decode: corrupt, truncated or not a supported image format")
-    if frame.dtype not in (np.uint8, np.uint16):
-        raise UnreadableImageError(f"unsupported {frame.dtype} pixels: need 8- or 16-bit")
-    if frame.ndim == 3 and frame.shape[2] == 2:  # gray + alpha
-        frame = frame[:, :, 0]
-    try:
-        return check_frame(frame)  # drops an alpha channel, rejects odd shapes and tiny images
-    except InvalidFrameError as exc:
-        raise UnreadableImageError(exc.reason) from None
 
 
 def overlay_paths(paths: list[Path], out_dir: Path) -> list[Path]:

@@ -401,6 +401,31 @@ def dent(image: np.ndarray, rng: np.random.Generator) -> Defect:
     return apply_defect(image, "dent", rng)
 
 
+class Part(NamedTuple):
+    """One synthetic part: the image, its exact defect mask (all zero when good) and the defect kind."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    kind: str | None  # None: a good part
+
+
+def make_part(
+    rng: np.random.Generator, good: np.ndarray, defect_rate: float, kinds: Sequence[str] = DEFECT_KINDS
+) -> Part:
+    """A part made from the good surface `good`: defective with probability `defect_rate`, of a kind drawn from `kinds`.
+
+    For streams of parts (the agent's synthetic camera) rather than data sets on disk; all
+    randomness comes from `rng`, and `good` is never modified.
+    """
+    if not 0.0 <= defect_rate <= 1.0:
+        raise ValueError(f"defect_rate must be in [0, 1], not {defect_rate}")
+    if rng.random() >= defect_rate or not kinds:
+        return Part(good.copy(), np.zeros(good.shape[:2], np.uint8), None)
+    kind = normalise_kind(kinds[int(rng.integers(len(kinds)))])
+    image, mask = apply_defect(good, kind, rng)
+    return Part(image, mask, kind)
+
+
 # --------------------------------------------------------------------------- data set generation
 
 

@@ -1,19 +1,70 @@
-"""The `[[cameras]]` entries: one frame source each, with the product class it sees."""
+"""The `[[cameras]]` entries: one frame source each, with the product class it sees.
+
+`kind = "auto"` is resolved from `source` when the source starts (a folder may be created
+after the config is checked), so `resolved_kind` and `resolved_queue_policy` are properties.
+"""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from agent.section import Section
+from trainer.textures import FAMILIES
+
+SYNTHETIC_PREFIX = "synthetic:"
+TEMP_SUFFIXES = (".tmp", ".part")
+
+SourceKind = Literal["opencv", "folder", "synthetic"]
+QueuePolicy = Literal["drop_oldest", "block"]
+
+
+class SyntheticConfig(Section):
+    """`[cameras.synthetic]`: generated parts for demos, soak tests and measuring detection rates."""
+
+    defect_rate: float = Field(0.2, ge=0, le=1, description="Share of parts with one injected defect.")
+    texture: str = Field("metal", description=f"Surface family: {', '.join(FAMILIES)}.")
+    width: int = Field(320, ge=16, le=8192)
+    height: int = Field(240, ge=16, le=8192)
+    seed: int = Field(0, ge=0, description="Same seed, same images (frame n is the same part every run).")
+    ground_truth: Path | None = Field(None, description="JSONL file: one line per emitted part, defective or not.")
+
+    @field_validator("texture")
+    @classmethod
+    def _family(cls, value: str) -> str:
+        if value not in FAMILIES:
+            raise ValueError(f"unknown texture {value!r}; expected one of {', '.join(FAMILIES)}")
+        return value
 
 
 class CameraConfig(Section):
     id: str = Field(..., description="Camera id, unique on this line.")
-    source: str = Field(..., description="Device index ('0'), URL (rtsp://, http://), video file, or image folder.")
+    source: str = Field(
+        ...,
+        description="Device index ('0'), URL (rtsp://, http://), video file, image folder, or 'synthetic:<name>'.",
+    )
     product_class: str = Field(..., description="What this camera sees, e.g. 'bottle' or 'pcb1'.")
-    fps: float = Field(5.0, gt=0, le=1000, description="Frames per second to take.")
+    kind: Literal["auto", "opencv", "folder", "synthetic"] = Field(
+        "auto", description="auto: 'synthetic:...' -> synthetic, an existing folder -> folder, else opencv."
+    )
+    fps: float = Field(5.0, gt=0, le=1000, description="Frames per second to take (opencv and synthetic).")
+    queue_policy: QueuePolicy | None = Field(
+        None, description="When the pipeline is full. None: drop_oldest for live streams, block for files/folders."
+    )
+    queue_size: int = Field(8, ge=1, le=10_000, description="Frames of this camera waiting for the engine.")
+    max_age_ms: float = Field(2000.0, ge=0, description="Frames older than this are dropped; 0 = no limit.")
+    stall_timeout_s: float = Field(5.0, gt=0, le=3600, description="No frame for this long: stalled, reconnect.")
+    reconnect_min_s: float = Field(0.5, gt=0, le=3600, description="First wait before reconnecting or retrying.")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest wait (the wait doubles up to it).")
+    loop: bool = Field(False, description="Video files: start again at the end instead of ending.")
+    after: Literal["move", "delete"] = Field("move", description="Folders: what to do with a file once emitted.")
+    done_dir: Path | None = Field(None, description="Folders: where emitted files go; default <source>/done.")
+    rejected_dir: Path | None = Field(None, description="Folders: unreadable files; default <source>/rejected.")
+    settle_ms: float = Field(200.0, ge=0, le=600_000, description="Folders: a file's size must hold this long.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @field_validator("id")
     @classmethod
@@ -28,3 +79,65 @@ class CameraConfig(Section):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CameraConfig:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(
+                f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})"
+            )
+        tuned = bool(self.synthetic.model_fields_set)  # an empty [cameras.synthetic] table is harmless
+        if tuned and self.kind not in ("auto", "synthetic"):
+            raise ValueError(f"synthetic: only for synthetic sources, not kind {self.kind!r}")
+        if tuned and self.kind == "auto" and not self.is_synthetic_source:
+            raise ValueError(f"synthetic: only for synthetic sources; source must start with {SYNTHETIC_PREFIX!r}")
+        return self
+
+    @property
+    def is_synthetic_source(self) -> bool:
+        return self.source.startswith(SYNTHETIC_PREFIX)
+
+    @property
+    def resolved_kind(self) -> SourceKind:
+        """The source type `kind = "auto"` stands for, looking at the file system now."""
+        if self.kind != "auto":
+            return self.kind
+        if self.is_synthetic_source:
+            return "synthetic"
+        if Path(self.source).expanduser().is_dir():
+            return "folder"
+        return "opencv"
+
+    @property
+    def device_index(self) -> int | None:
+        """The camera index for a source like '0', else None."""
+        return int(self.source) if self.source.isdigit() else None
+
+    @property
+    def is_live(self) -> bool:
+        """Frames come whether or not we take them (a device or a stream), so old ones are worth dropping."""
+        kind = self.resolved_kind
+        if kind == "synthetic":
+            return True
+        if kind == "folder":
+            return False
+        return self.device_index is not None or "://" in self.source
+
+    @property
+    def resolved_queue_policy(self) -> QueuePolicy:
+        """`queue_policy`, or the default for this source: drop_oldest for live streams, block for files."""
+        if self.queue_policy is not None:
+            return self.queue_policy
+        return "drop_oldest" if self.is_live else "block"
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.source).expanduser()
+
+    @property
+    def resolved_done_dir(self) -> Path:
+        return self.done_dir if self.done_dir is not None else self.folder / "done"
+
+    @property
+    def resolved_rejected_dir(self) -> Path:
+        return self.rejected_dir if self.rejected_dir is not None else self.folder / "rejected"

@@ -1,0 +1,66 @@
+"""Image files as the engine takes them: one reader for `genclip score` and the folder source.
+
+Both must accept and reject the same files for the same reasons, so that an image that
+scores from the command line also scores when a frame grabber drops it into a folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class UnreadableImageError(Exception):
+    """An input that cannot be scored; the message says why, for the error line."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_frame(path: Path) -> np.ndarray:
+    """The image as the engine takes it (uint8/uint16, gray HxW or BGR HxWx3), or UnreadableImageError.
+
+    The bytes are read once and decoded from memory, so a file replaced while it is read
+    gives either image, never a mix.
+    """
+    import cv2
+    import numpy as np
+
+    from model import InvalidFrameError
+    from model.preprocess import check_frame
+
+    if path.is_dir():
+        raise UnreadableImageError(f"folder has no image files ({', '.join(s[1:] for s in IMAGE_SUFFIXES)})")
+    if not path.exists():
+        raise UnreadableImageError("file not found")
+    if not path.is_file():
+        raise UnreadableImageError("not a regular file")
+    if not os.access(path, os.R_OK):
+        raise UnreadableImageError("permission denied")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UnreadableImageError(f"cannot read: {exc.strerror or exc}") from None
+    if not data:
+        raise UnreadableImageError("empty file")
+    try:
+        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise UnreadableImageError(f"cannot decode: {exc}") from None
+    if frame is None:
+        raise UnreadableImageError("cannot decode: corrupt, truncated or not a supported image format")
+    if frame.dtype not in (np.uint8, np.uint16):
+        raise UnreadableImageError(f"unsupported {frame.dtype} pixels: need 8- or 16-bit")
+    if frame.ndim == 3 and frame.shape[2] == 2:  # gray + alpha
+        frame = frame[:, :, 0]
+    try:
+        return check_frame(frame)  # drops an alpha channel, rejects odd shapes and tiny images
+    except InvalidFrameError as exc:
+        raise UnreadableImageError(exc.reason) from None

@@ -1,0 +1,227 @@
+"""What every frame source shares: its capture thread, its status, numbering and error handling.
+
+A source owns one daemon thread named `source-<camera id>`. Subclasses write `_run`, which
+captures until `_stopping` is set; whatever it raises is logged with the camera id, counted,
+and `_run` is called again after a capped exponential backoff, so bad input never ends a
+source. Frames go out through `_emit_frame`, which numbers them and calls the pipeline's
+`emit` (that call may block when the camera's queue policy is 'block').
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from agent.frames import Frame
+from agent.logs import get_logger
+from agent.sources.config import CameraConfig
+
+Emit = Callable[[Frame], None]
+State = Literal["starting", "running", "reconnecting", "stalled", "ended", "failed"]
+HEALTHY_STATES: frozenset[State] = frozenset({"running", "ended"})
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStatus:
+    """A snapshot of one source, for /health and /metrics."""
+
+    camera: str
+    state: State
+    detail: str  # why: the error, the reconnect wait, the end of the file
+    frames: int  # emitted since start
+    errors: int  # exceptions caught (open/read/decode/emit failures)
+    last_frame_at: datetime | None
+
+    @property
+    def healthy(self) -> bool:
+        """Running, or ended on purpose (a video file played to its end with `loop = false`).
+
+        'starting' is not healthy yet; 'reconnecting', 'stalled' and 'failed' mean no frames are coming.
+        """
+        return self.state in HEALTHY_STATES
+
+
+class Backoff:
+    """Capped exponential waits: min, 2*min, 4*min ... max; `reset` after a success."""
+
+    def __init__(self, minimum: float, maximum: float) -> None:
+        self.minimum, self.maximum = minimum, maximum
+        self._next = minimum
+
+    def next(self) -> float:
+        wait = self._next
+        self._next = min(self.maximum, self._next * 2)
+        return wait
+
+    def reset(self) -> None:
+        self._next = self.minimum
+
+
+class FrameSource(ABC):
+    """One camera's capture thread; `start`, `stop` and `status` are safe from any thread."""
+
+    watch_stalls: ClassVar[bool] = False  # a source that should deliver steadily (not a folder waiting for files)
+
+    def __init__(self, camera: CameraConfig, emit: Emit, *, line_id: str = "") -> None:
+        self.camera = camera
+        self._emit = emit
+        self.log = get_logger(f"agent.sources.{type(self).__name__}").bind(camera=camera.id)
+        if line_id:
+            self.log = self.log.bind(line=line_id)
+        self.backoff = Backoff(camera.reconnect_min_s, camera.reconnect_max_s)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._state: State = "starting"
+        self._detail = ""
+        self._seq = 0
+        self._frames = 0
+        self._errors = 0
+        self._last_frame_at: datetime | None = None
+        self._heartbeat_at = time.monotonic()
+        self._emitting = False
+        self._traced: set[type[BaseException]] = set()
+
+    # --- public API -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the capture thread (once)."""
+        if self._thread is not None:
+            raise RuntimeError(f"source {self.camera.id} already started")
+        self._thread = threading.Thread(target=self._main, name=f"source-{self.camera.id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to stop, wait up to `timeout` s for it to release its device and end.
+
+        A thread blocked inside `emit` (a full 'block' queue) ends when emit returns; the pipeline
+        should stop consuming only after its sources.
+        """
+        self._stopping.set()
+        self._interrupt()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                self.log.warning("source thread did not stop in time", timeout_s=timeout)
+
+    def status(self) -> SourceStatus:
+        """A consistent snapshot; a running source that has had no frame for `stall_timeout_s` shows 'stalled'.
+
+        That covers a capture call that hangs despite its timeouts (some device drivers ignore them).
+        """
+        with self._lock:
+            state, detail = self._state, self._detail
+            quiet = time.monotonic() - self._heartbeat_at
+            if self.watch_stalls and state == "running" and not self._emitting and quiet > self.camera.stall_timeout_s:
+                state, detail = "stalled", f"no frame for {quiet:.1f} s"
+            return SourceStatus(self.camera.id, state, detail, self._frames, self._errors, self._last_frame_at)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- for subclasses -------------------------------------------------------------------------------
+    @abstractmethod
+    def _run(self) -> None:
+        """Capture until `_stopping` is set (or the source ends); raising means 'retry after a backoff'."""
+
+    def _interrupt(self) -> None:  # noqa: B027 (optional hook)
+        """Wake the thread from a wait that `_stopping` alone does not end (an observer, a device)."""
+
+    def _cleanup(self) -> None:  # noqa: B027 (optional hook)
+        """Release devices and files; runs on the capture thread when it ends."""
+
+    def _set_state(self, state: State, detail: str = "") -> None:
+        with self._lock:
+            changed = (state, detail) != (self._state, self._detail)
+            self._state, self._detail = state, detail
+        if changed:
+            self.log.info("source state", state=state, detail=detail or None)
+
+    def _count_error(self, what: str, exc: BaseException) -> None:
+        """Log and count a caught exception; a traceback only the first time an unexpected kind is seen."""
+        with self._lock:
+            self._errors += 1
+        expected = isinstance(exc, OSError | ValueError | SourceError)
+        first = type(exc) not in self._traced  # one traceback per kind of surprise, not one per frame
+        self._traced.add(type(exc))
+        self.log.warning(what, error=str(exc) or type(exc).__name__, exc_info=first and not expected)
+
+    def _back_off(self, state: State, reason: str) -> bool:
+        """Show `state` with the reason and the wait, then wait the next backoff; True when stop was asked."""
+        wait = self.backoff.next()
+        self._set_state(state, f"{reason}; retry in {wait:.1f} s")
+        return self._wait(wait)
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True when stop was asked meanwhile."""
+        return self._stopping.wait(max(0.0, seconds))
+
+    def _heartbeat(self) -> None:
+        """Note that the device delivered (a frame grabbed, even if not emitted)."""
+        with self._lock:
+            self._heartbeat_at = time.monotonic()
+
+    def _next_seq(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    def _emit_frame(self, image: np.ndarray, part_id: str | None = None, seq: int | None = None) -> Frame | None:
+        """Number the image, wrap it in a Frame and hand it to the pipeline; None when emit raised.
+
+        `seq` is given when the part id needs it before the call; otherwise the next number is taken.
+        """
+        seq = self._next_seq() if seq is None else seq
+        frame = Frame(
+            camera=self.camera.id,
+            seq=seq,
+            part_id=part_id if part_id is not None else f"{self.camera.id}-{seq}",
+            product_class=self.camera.product_class,
+            image=image,
+        )
+        with self._lock:
+            self._emitting = True
+        try:
+            self._emit(frame)
+        except Exception as exc:
+            self._count_error("emit raised; frame not taken", exc)
+            return None
+        finally:
+            with self._lock:
+                self._emitting = False
+                self._heartbeat_at = time.monotonic()
+        with self._lock:
+            self._frames += 1
+            self._last_frame_at = frame.captured_at
+        return frame
+
+    # --- thread body ----------------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._run()
+                    return
+                except Exception as exc:
+                    self._count_error("source error; retrying", exc)
+                    if self._back_off("reconnecting", str(exc) or type(exc).__name__):
+                        return
+        finally:
+            try:
+                self._cleanup()
+            except Exception as exc:
+                self._count_error("cleanup failed", exc)
+            if self._stopping.is_set():
+                self._set_state("ended", "stopped")
+
+
+class SourceError(Exception):
+    """An expected capture problem (device gone, stream ended early); logged without a traceback."""

@@ -1,0 +1,102 @@
+"""OpenCV capture: a camera index, a network stream (rtsp://, http://) or a video file.
+
+Live streams are read as fast as they deliver (so the driver's buffer never fills with old
+frames) and only every `1/fps` s a frame is decoded and emitted. Files are paced at `fps`.
+FFmpeg's open and read timeouts are set to `stall_timeout_s`, so a stream that stops sending
+ends `grab()` instead of hanging it; the source then reconnects with a capped backoff.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar, Literal
+
+import cv2
+
+from agent.sources.base import FrameSource, SourceError
+
+Outcome = Literal["stopped", "ended", "lost"]
+
+
+class OpenCvSource(FrameSource):
+    """`cv2.VideoCapture` with rate limiting, stall detection, reconnects and end-of-file handling."""
+
+    watch_stalls: ClassVar[bool] = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lost_reason = ""
+
+    def _open(self) -> cv2.VideoCapture:
+        """Open the source or raise SourceError; FFmpeg gets open/read timeouts."""
+        cam = self.camera
+        index = cam.device_index
+        if index is not None:
+            capture = cv2.VideoCapture(index)
+        elif cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
+            timeout_ms = int(cam.stall_timeout_s * 1000)
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+            capture = cv2.VideoCapture(cam.source, cv2.CAP_FFMPEG, params)
+        else:
+            capture = cv2.VideoCapture(cam.source)
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"cannot open {cam.source}")
+        return capture
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            first = self.status().state == "starting"
+            self._set_state("starting" if first else "reconnecting", f"opening {self.camera.source}")
+            capture = self._open()
+            try:
+                outcome = self._capture(capture)
+            finally:
+                capture.release()
+            if outcome == "stopped":
+                return
+            if outcome == "ended":
+                if not self.camera.loop:
+                    self._set_state("ended", "end of video file")
+                    return
+                self.log.debug("video file looped")
+                continue
+            self._count_error("capture lost; reconnecting", SourceError(self._lost_reason))
+            stalled = self._lost_reason.startswith("no frame")
+            if self._back_off("stalled" if stalled else "reconnecting", self._lost_reason):
+                return
+
+    def _capture(self, capture: cv2.VideoCapture) -> Outcome:
+        """Read until stop, end of file or loss; `_lost_reason` says why it was lost."""
+        live = self.camera.is_live
+        period = 1.0 / self.camera.fps
+        due = time.monotonic()
+        got_any = False
+        last_frame = time.monotonic()
+        while not self._stopping.is_set():
+            if not capture.grab():
+                quiet = time.monotonic() - last_frame
+                if not live and got_any:
+                    return "ended"
+                if quiet >= 0.9 * self.camera.stall_timeout_s:
+                    self._lost_reason = f"no frame for {quiet:.1f} s"
+                else:
+                    self._lost_reason = "read failed" if got_any else "opened but no frame could be read"
+                return "lost"
+            now = last_frame = time.monotonic()
+            self._heartbeat()
+            if not got_any:
+                got_any = True
+                self.backoff.reset()
+                self._set_state("running")
+            if live and now < due:
+                continue  # drain the stream; this frame is not due yet
+            ok, image = capture.retrieve()
+            if not ok or image is None:
+                self._lost_reason = "frame could not be decoded"
+                return "lost"
+            self._emit_frame(image)
+            due = max(due + period, time.monotonic())  # after a long pause, do not burst to catch up
+            if not live and self._wait(due - time.monotonic()):
+                return "stopped"
+        return "stopped"

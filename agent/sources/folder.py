@@ -1,0 +1,266 @@
+"""A folder a frame grabber drops images into: each file is one part, named by its file name.
+
+watchdog reports new and moved-in files; one scan at start takes what is already there. A
+file is read only after its size and mtime held for `settle_ms` since the last event about
+it, and it must decode (a failure right after settling gets a short retry, then the file
+is rejected). Files are taken oldest first (mtime, then name). After `emit` returns the file
+moves to `done_dir` (or is deleted); an unreadable one moves to `rejected_dir` with a
+`<name>.reason.txt`. When a file cannot be moved, the source stops taking files, leaves them
+where they are, shows 'failed' and retries with the backoff: a file is never lost, and one
+already emitted is not emitted again.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import (
+    EVENT_TYPE_CLOSED,
+    EVENT_TYPE_CREATED,
+    EVENT_TYPE_DELETED,
+    EVENT_TYPE_MODIFIED,
+    EVENT_TYPE_MOVED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from agent.images import IMAGE_SUFFIXES, UnreadableImageError, read_frame
+from agent.sources.base import FrameSource, SourceError
+from agent.sources.config import TEMP_SUFFIXES
+
+DECODE_RETRIES = 2
+DECODE_RETRY_S = 0.2  # at least this long between decode attempts of a settled file
+IDLE_CHECK_S = 1.0  # how often an idle source checks that its folder and observer are still there
+
+
+class _BlockedError(SourceError):
+    """A file could not be moved out of the way (done/ or rejected/ unwritable): stop taking files."""
+
+
+@dataclass
+class _Unsettled:
+    due: float  # monotonic: when to look at the file again
+    size: int = -1
+    mtime_ns: int = -1
+
+
+def is_ignored(name: str) -> bool:
+    """Hidden files and the temporary names writers use before renaming into place."""
+    return name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, source: FolderSource) -> None:
+        self.source = source
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        if event.event_type in (EVENT_TYPE_DELETED, EVENT_TYPE_MOVED):
+            self.source._forget(Path(os.fsdecode(event.src_path)))
+        if event.event_type == EVENT_TYPE_MOVED:
+            self.source._note(Path(os.fsdecode(event.dest_path)))
+        elif event.event_type in (EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED):
+            self.source._note(Path(os.fsdecode(event.src_path)))
+
+
+class FolderSource(FrameSource):
+    """Watches `camera.source` (not its sub-folders) and emits each settled image file once."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.folder = self.camera.folder
+        self._settle_s = self.camera.settle_ms / 1000
+        self._guard = threading.Lock()
+        self._wake = threading.Event()
+        self._unsettled: dict[Path, _Unsettled] = {}  # guarded by _guard; written by the observer thread
+        self._ready: list[tuple[int, str, Path]] = []  # heap of (mtime_ns, name, path); capture thread only
+        self._decode_failures: dict[Path, int] = {}
+        self._emitted: set[Path] = set()  # emitted, but not yet moved to done/ (the move failed)
+
+    # --- called from the observer thread ---------------------------------------------------------------
+    def _note(self, path: Path) -> None:
+        """Something happened to `path`: look at it again `settle_ms` from now."""
+        if path.parent != self.folder or is_ignored(path.name):
+            return
+        with self._guard:
+            entry = self._unsettled.setdefault(path, _Unsettled(0.0))
+            entry.due = time.monotonic() + self._settle_s
+        self._wake.set()
+
+    def _forget(self, path: Path) -> None:
+        with self._guard:
+            self._unsettled.pop(path, None)
+
+    def _interrupt(self) -> None:
+        self._wake.set()
+
+    # --- capture thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        if not self.folder.is_dir():
+            raise SourceError(f"folder not found: {self.folder}")
+        targets = {"done_dir": self.camera.resolved_done_dir, "rejected_dir": self.camera.resolved_rejected_dir}
+        for name, target in targets.items():
+            if target.resolve() == self.folder.resolve():
+                raise SourceError(f"{name} must not be the watched folder itself")
+        observer = Observer()
+        observer.schedule(_Handler(self), str(self.folder), recursive=False)
+        observer.start()
+        try:
+            for entry in os.scandir(self.folder):  # after the observer starts, so no file falls between
+                self._note(Path(entry.path))
+            self._set_state("running")
+            while not self._stopping.is_set():
+                if not observer.is_alive() or not self.folder.is_dir():
+                    raise SourceError(f"lost the watch on {self.folder}")
+                self._settle()
+                if self._ready:
+                    self._take_next()
+                else:
+                    self._wake.wait(self._idle_wait())
+                    self._wake.clear()
+        finally:
+            observer.stop()
+            observer.join(2.0)
+
+    def _idle_wait(self) -> float:
+        with self._guard:
+            next_due = min((e.due for e in self._unsettled.values()), default=None)
+        if next_due is None:
+            return IDLE_CHECK_S
+        return min(IDLE_CHECK_S, max(0.0, next_due - time.monotonic()))
+
+    def _settle(self) -> None:
+        """Move files whose size and mtime held for `settle_ms` to the ready heap."""
+        now = time.monotonic()
+        with self._guard:
+            due = [(path, entry) for path, entry in self._unsettled.items() if entry.due <= now]
+        for path, entry in due:
+            try:
+                stat = path.stat()
+            except OSError:
+                self._forget(path)  # gone (or moved) before it settled
+                continue
+            if not path.is_file():
+                self._forget(path)
+                continue
+            with self._guard:
+                if (stat.st_size, stat.st_mtime_ns) != (entry.size, entry.mtime_ns) or entry.due > now:
+                    entry.size, entry.mtime_ns = stat.st_size, stat.st_mtime_ns
+                    entry.due = max(entry.due, now + self._settle_s)
+                    continue
+                del self._unsettled[path]
+            heapq.heappush(self._ready, (stat.st_mtime_ns, path.name, path))
+
+    def _take_next(self) -> None:
+        """Emit and clear away the oldest ready file; on a blocked move, back off with state 'failed'."""
+        item = heapq.heappop(self._ready)
+        path = item[2]
+        with self._guard:
+            if path in self._unsettled:  # written to again since it settled: it will come back when it settles
+                return
+        try:
+            self._process(path)
+        except _BlockedError as exc:
+            heapq.heappush(self._ready, item)
+            self._count_error("cannot clear files away; not taking new ones", exc)
+            self._back_off("failed", str(exc))
+            return
+        if self.status().state != "running":
+            self._set_state("running")
+            self.backoff.reset()
+
+    def _process(self, path: Path) -> None:
+        if path in self._emitted:  # emitted before a move failed: only finish it
+            self._finish(path)
+            return
+        if not path.exists():
+            return
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            suffix = path.suffix or "no extension"
+            self._reject(path, f"not an image file name ({suffix}); expected {', '.join(IMAGE_SUFFIXES)}")
+            return
+        try:
+            image = read_frame(path)
+        except UnreadableImageError as exc:
+            failures = self._decode_failures.get(path, 0)
+            if failures < DECODE_RETRIES:
+                self._decode_failures[path] = failures + 1
+                with self._guard:
+                    self._unsettled[path] = _Unsettled(time.monotonic() + max(DECODE_RETRY_S, self._settle_s))
+                return
+            self._reject(path, str(exc))
+            return
+        if self.camera.after == "move":
+            self._ensure_dir(self.camera.resolved_done_dir)  # before emitting: a full disk must not cost a frame
+        frame = self._emit_frame(image, part_id=path.stem)
+        if frame is None:  # emit raised: keep the file and try it again later
+            with self._guard:
+                self._unsettled[path] = _Unsettled(time.monotonic() + self.backoff.next())
+            return
+        self.backoff.reset()
+        self._emitted.add(path)
+        self._finish(path)
+
+    def _finish(self, path: Path) -> None:
+        try:
+            if self.camera.after == "delete":
+                path.unlink(missing_ok=True)
+            else:
+                move_into(path, self._ensure_dir(self.camera.resolved_done_dir))
+        except OSError as exc:
+            raise _BlockedError(f"cannot {self.camera.after} {path.name}: {exc.strerror or exc}") from None
+        self._emitted.discard(path)
+        self._decode_failures.pop(path, None)
+
+    def _reject(self, path: Path, reason: str) -> None:
+        self._count_error("file rejected", UnreadableImageError(f"{path.name}: {reason}"))
+        try:
+            target = move_into(path, self._ensure_dir(self.camera.resolved_rejected_dir))
+            target.with_name(f"{target.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise _BlockedError(f"cannot move {path.name} to rejected: {exc.strerror or exc}") from None
+        self._decode_failures.pop(path, None)
+
+    @staticmethod
+    def _ensure_dir(folder: Path) -> Path:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _BlockedError(f"cannot create {folder}: {exc.strerror or exc}") from None
+        return folder
+
+
+def move_into(path: Path, folder: Path) -> Path:
+    """Move `path` into `folder` without overwriting (name-1.png, name-2.png ...); returns the new path.
+
+    Across file systems the copy is written under a temporary name first, so a full disk leaves
+    the original in place and no half file behind.
+    """
+    target = folder / path.name
+    count = 0
+    while target.exists():
+        count += 1
+        target = folder / f"{path.stem}-{count}{path.suffix}"
+    try:
+        os.rename(path, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        temporary = folder / f".{target.name}.part"
+        try:
+            shutil.copy2(path, temporary)
+            os.replace(temporary, target)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
+        path.unlink()
+    return target

@@ -1,0 +1,199 @@
+"""The folder source: oldest first, never half a file, rejects with reasons, never loses a file."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import agent.sources.folder as folder_module
+from agent.sources import CameraConfig, open_source
+from agent.sources.folder import FolderSource
+from tests.source_fixtures import Collector, stop_promptly, wait_until
+
+
+def camera(folder: Path, **keys) -> CameraConfig:
+    keys = {"settle_ms": 50, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2, **keys}
+    return CameraConfig(id="grabber", source=str(folder), product_class="widget", **keys)
+
+
+def image(value: int, size: tuple[int, int] = (48, 64)) -> np.ndarray:
+    rng = np.random.default_rng(value)
+    return rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def png(value: int, size: tuple[int, int] = (48, 64)) -> bytes:
+    return cv2.imencode(".png", image(value, size))[1].tobytes()
+
+
+def start(cam: CameraConfig, emit: Collector) -> FolderSource:
+    source = open_source(cam, emit)
+    assert isinstance(source, FolderSource)
+    source.start()
+    return source
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def test_existing_files_are_taken_oldest_first_and_moved_to_done(tmp_path):
+    for name, age in (("b", 30), ("a", 10), ("c", 20), ("d", 20)):  # c and d: same mtime, name decides
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(png(ord(name)))
+        os.utime(path, (time.time() - age, time.time() - age))
+    emit = Collector()
+    source = start(camera(tmp_path), emit)
+    try:
+        assert wait_until(lambda: len(files(tmp_path / "done")) == 4)
+        frames = emit.snapshot()
+        assert [f.part_id for f in frames] == ["b", "c", "d", "a"]
+        assert [f.seq for f in frames] == [1, 2, 3, 4]
+        assert all(f.camera == "grabber" and f.product_class == "widget" for f in frames)
+        assert np.array_equal(frames[0].image, image(ord("b")))
+        assert files(tmp_path / "done") == ["a.png", "b.png", "c.png", "d.png"]
+        status = source.status()
+        assert status.state == "running" and status.healthy and status.frames == 4 and status.errors == 0
+    finally:
+        stop_promptly(source)
+
+
+@pytest.mark.parametrize(("settle_ms", "pause_s"), [(300, 0.15), (50, 0.25)])
+def test_a_file_written_in_two_halves_is_read_once_complete(tmp_path, settle_ms, pause_s):
+    """(300, 0.15): a pause shorter than settle_ms; (50, 0.25): the half settles, fails to decode, is retried."""
+    emit = Collector()
+    source = start(camera(tmp_path, settle_ms=settle_ms), emit)
+    data = png(7, (240, 320))
+    try:
+        assert wait_until(lambda: source.status().state == "running")
+        with open(tmp_path / "part-7.png", "wb") as out:
+            out.write(data[: len(data) // 2])
+            out.flush()
+            time.sleep(pause_s)
+            out.write(data[len(data) // 2 :])
+        assert wait_until(lambda: files(tmp_path / "done") == ["part-7.png"])
+        time.sleep(0.2)  # nothing else comes
+        frames = emit.snapshot()
+        assert len(frames) == 1 and frames[0].part_id == "part-7"
+        assert np.array_equal(frames[0].image, image(7, (240, 320)))
+        assert not (tmp_path / "rejected").exists()
+    finally:
+        stop_promptly(source)
+
+
+def test_unreadable_files_are_rejected_with_a_reason(tmp_path):
+    emit = Collector()
+    source = start(camera(tmp_path), emit)
+    try:
+        (tmp_path / "notes.txt").write_text("not a picture")
+        (tmp_path / "cut.png").write_bytes(png(1, (120, 160))[:300])
+        (tmp_path / "good.png").write_bytes(png(2))
+        rejected = tmp_path / "rejected"
+        assert wait_until(lambda: rejected.is_dir() and len(files(rejected)) == 4 and len(emit) == 1)
+        assert files(rejected) == ["cut.png", "cut.png.reason.txt", "notes.txt", "notes.txt.reason.txt"]
+        assert "cannot decode" in (rejected / "cut.png.reason.txt").read_text()
+        assert "not an image file name (.txt)" in (rejected / "notes.txt.reason.txt").read_text()
+        assert [f.part_id for f in emit.snapshot()] == ["good"]
+        assert wait_until(lambda: files(tmp_path) == [])  # good.png moves once emit has returned
+        assert source.status().errors == 2 and source.status().state == "running"
+    finally:
+        stop_promptly(source)
+
+
+def test_after_delete_and_ignored_names(tmp_path):
+    emit = Collector()
+    source = start(camera(tmp_path, after="delete"), emit)
+    try:
+        (tmp_path / "sub").mkdir()
+        for name in (".hidden.png", "x.png.tmp", "y.part", "sub/z.png"):
+            (tmp_path / name).write_bytes(png(3))
+        (tmp_path / "one.png").write_bytes(png(4))
+        assert wait_until(lambda: len(emit) == 1)
+        assert wait_until(lambda: not (tmp_path / "one.png").exists())
+        (tmp_path / "x.png.tmp").rename(tmp_path / "x.png")  # how writers publish a finished file
+        assert wait_until(lambda: len(emit) == 2)
+        time.sleep(0.2)
+        assert [f.part_id for f in emit.snapshot()] == ["one", "x"]
+        assert files(tmp_path) == [".hidden.png", "y.part"] and files(tmp_path / "sub") == ["z.png"]
+        assert not (tmp_path / "done").exists()
+    finally:
+        stop_promptly(source)
+
+
+def test_unwritable_done_dir_fails_and_keeps_the_files_until_it_is_fixed(tmp_path):
+    """As root chmod does not stop writes: `done` under a regular file cannot be created by anyone."""
+    watched, blocker = tmp_path / "in", tmp_path / "blocker"
+    watched.mkdir()
+    blocker.write_text("a file where a folder should be")
+    (watched / "p1.png").write_bytes(png(1))
+    (watched / "p2.png").write_bytes(png(2))
+    emit = Collector()
+    source = start(camera(watched, done_dir=blocker / "done"), emit)
+    try:
+        assert wait_until(lambda: source.status().state == "failed")
+        time.sleep(0.3)  # several retries
+        status = source.status()
+        assert "cannot create" in status.detail and "done" in status.detail and not status.healthy
+        assert len(emit) == 0 and files(watched) == ["p1.png", "p2.png"]
+        blocker.unlink()
+        blocker.mkdir()
+        assert wait_until(lambda: files(blocker / "done") == ["p1.png", "p2.png"], timeout=3)
+        assert len(emit) == 2 and files(watched) == [] and source.status().state == "running"
+    finally:
+        stop_promptly(source)
+
+
+def test_a_failed_move_after_emit_neither_loses_nor_repeats_the_file(tmp_path, monkeypatch):
+    real_move, calls = folder_module.move_into, []
+
+    def full_disk(path: Path, folder: Path) -> Path:
+        calls.append(path.name)
+        if len(calls) <= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_move(path, folder)
+
+    monkeypatch.setattr(folder_module, "move_into", full_disk)
+    (tmp_path / "p1.png").write_bytes(png(1))
+    emit = Collector()
+    source = start(camera(tmp_path), emit)
+    try:
+        assert wait_until(lambda: source.status().state == "failed")
+        assert "No space left" in source.status().detail and files(tmp_path) == ["p1.png"]
+        assert wait_until(lambda: files(tmp_path / "done") == ["p1.png"] and source.status().state == "running")
+        assert [f.part_id for f in emit.snapshot()] == ["p1"]
+    finally:
+        stop_promptly(source)
+
+
+def test_an_emit_that_raises_keeps_the_file_and_the_thread(tmp_path):
+    emit = Collector(fail=lambda frame: frame.seq == 1)
+    (tmp_path / "p1.png").write_bytes(png(1))
+    source = start(camera(tmp_path), emit)
+    try:
+        assert wait_until(lambda: len(emit) == 1)
+        assert [f.part_id for f in emit.snapshot()] == ["p1"] and emit.calls == 2
+        assert source.status().errors == 1 and source.alive
+        (tmp_path / "p2.png").write_bytes(png(2))
+        assert wait_until(lambda: files(tmp_path / "done") == ["p1.png", "p2.png"])
+        assert len(emit) == 2
+    finally:
+        stop_promptly(source)
+
+
+def test_missing_folder_is_retried_until_it_appears(tmp_path):
+    watched = tmp_path / "later"
+    emit = Collector()
+    source = start(camera(watched, kind="folder"), emit)
+    try:
+        assert wait_until(lambda: source.status().state == "reconnecting")
+        assert "folder not found" in source.status().detail
+        watched.mkdir()
+        (watched / "p.png").write_bytes(png(1))
+        assert wait_until(lambda: len(emit) == 1, timeout=3)
+    finally:
+        stop_promptly(source)
