@@ -95,3 +95,12 @@ def _register_verbs() -> None:
 def main() -> None:
     _register_verbs()
     app()
+
+
+@app.command("run")
+def run(config: ConfigOption = None) -> None:
+    """Run the inspection service for one line until SIGTERM/SIGINT (SIGHUP reloads the prompts)."""
+    cfg = load_for_verb(config)
+    from agent.service import InspectionService
+
+    raise typer.Exit(InspectionService(cfg).run())

@@ -51,10 +51,17 @@ class BatchConfig(Section):
 
 class AgentConfig(Section):
     health_host: str = "127.0.0.1"
-    health_port: int = Field(8321, ge=1, le=65535, description="HTTP port for /health and /metrics.")
-    frame_queue: int = Field(64, ge=1, description="Frames waiting for the engine before the oldest is dropped.")
+    health_port: int = Field(
+        8321, ge=0, le=65535, description="HTTP port for /healthz and /metrics; 0 = any free port."
+    )
     publish_queue: int = Field(1024, ge=1, description="Results waiting for the publishers.")
     prompt_dir: Path | None = Field(None, description="Folder watched for new prompt checkpoints.")
+    shutdown_timeout_s: float = Field(
+        10.0, ge=0, le=600, description="On stop: time to score what is queued and flush the brokers."
+    )
+    stall_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A batch running longer than this marks the worker stalled (health, watchdog)."
+    )
     reload_debounce_s: float = Field(
         0.5, ge=0, le=60, description="Quiet time after a checkpoint is published before it is loaded (bursts: once)."
     )
@@ -81,6 +88,11 @@ class InspectConfig(BaseSettings):
     engine: BatchConfig = Field(default_factory=BatchConfig)
     cameras: list[CameraConfig] = Field(default_factory=list)
     thresholds: dict[str, float] = Field(default_factory=dict, description="Image-score threshold per class.")
+    references: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Per class: a folder of good-part images that decides its class word and threshold at start "
+        "and recalibrates it on every new prompt version.",
+    )
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)

@@ -44,7 +44,7 @@ class CameraArgs(_Args):
 
 
 class SnapshotArgs(_Args):
-    """Save the next frame of every camera."""
+    """Re-publish the line's retained info (model, prompt version, cameras, classes, thresholds)."""
 
 
 ARGS: dict[str, type[_Args]] = {

@@ -72,3 +72,99 @@ class Inspection:
 
     def decision_payload(self) -> dict[str, Any]:
         return {**self.reject_payload(), "reject": self.rejects}
+
+
+def encode_map_png(anomaly_map: Any, size: int | None = None) -> bytes:
+    """An anomaly map [S, S] in [0, 1] as an 8-bit gray PNG (0 = normal, 255 = most anomalous)."""
+    import cv2
+    import numpy as np
+
+    values = np.asarray(anomaly_map, dtype=np.float32)
+    if size is not None and values.shape != (size, size):
+        values = cv2.resize(values, (size, size), interpolation=cv2.INTER_AREA)
+    ok, png = cv2.imencode(".png", np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if not ok:
+        raise ValueError("PNG encoding of the anomaly map failed")
+    return png.tobytes()
+
+
+def _finite(value: float) -> float | None:
+    import math
+
+    return float(value) if math.isfinite(value) else None
+
+
+def build_inspection(
+    frame: Any,
+    outcome: Any,
+    *,
+    line: str,
+    window_s: float,
+    maps: str,
+    map_size: int | None,
+    model: dict[str, Any],
+    now: datetime | None = None,
+) -> Inspection:
+    """The Inspection of one frame from the engine's outcome (a Prediction or a FrameError)."""
+    import time
+    from datetime import UTC, timedelta
+
+    published = now or datetime.now(UTC)
+    latency_ms = round((time.monotonic() - frame.captured_mono) * 1000.0, 2)
+    deadline = frame.captured_at + timedelta(seconds=window_s)
+    base = {
+        "schema": SCHEMA,
+        "line": line,
+        "camera": frame.camera,
+        "seq": frame.seq,
+        "part_id": frame.part_id,
+        "product_class": frame.product_class,
+        "captured_at": iso(frame.captured_at),
+        "published_at": iso(published),
+        "latency_ms": latency_ms,
+        "model": model,
+    }
+    if not outcome.ok:
+        result = {
+            **base,
+            "score": None,
+            "threshold": None,
+            "threshold_source": None,
+            "verdict": "ERROR",
+            "error": outcome.reason,
+            "defects": [],
+            "map_key": None,
+        }
+        return Inspection(
+            line, frame.camera, frame.seq, frame.part_id, frame.product_class, "ERROR", None,
+            frame.captured_at, deadline, frame.captured_mono, ["inspection-error"], result, None, outcome.reason,
+        )  # fmt: skip
+    verdict: Verdict = "NG" if outcome.is_anomalous else "OK"
+    defects = [
+        {
+            "type": d.type,
+            "type_probability": _finite(d.type_probability),
+            "score": _finite(d.score),
+            "area_px": int(d.area),
+            "bbox": [int(v) for v in d.bbox],
+        }
+        for d in outcome.defects
+    ]
+    store_map = maps == "all" or (maps == "ng" and verdict == "NG")
+    result = {
+        **base,
+        "score": _finite(outcome.score),
+        "threshold": _finite(outcome.threshold),
+        "threshold_source": outcome.threshold_source,
+        "verdict": verdict,
+        "defects": defects,
+        "class_word": outcome.class_word,
+        "model": {**model, "prompt_version": outcome.prompt_version},
+        "map_key": map_key(line, frame.camera, frame.seq) if store_map else None,
+    }
+    png = encode_map_png(outcome.anomaly_map, map_size) if store_map else None
+    types = list(dict.fromkeys(d["type"] for d in defects))
+    return Inspection(
+        line, frame.camera, frame.seq, frame.part_id, frame.product_class, verdict, _finite(outcome.score),
+        frame.captured_at, deadline, frame.captured_mono, types, result, png,
+    )  # fmt: skip

@@ -272,7 +272,9 @@ def test_installed_command_prints_only_json_on_stdout(inputs, config_file):
 def test_export_onnx_matches_torch(inputs, config_file, tmp_path):
     reference = tmp_path / "reference"
     for name in ("colour8.png", "gray8.png"):
-        write_image(reference / "widget" / name, cv2.imread(str(inputs[name]), cv2.IMREAD_UNCHANGED))
+        image = cv2.imread(str(inputs[name]), cv2.IMREAD_UNCHANGED)
+        for copy in range(4):  # [model].min_reference_images is 8
+            write_image(reference / "widget" / f"{copy}-{name}", image)
     out = tmp_path / "onnx" / "line.onnx"
     result = invoke(
         "export", "onnx", "--classes", "widget, bottle", "--out", out, "--config", config_file, "--reference", reference

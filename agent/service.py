@@ -1,0 +1,454 @@
+"""The inspection service: cameras to engine to MQTT and Redis, wired together and run until stopped.
+
+Start order: publishers (non-blocking: a broker that is down is retried in the
+background), health server, the engine worker (engine, classes, warm-up, on its
+own thread), then the cameras whose class could be set up, then the checkpoint
+watcher; systemd hears READY=1 only then. Stop order is the reverse: cameras stop,
+what is queued is scored within `[agent].shutdown_timeout_s` (the rest is dropped
+and counted), results are flushed to the brokers, `stopped` is published.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.batcher import FrameBatcher
+from agent.config import InspectConfig
+from agent.control import Command
+from agent.frames import Frame
+from agent.health import HealthServer
+from agent.images import UnreadableImageError, is_image_file, read_frame
+from agent.ledger import FrameLedger
+from agent.logs import get_logger
+from agent.metrics import AgentMetrics
+from agent.publish.mqtt import MqttPublisher
+from agent.publish.redis_streams import RedisStreamPublisher
+from agent.reload import CheckpointWatcher, latest_checkpoint
+from agent.results import Inspection, build_inspection, iso
+from agent.sources import open_source
+from agent.sources.base import FrameSource
+from agent.systemd import SystemdNotifier
+from agent.worker import InferenceWorker
+
+log = get_logger("agent.service")
+MAX_REFERENCE_IMAGES = 64
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says what to fix."""
+
+
+def reference_loader(folder: Path) -> Callable[[], list[Any]]:
+    """Reads a class's good-part images (sorted, at most 64) each time it is called."""
+
+    def load() -> list[Any]:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"reference folder not found: {folder}")
+        frames = []
+        for path in sorted(p for p in folder.iterdir() if is_image_file(p))[:MAX_REFERENCE_IMAGES]:
+            try:
+                frames.append(read_frame(path))
+            except UnreadableImageError as exc:
+                log.warning("reference image skipped", path=str(path), error=str(exc))
+        return frames
+
+    return load
+
+
+class ResultStage:
+    """Off the engine thread: turns outcomes into Inspections (verdict, regions, map PNG) and publishes them."""
+
+    def __init__(self, service: InspectionService, capacity: int) -> None:
+        self.service = service
+        self._queue: queue.Queue[tuple[list[Frame], list[Any]] | None] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._run, name="results", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, frames: list[Frame], outcomes: list[Any]) -> None:
+        self._queue.put((frames, outcomes))  # blocks the worker only if publishing fell far behind
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout: float) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            for frame, outcome in zip(*item, strict=True):
+                try:
+                    self.service.publish(frame, outcome)
+                except Exception:  # never lose the thread; the frame is still accounted for
+                    log.exception("result could not be built", camera=frame.camera, seq=frame.seq)
+                    self.service.ledger.dropped(frame.camera, "invalid")
+
+
+class InspectionService:
+    """One production line: its cameras, its engine, its publishers."""
+
+    def __init__(self, config: InspectConfig) -> None:
+        self.config = config
+        self.line = config.line.id
+        self.metrics = AgentMetrics()
+        self.ledger = FrameLedger()
+        self.notifier = SystemdNotifier()
+        self.thresholds = dict(config.thresholds)
+        self.class_errors: dict[str, str] = {}
+        self.last_reload_error: str | None = None
+        self.started_at = datetime.now(UTC)
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._reload_lock = threading.Lock()
+        self.mqtt = MqttPublisher(config.mqtt, self.line, handler=self.handle_command)
+        self.redis = RedisStreamPublisher(config.redis, self.line)
+        self.health = HealthServer(
+            config.agent.health_host, config.agent.health_port, self.metrics, self.health_reasons
+        )
+        self.batcher = FrameBatcher(
+            self.ledger, config.engine.batch_size, config.engine.max_wait_ms, on_drop=self._count_drop
+        )
+        self.results = ResultStage(self, config.agent.publish_queue)
+        self.worker = InferenceWorker(self._build_engine, self._setup_classes, self.batcher, self._deliver)
+        self.sources: dict[str, FrameSource] = {}
+        self.watcher: CheckpointWatcher | None = None
+        self._model_info: dict[str, Any] = {}
+
+    # --- start and stop -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bring everything up; raises StartupError (the service then exits non-zero) with the reason."""
+        cfg = self.config
+        self.metrics.add_stats_source("mqtt", self.mqtt.stats.snapshot)
+        self.metrics.add_stats_source("redis", self.redis.stats.snapshot)
+        for camera in cfg.cameras:
+            self.metrics.add_camera(camera.id)
+            self.batcher.add_camera(camera.id, camera.queue_size, camera.resolved_queue_policy, camera.max_age_ms)
+            self.metrics.watch_queue(f"camera:{camera.id}", lambda c=camera.id: self.batcher.depth(c))
+        self.metrics.watch_queue("results", self.results.depth)
+        self.mqtt.start()
+        self.redis.start()
+        try:
+            self.health.start()
+        except Exception as exc:
+            raise StartupError(str(exc)) from None
+        self.results.start()
+        self.notifier.status("starting: loading the engine")
+        self.worker.start()
+        self.worker.ready.wait()
+        if self.worker.error is not None:
+            raise StartupError(f"the engine cannot start: {self.worker.error}") from self.worker.error
+        engine = self.worker.engine
+        self._model_info = {"backbone": engine.backbone.name, "weights": engine.backbone.weights}
+        self.metrics.set_prompt(engine.prompt_version, engine.backbone.name, str(self._checkpoint_target() or ""))
+        for camera in cfg.cameras:
+            if camera.product_class in self.class_errors or " ".join(camera.product_class.split()) in self.class_errors:
+                log.error("camera not started: its class is not set up", camera=camera.id)
+                continue
+            source = open_source(camera, self._emitter(camera.id), line_id=self.line)
+            self.sources[camera.id] = source
+            source.start()
+        target = self._checkpoint_target()
+        if target is not None:
+            self.watcher = CheckpointWatcher(target, self._on_checkpoint, cfg.agent.reload_debounce_s)
+            self.watcher.start()
+        self.publish_info()
+        threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True).start()
+        self.notifier.ready()
+        log.info(
+            "inspection running",
+            cameras=len(self.sources),
+            classes=engine.registered_classes(),
+            prompt_version=engine.prompt_version,
+            health=f"http://{cfg.agent.health_host}:{self.health.port}/healthz",
+        )
+
+    def run(self) -> int:
+        """start(), then serve until SIGTERM/SIGINT (SIGHUP reloads the prompts); returns the exit code."""
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+        try:
+            self.start()
+        except StartupError as exc:
+            log.error("cannot start", reason=str(exc))
+            self.shutdown()
+            return 1
+        while not self._stop.wait(0.5):
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                try:
+                    self.reload()
+                except Exception as exc:
+                    log.warning("reload on SIGHUP refused", error=str(exc))
+        self.shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        """Stop capture, finish or drop (counted) what is queued, flush publishers, publish `stopped`."""
+        self._stop.set()
+        self.notifier.stopping()
+        drain_s = self.config.agent.shutdown_timeout_s
+        log.info("stopping", queued=self.batcher.depth(), drain_s=drain_s)
+        if self.watcher is not None:
+            self.watcher.stop()
+        for source in self.sources.values():
+            source.stop(timeout=5.0)
+        self.batcher.close()
+        if self.worker.ready.is_set() and self.worker.error is None:
+            self.worker.stop(drain_s)
+        dropped = self.batcher.drain("shutdown")
+        self.results.stop(timeout=30.0)
+        self.mqtt.stop(timeout=drain_s)
+        self.redis.stop(timeout=drain_s)
+        self.health.stop()
+        log.info("stopped", dropped_at_shutdown=dropped, frames=self.ledger.snapshot().as_dict())
+
+    # --- engine set-up (on the worker thread) ---------------------------------------------------------------
+    def _checkpoint_target(self) -> Path | None:
+        """What is watched for new prompts: [agent].prompt_dir, else [model].checkpoint (a file or a folder)."""
+        return self.config.agent.prompt_dir or self.config.model.checkpoint
+
+    def _build_engine(self) -> Any:
+        from model import Engine
+
+        model = self.config.model
+        prompt_dir = self.config.agent.prompt_dir
+        if prompt_dir is not None and prompt_dir.is_dir() and latest_checkpoint(prompt_dir) is not None:
+            model = model.model_copy(update={"checkpoint": prompt_dir})
+        return Engine(model, max_batch=self.config.engine.batch_size)
+
+    def _setup_classes(self, engine: Any) -> None:
+        engine.set_thresholds(self.thresholds)
+        for name in self.config.product_classes():
+            folder = self.config.references.get(name)
+            try:
+                profile = engine.setup_class(name, reference_loader(folder) if folder else ())
+                log.info(
+                    "class ready",
+                    product_class=name,
+                    class_word=profile.class_word,
+                    class_word_source=profile.class_word_source,
+                    threshold_source=engine.threshold(name)[1],
+                )
+            except Exception as exc:  # one class that cannot be set up must not stop the others
+                self.class_errors[name] = str(exc)
+                log.error("class cannot be set up; its cameras stay off", product_class=name, error=str(exc))
+
+    # --- frames in and out --------------------------------------------------------------------------------
+    def _emitter(self, camera: str) -> Callable[[Frame], None]:
+        captured = self.metrics.frames_captured.labels(camera=camera)
+        put = self.batcher.emitter(camera)
+
+        def emit(frame: Frame) -> None:
+            captured.inc()
+            put(frame)
+
+        return emit
+
+    def _count_drop(self, camera: str, reason: str) -> None:
+        self.metrics.frames_dropped.labels(camera=camera, reason=reason).inc()
+
+    def _deliver(self, frames: list[Frame], outcomes: list[Any], seconds: float) -> None:
+        self.metrics.batch_size.observe(len(frames))
+        self.metrics.inference_seconds.observe(seconds)
+        self.results.put(frames, outcomes)
+
+    def publish(self, frame: Frame, outcome: Any) -> Inspection:
+        """Build one frame's Inspection and hand it to both publishers (which never block)."""
+        cfg = self.config
+        inspection = build_inspection(
+            frame,
+            outcome,
+            line=self.line,
+            window_s=cfg.mqtt.decision_window_ms / 1000.0,
+            maps=cfg.redis.maps,
+            map_size=cfg.redis.map_size,
+            model={**self._model_info, "prompt_version": self._prompt_version()},
+        )
+        self.mqtt.publish_inspection(inspection)
+        self.redis.publish_inspection(inspection)
+        self.ledger.published(frame.camera)
+        self.metrics.frames_processed.labels(camera=frame.camera).inc()
+        if not outcome.ok:
+            self.metrics.frame_errors.labels(camera=frame.camera).inc()
+            log.warning("frame not scored", camera=frame.camera, seq=frame.seq, reason=outcome.reason)
+        self.metrics.results_published.labels(camera=frame.camera, verdict=inspection.verdict).inc()
+        latency = time.monotonic() - frame.captured_mono
+        self.metrics.capture_to_publish_seconds.labels(kind="result").observe(latency)
+        if inspection.rejects:
+            self.metrics.capture_to_publish_seconds.labels(kind="reject").observe(latency)
+        return inspection
+
+    def _prompt_version(self) -> str:
+        engine = self.worker.engine
+        return engine.prompt_version if engine is not None else "unknown"
+
+    # --- prompts ------------------------------------------------------------------------------------------
+    def _on_checkpoint(self, path: Path) -> None:
+        try:
+            self.reload(path)
+        except Exception as exc:
+            log.warning("new checkpoint refused; the running prompts keep serving", path=str(path), error=str(exc))
+
+    def reload(self, path: Path | None = None, timeout: float = 300.0) -> str:
+        """Validate a checkpoint (the newest one when None) and install it between batches; returns the version.
+
+        A bad checkpoint raises with the reason; the running prompts keep serving.
+        """
+        from model import CheckpointError
+        from model.checkpoint import resolve_checkpoint
+
+        with self._reload_lock:
+            target = path or self._checkpoint_target()
+            resolved = resolve_checkpoint(target) if target is not None else None
+            if resolved is None:
+                raise CheckpointError(f"no checkpoint to load (looked in {target or '[model].checkpoint'})")
+            self.notifier.reloading()
+            try:
+                prepared = self.worker.engine.prepare_prompts(resolved)  # CPU work, on this thread
+                version = self.worker.submit(lambda engine: engine.install_prompts(prepared)).result(timeout)
+            except Exception as exc:
+                self.last_reload_error = f"{resolved}: {exc}"
+                self.metrics.prompt_reloads.labels(outcome="refused").inc()
+                self.publish_info()
+                raise
+            finally:
+                self.notifier.ready()
+            self.last_reload_error = None
+            self.metrics.prompt_reloads.labels(outcome="ok").inc()
+            self.metrics.set_prompt(version, self._model_info.get("backbone", ""), str(resolved))
+            log.info("prompts reloaded", version=version, path=str(resolved))
+            self.publish_info()
+            return version
+
+    # --- commands -----------------------------------------------------------------------------------------
+    def handle_command(self, command: Command) -> dict[str, Any]:
+        """Run a validated MQTT command; the returned fields go into the response (errors raise)."""
+        args: Any = command.args
+        if command.name == "reload":
+            return {"prompt_version": self.reload()}
+        if command.name == "threshold":
+            engine = self.worker.engine
+            name = args.product_class
+            if engine is None or engine.profile(name) is None:
+                raise ValueError(f"unknown product class {name!r} on this line")
+            self.thresholds[name] = args.value
+            engine.set_thresholds(self.thresholds)
+            log.info("threshold set by command", product_class=name, value=args.value)
+            self.publish_info()
+            return {"product_class": name, "threshold": args.value}
+        if command.name in ("pause", "resume"):
+            cameras = self.batcher.set_paused(args.camera, command.name == "pause")
+            log.info(f"cameras {command.name}d", cameras=cameras)
+            self.publish_info()
+            return {"cameras": cameras}
+        if command.name == "snapshot":
+            return {"info": self.publish_info()}
+        raise ValueError(f"unknown command {command.name!r}")
+
+    # --- info and health ----------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        engine = self.worker.engine
+        classes = {}
+        if engine is not None:
+            for name in engine.registered_classes():
+                ci = engine.class_info(name)
+                classes[name] = {
+                    k: ci.get(k) for k in ("class_word", "class_word_source", "threshold", "threshold_source")
+                }
+        classes.update({name: {"error": error} for name, error in self.class_errors.items()})
+        paused = set(self.batcher.paused())
+        return {
+            "schema": 1,
+            "line": self.line,
+            "name": self.config.line.name,
+            "version": __version__,
+            "started_at": iso(self.started_at),
+            "model": {
+                **self._model_info,
+                "prompt_version": self._prompt_version(),
+                "device": str(engine.device) if engine is not None else None,
+                "precision": engine.precision if engine is not None else None,
+                "last_reload_error": self.last_reload_error,
+            },
+            "cameras": [
+                {
+                    "id": c.id,
+                    "product_class": c.product_class,
+                    "kind": c.resolved_kind,
+                    "state": self.sources[c.id].status().state if c.id in self.sources else "off",
+                    "paused": c.id in paused,
+                }
+                for c in self.config.cameras
+            ],
+            "classes": classes,
+        }
+
+    def publish_info(self) -> dict[str, Any]:
+        info = self.info()
+        self.mqtt.publish_info(info)
+        self.redis.publish_info(info)
+        return info
+
+    def health_reasons(self) -> list[str]:
+        reasons = []
+        for name, error in self.class_errors.items():
+            reasons.append(f"class {name}: {error}")
+        for camera_id, source in self.sources.items():
+            status = source.status()
+            if not status.healthy:
+                reasons.append(f"camera {camera_id}: {status.state} ({status.detail})")
+            self.metrics.camera_up.labels(camera=camera_id).set(1 if status.healthy else 0)
+        stalled = self.worker.stalled_for()
+        if stalled > self.config.agent.stall_timeout_s:
+            reasons.append(f"engine worker stalled: one batch has run for {stalled:.0f} s")
+        if self.worker.ready.is_set() and not self._stop.is_set() and not self.worker_alive():
+            reasons.append("engine worker stopped")
+        for sink, publisher in (("mqtt", self.mqtt), ("redis", self.redis)):
+            ok, why = publisher.health()
+            self.metrics.broker_up.labels(sink=sink).set(1 if ok else 0)
+            if not ok:
+                reasons.append(f"{sink}: {why}")
+        return reasons
+
+    def metrics_results_by_verdict(self) -> dict[str, int]:
+        """Results published so far, by verdict (OK, NG, ERROR), over all cameras."""
+        totals: dict[str, int] = {}
+        for metric in self.metrics.results_published.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    verdict = sample.labels["verdict"]
+                    totals[verdict] = totals.get(verdict, 0) + int(sample.value)
+        return totals
+
+    def worker_alive(self) -> bool:
+        return self.worker._thread.is_alive()
+
+    def _watchdog_loop(self) -> None:
+        """WATCHDOG=1 while the worker's loop turns; a hung device stops the pings and systemd restarts us."""
+        interval = SystemdNotifier.watchdog_interval() or 5.0
+        while not self._stop.wait(min(interval, 5.0)):
+            quiet = time.monotonic() - self.worker.heartbeat
+            if quiet < self.config.agent.stall_timeout_s:
+                self.notifier.watchdog()
+            snap = self.ledger.snapshot()
+            self.notifier.status(
+                f"{len(self.sources)} camera(s), {snap.published} published, {snap.in_flight} in flight, "
+                f"prompts {self._prompt_version()}"
+            )

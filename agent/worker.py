@@ -1,0 +1,130 @@
+"""The engine worker: the one thread that owns the engine and its device.
+
+It builds the engine, sets the line's classes up and warms every batch shape on
+its own thread (CUDA graphs are per thread), then loops: take a batch from the
+`FrameBatcher`, score it, hand the results on. Work that must touch the device
+(installing new prompts, recalibrating) is queued with `submit` and runs between
+batches, so a batch never sees a half-applied change. Each loop iteration is a
+heartbeat: a hung device stops it, and the service stops the systemd watchdog.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from agent.batcher import FrameBatcher
+from agent.frames import Frame
+from agent.logs import get_logger
+
+log = get_logger("agent.worker")
+Outcomes = Callable[[list[Frame], list[Any], float], None]
+
+
+class InferenceWorker:
+    """Owns the engine; scores batches; runs device tasks between batches."""
+
+    def __init__(
+        self,
+        build: Callable[[], Any],
+        setup: Callable[[Any], None],
+        batcher: FrameBatcher,
+        deliver: Outcomes,
+    ) -> None:
+        self._build = build
+        self._setup = setup
+        self.batcher = batcher
+        self._deliver = deliver
+        self._tasks: queue.SimpleQueue[tuple[Callable[[Any], Any], Future]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._drain_until: float | None = None
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.engine: Any = None
+        self.heartbeat = time.monotonic()
+        self.busy_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, task: Callable[[Any], Any]) -> Future:
+        """Run task(engine) on the worker thread between batches; the future has its result or error."""
+        future: Future = Future()
+        self._tasks.put((task, future))
+        return future
+
+    def stop(self, drain_s: float) -> None:
+        """Finish what is queued within `drain_s` seconds, then stop."""
+        self._drain_until = time.monotonic() + drain_s
+        self._stop.set()
+        self._thread.join(drain_s + 30.0)
+
+    def stalled_for(self) -> float:
+        """Seconds the current batch or task has been running (0 when idle)."""
+        return 0.0 if self.busy_since is None else time.monotonic() - self.busy_since
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._build()
+            self._setup(self.engine)
+            seconds = self.engine.warmup()
+            log.info("engine warm", seconds=round(seconds, 2), batch_sizes=self.engine.batch_sizes)
+        except BaseException as exc:  # reported by the service, which exits with the reason
+            self.error = exc
+            self.ready.set()
+            return
+        self.ready.set()
+        while True:
+            self.heartbeat = time.monotonic()
+            self._run_tasks()
+            if self._stop.is_set():
+                if self._drain_until is None or time.monotonic() >= self._drain_until:
+                    break
+                if self.batcher.depth() == 0:
+                    break
+            batch = self.batcher.next_batch(timeout=0.2)
+            if batch:
+                self._score(batch)
+        self._run_tasks()
+
+    def _run_tasks(self) -> None:
+        while True:
+            try:
+                task, future = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            self.busy_since = time.monotonic()
+            try:
+                future.set_result(task(self.engine))
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                self.busy_since = None
+
+    def _score(self, batch: list[Frame]) -> None:
+        self.busy_since = started = time.monotonic()
+        try:
+            outcomes = self.engine.predict([f.image for f in batch], [f.product_class for f in batch])
+        except Exception as exc:  # a device fault: every frame of the batch gets the error, none is lost
+            log.exception("batch failed", frames=len(batch))
+            outcomes = [_BatchError(f.product_class, f"engine failure: {exc}") for f in batch]
+        finally:
+            self.busy_since = None
+        self._deliver(batch, outcomes, time.monotonic() - started)
+
+
+class _BatchError:
+    """Stands in for the engine's FrameError when the whole batch failed."""
+
+    ok = False
+
+    def __init__(self, product_class: str, reason: str) -> None:
+        self.product_class = product_class
+        self.reason = reason
