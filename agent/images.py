@@ -10,10 +10,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainer.images import IMAGE_EXTENSIONS, ImageReadError, decode_image
+
 if TYPE_CHECKING:
     import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))
 
 
 class UnreadableImageError(Exception):
@@ -30,7 +32,6 @@ def read_frame(path: Path) -> np.ndarray:
     The bytes are read once and decoded from memory, so a file replaced while it is read
     gives either image, never a mix.
     """
-    import cv2
     import numpy as np
 
     from model import InvalidFrameError
@@ -45,17 +46,11 @@ def read_frame(path: Path) -> np.ndarray:
     if not os.access(path, os.R_OK):
         raise UnreadableImageError("permission denied")
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UnreadableImageError(f"cannot read: {exc.strerror or exc}") from None
-    if not data:
-        raise UnreadableImageError("empty file")
-    try:
-        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise UnreadableImageError(f"cannot decode: {exc}") from None
-    if frame is None:
-        raise UnreadableImageError("cannot decode: corrupt, truncated or not a supported image format")
+        frame = decode_image(path)
+    except ImageReadError as exc:
+        if "not a decodable" in exc.reason:
+            raise UnreadableImageError("cannot decode: corrupt, truncated or not a supported image format") from None
+        raise UnreadableImageError(exc.reason) from None
     if frame.dtype not in (np.uint8, np.uint16):
         raise UnreadableImageError(f"unsupported {frame.dtype} pixels: need 8- or 16-bit")
     if frame.ndim == 3 and frame.shape[2] == 2:  # gray + alpha

@@ -178,9 +178,11 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint_and_resume_continues(small_set, 
     monkeypatch.setattr(PromptTrainer, "_batches", interrupt_in_epoch_two)
     summary = trainer.run()
     assert summary.interrupted and summary.epochs_done == 2
-    tensors, meta = read_checkpoint(out / "last.safetensors")
-    assert meta["interrupted"] is True and tensors
-    Engine(tiny_config(checkpoint=out / "last.safetensors")).predict([np.zeros((64, 64, 3), np.uint8)], ["woven"])
+    found = read_checkpoint(out / "last.safetensors")
+    assert found.meta["interrupted"] is True and found.tensors
+    engine = Engine(tiny_config(checkpoint=out / "last.safetensors"))
+    engine.register_class("woven")
+    assert engine.predict([np.zeros((64, 64, 3), np.uint8)], ["woven"])[0].ok
 
     monkeypatch.setattr(PromptTrainer, "_batches", original)
     resumed = PromptTrainer(tiny_config(), quick_settings(epochs=3), spec, out, resume=True, show_progress=False).run()

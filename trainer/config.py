@@ -6,6 +6,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The procedural surfaces `trainer/textures.py` renders (here, so configs can name them without OpenCV).
+TEXTURE_FAMILIES = ("woven", "grain", "metal", "dots", "tiles", "leather")
+
 
 class TrainerConfig(BaseModel):
     """Training hyper-parameters; every field can also be given as a `genclip train` flag."""

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+from trainer.images import IMAGE_EXTENSIONS, ImageReadError, decode_image
+
 SPLITS = ("train", "test", "all")
 DATASET_KINDS = ("mvtec", "visa", "synthetic")
 UNKNOWN_MASK_VALUE = -1.0
@@ -256,20 +257,10 @@ def open_dataset(spec: str) -> list[Sample]:
 
 
 def _read_raw(path: Path, what: str) -> np.ndarray:
-    """Decode any file OpenCV understands, keeping bit depth and channels (np.fromfile: non-ASCII paths)."""
     try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise BadSampleError(path, f"cannot read {what}: {exc.strerror or exc}") from None
-    if data.size == 0:
-        raise BadSampleError(path, f"{what} file is empty")
-    try:
-        pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise BadSampleError(path, f"cannot decode {what}: {str(exc).strip()}") from None
-    if pixels is None or pixels.size == 0:
-        raise BadSampleError(path, f"{what} is not a decodable image")
-    return pixels
+        return decode_image(path, what)
+    except ImageReadError as exc:
+        raise BadSampleError(path, exc.reason) from None
 
 
 def _to_uint8(pixels: np.ndarray, path: Path) -> np.ndarray:

@@ -9,10 +9,29 @@ source.stop()
 
 from __future__ import annotations
 
-from agent.sources.base import Emit, FrameSource, SourceError, SourceStatus
-from agent.sources.config import CameraConfig, SyntheticConfig
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["CameraConfig", "Emit", "FrameSource", "SourceError", "SourceStatus", "SyntheticConfig", "open_source"]
+if TYPE_CHECKING:
+    from agent.sources.base import Emit, FrameSource
+    from agent.sources.config import CameraConfig
+
+_LAZY = {
+    "Emit": "agent.sources.base",
+    "FrameSource": "agent.sources.base",
+    "SourceError": "agent.sources.base",
+    "SourceStatus": "agent.sources.base",
+    "CameraConfig": "agent.sources.config",
+    "SyntheticConfig": "agent.sources.config",
+}
+__all__ = [*sorted(_LAZY), "open_source"]
+
+
+def __getattr__(name: str) -> Any:
+    """Names are imported on first use, so the config tree does not load numpy and OpenCV."""
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'agent.sources' has no attribute {name!r}")
 
 
 def open_source(camera: CameraConfig, emit: Emit, *, line_id: str = "") -> FrameSource:

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from agent.section import Section
-from trainer.textures import FAMILIES
+from trainer.config import TEXTURE_FAMILIES as FAMILIES
 
 SYNTHETIC_PREFIX = "synthetic:"
 TEMP_SUFFIXES = (".tmp", ".part")
