@@ -447,6 +447,7 @@ class InspectionService:
             quiet = time.monotonic() - self.worker.heartbeat
             if quiet < self.config.agent.stall_timeout_s:
                 self.notifier.watchdog()
+            self.health_reasons()  # keeps camera_up and broker_up current between scrapes
             snap = self.ledger.snapshot()
             self.notifier.status(
                 f"{len(self.sources)} camera(s), {snap.published} published, {snap.in_flight} in flight, "
