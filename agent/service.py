@@ -177,22 +177,31 @@ class InspectionService:
 
     def run(self) -> int:
         """start(), then serve until SIGTERM/SIGINT (SIGHUP reloads the prompts); returns the exit code."""
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+        wake = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            (self._reload_requested if signum == signal.SIGHUP else self._stop).set()
+            wake.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, on_signal)
         try:
             self.start()
         except StartupError as exc:
             log.error("cannot start", reason=str(exc))
             self.shutdown()
             return 1
-        while not self._stop.wait(0.5):
+        while True:
+            wake.wait(1.0)
+            wake.clear()
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 try:
                     self.reload()
                 except Exception as exc:
-                    log.warning("reload on SIGHUP refused", error=str(exc))
+                    log.warning("reload on SIGHUP refused; the running prompts keep serving", error=str(exc))
+            if self._stop.is_set():
+                break
         self.shutdown()
         return 0
 

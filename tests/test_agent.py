@@ -286,3 +286,72 @@ def test_commands_answered_with_correlation(tmp_path, mosquitto, redis_server, r
     service.shutdown()
     snap = assert_accounted(service)
     assert set(snap["dropped"]) <= {"paused"}
+
+
+def test_genclip_run_serves_until_sigterm(tmp_path, mosquitto, redis_server):
+    """The real command line: starts, answers /healthz, survives SIGHUP, stops on SIGTERM with exit 0."""
+    import signal
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    from tests.brokers import free_port
+
+    line = "cli"
+    port = free_port()
+    cfg = line_config(tmp_path, mosquitto.port, redis_server.url, line, health_port=port)
+    data = cfg.model_dump(mode="json", exclude_none=True, by_alias=True)
+    data["mqtt"].pop("password", None)
+    data["redis"].pop("password", None)
+    config = tmp_path / "line.toml"
+    config.write_text(tomli_w.dumps(data))
+    watcher = Watcher(mosquitto.port, line)
+    genclip = Path(sys.executable).with_name("genclip")
+    log = (tmp_path / "agent.log").open("w")
+    proc = subprocess.Popen([str(genclip), "run", "--config", str(config)], stderr=log)
+    try:
+        wait_for(lambda: len(watcher.of("/result")) >= 3, 90, "results from the running service")
+        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert health.status == 200
+        proc.send_signal(signal.SIGHUP)  # no checkpoint configured: refused and logged, the service goes on
+        n = len(watcher.of("/result"))
+        wait_for(lambda: "reload on SIGHUP refused" in (tmp_path / "agent.log").read_text(), 30, "the reload answer")
+        wait_for(lambda: len(watcher.of("/result")) >= n + 3, 30, "results after SIGHUP")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    stderr = (tmp_path / "agent.log").read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    wait_for(lambda: watcher.of("/status") and watcher.of("/status")[-1] == "stopped", 10, "status stopped")
+    watcher.close()
+    assert "reload on SIGHUP refused" in stderr and '"stopped"' in stderr
+
+
+def test_a_class_that_cannot_be_set_up_stops_only_its_cameras(tmp_path, mosquitto, redis_server, running):
+    import cv2
+    import numpy as np
+
+    line = "classes"
+    references = tmp_path / "refs"
+    references.mkdir()
+    for i in range(2):  # fewer than [model].min_reference_images (8)
+        cv2.imwrite(str(references / f"{i}.png"), np.full((64, 64, 3), 128, np.uint8))
+    cfg = line_config(tmp_path, mosquitto.port, redis_server.url, line)
+    cfg.cameras[1].product_class = "gadget"
+    cfg.references = {"widget": references}
+    watcher = Watcher(mosquitto.port, line)
+    service = running(cfg)
+    assert "widget" in service.class_errors and "cam-1" not in service.sources
+    reasons = service.health_reasons()
+    assert any(r.startswith("class widget:") and "at least 8" in r for r in reasons), reasons
+    wait_for(lambda: len(watcher.of("/result")) >= 4, 60, "results of the other camera")
+    assert {r["camera"] for r in watcher.of("/result")} == {"cam-2"}
+    info = service.info()
+    assert "error" in info["classes"]["widget"] and info["cameras"][0]["state"] == "off"
+    service.shutdown()
+    assert_accounted(service)
+    watcher.close()
