@@ -94,6 +94,17 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def defect_json(defect: Any) -> dict[str, Any]:
+    """One defect region as published: type, its probability, peak score, area and box in frame pixels."""
+    return {
+        "type": defect.type,
+        "type_probability": _finite(defect.type_probability),
+        "score": _finite(defect.score),
+        "area_px": int(defect.area),
+        "bbox": [int(v) for v in defect.bbox],
+    }
+
+
 def build_inspection(
     frame: Any,
     outcome: Any,
@@ -140,16 +151,7 @@ def build_inspection(
             frame.captured_at, deadline, frame.captured_mono, ["inspection-error"], result, None, outcome.reason,
         )  # fmt: skip
     verdict: Verdict = "NG" if outcome.is_anomalous else "OK"
-    defects = [
-        {
-            "type": d.type,
-            "type_probability": _finite(d.type_probability),
-            "score": _finite(d.score),
-            "area_px": int(d.area),
-            "bbox": [int(v) for v in d.bbox],
-        }
-        for d in outcome.defects
-    ]
+    defects = [defect_json(d) for d in outcome.defects]
     store_map = maps == "all" or (maps == "ng" and verdict == "NG")
     result = {
         **base,

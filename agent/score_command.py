@@ -21,6 +21,7 @@ import typer
 
 from agent.images import UnreadableImageError, is_image_file, read_frame
 from agent.logs import get_logger
+from agent.results import defect_json
 from trainer.verb_options import ConfigOption, fail, open_engine
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ sub-folders. Colour and grayscale, 8- and 16-bit images are read as they are
 
 Each line has: path, product_class, score, threshold, threshold_source
 (config, checkpoint or default), is_anomalous, defects (type, type_probability,
-score, area, bbox as x, y, width, height in image pixels), prompt_version, and
+score, area_px, bbox as x, y, width, height in image pixels: as the agent publishes them), prompt_version, and
 timing (ms_per_image: the batch's time divided by its size, and batch_size);
 with --out also overlay, the PNG written. An image that cannot be read gives a
 line {"path": ..., "error": ...} and the others go on.
@@ -150,16 +151,7 @@ def prediction_record(path: Path, prediction: Prediction, batch_ms: float, batch
         "threshold": finite(prediction.threshold),
         "threshold_source": prediction.threshold_source,
         "is_anomalous": bool(prediction.is_anomalous),
-        "defects": [
-            {
-                "type": d.type,
-                "type_probability": finite(d.type_probability),
-                "score": finite(d.score),
-                "area": int(d.area),
-                "bbox": [int(v) for v in d.bbox],
-            }
-            for d in prediction.defects
-        ],
+        "defects": [defect_json(d) for d in prediction.defects],
         "prompt_version": prediction.prompt_version,
         "timing": {"ms_per_image": round(batch_ms / batch_size, 3), "batch_size": batch_size},
     }

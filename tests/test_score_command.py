@@ -34,7 +34,7 @@ RECORD_KEYS = {
     "prompt_version",
     "timing",
 }
-DEFECT_KEYS = {"type", "type_probability", "score", "area", "bbox"}
+DEFECT_KEYS = {"type", "type_probability", "score", "area_px", "bbox"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -162,7 +162,7 @@ def test_every_format_is_scored(main_run, inputs, name):
         assert set(defect) == DEFECT_KEYS
         x, y, w, h = defect["bbox"]
         assert 0 <= x < x + w <= width and 0 <= y < y + h <= height
-        assert defect["area"] > 0 and 0.0 <= defect["score"] <= 1.0
+        assert defect["area_px"] > 0 and 0.0 <= defect["score"] <= 1.0
         assert defect["type_probability"] is None or 0.0 <= defect["type_probability"] <= 1.0
 
 
