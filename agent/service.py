@@ -154,7 +154,7 @@ class InspectionService:
         self._model_info = {"backbone": engine.backbone.name, "weights": engine.backbone.weights}
         self.metrics.set_prompt(engine.prompt_version, engine.backbone.name, str(self._checkpoint_target() or ""))
         for camera in cfg.cameras:
-            if camera.product_class in self.class_errors or " ".join(camera.product_class.split()) in self.class_errors:
+            if camera.product_class in self.class_errors:
                 log.error("camera not started: its class is not set up", camera=camera.id)
                 continue
             source = open_source(camera, self._emitter(camera.id), line_id=self.line)
@@ -427,7 +427,7 @@ class InspectionService:
         stalled = self.worker.stalled_for()
         if stalled > self.config.agent.stall_timeout_s:
             reasons.append(f"engine worker stalled: one batch has run for {stalled:.0f} s")
-        if self.worker.ready.is_set() and not self._stop.is_set() and not self.worker_alive():
+        if self.worker.ready.is_set() and not self._stop.is_set() and not self.worker.alive:
             reasons.append("engine worker stopped")
         for sink, publisher in (("mqtt", self.mqtt), ("redis", self.redis)):
             ok, why = publisher.health()
@@ -445,9 +445,6 @@ class InspectionService:
                     verdict = sample.labels["verdict"]
                     totals[verdict] = totals.get(verdict, 0) + int(sample.value)
         return totals
-
-    def worker_alive(self) -> bool:
-        return self.worker._thread.is_alive()
 
     def _watchdog_loop(self) -> None:
         """WATCHDOG=1 while the worker's loop turns; a hung device stops the pings and systemd restarts us."""

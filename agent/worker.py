@@ -64,6 +64,10 @@ class InferenceWorker:
         self._stop.set()
         self._thread.join(drain_s + 30.0)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stalled_for(self) -> float:
         """Seconds the current batch or task has been running (0 when idle)."""
         return 0.0 if self.busy_since is None else time.monotonic() - self.busy_since

@@ -36,7 +36,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.control import Command, CommandError, parse_command
 from agent.logs import get_logger
 from agent.publish.config import MqttConfig
-from agent.publish.outbox import DeliveryStats, Outbox
+from agent.publish.outbox import DeliveryStats, Outbox, link_health
 from agent.results import Inspection
 
 log = get_logger(__name__)
@@ -188,13 +188,7 @@ class MqttPublisher:
     def health(self) -> tuple[bool, str]:
         """(True, "connected") or (False, why not), e.g. a refused login or an unreachable broker."""
         with self._cv:
-            if self._closed:
-                return False, "stopped"
-            if not self._started:
-                return False, "not started"
-            if self._connected:
-                return True, "connected"
-            return False, self._problem
+            return link_health(self._closed, self._started, self._connected, self._problem)
 
     # --- connection -------------------------------------------------------------------------------
 

@@ -123,3 +123,14 @@ class DeliveryStats:
         with self._lock:
             kinds = {k: asdict(c) for k, c in self.kinds.items()}
         return {"connected": self.connected, "queued": self.queued, **kinds}
+
+
+def link_health(closed: bool, started: bool, connected: bool, problem: str) -> tuple[bool, str]:
+    """A publisher's (healthy, why): the one rule both sinks report by."""
+    if closed:
+        return False, "stopped"
+    if not started:
+        return False, "not started"
+    if connected:
+        return True, "connected"
+    return False, problem

@@ -21,7 +21,7 @@ from redis.retry import Retry
 
 from agent.logs import get_logger
 from agent.publish.config import RedisConfig
-from agent.publish.outbox import DeliveryStats, Outbox
+from agent.publish.outbox import DeliveryStats, Outbox, link_health
 from agent.results import Inspection, map_key, results_stream
 
 log = get_logger(__name__)
@@ -110,13 +110,7 @@ class RedisStreamPublisher:
     def health(self) -> tuple[bool, str]:
         """(True, "connected") or (False, why not)."""
         with self._cv:
-            if self._closed:
-                return False, "stopped"
-            if not self._started:
-                return False, "not started"
-            if self.stats.connected:
-                return True, "connected"
-            return False, self._problem
+            return link_health(self._closed, self._started, self.stats.connected, self._problem)
 
     # --- writer thread --------------------------------------------------------------------------
 
