@@ -6,6 +6,8 @@ import json
 import time
 
 import numpy as np
+import pytest
+from pydantic import ValidationError
 
 from agent.sources import CameraConfig, open_source
 from agent.sources.synthetic import SyntheticSource
@@ -93,3 +95,15 @@ def test_an_emit_that_raises_does_not_stop_the_source(tmp_path):
         stop_promptly(source)
     seqs = [json.loads(line)["seq"] for line in truth.read_text().splitlines()]
     assert seqs == [f.seq for f in emit.snapshot()] and all(s % 3 for s in seqs)
+
+
+def test_kinds_limit_the_injected_defects():
+    source = SyntheticSource(camera(seed=2, defect_rate=1.0, kinds=["hole", "Missing_Part"]), Collector())
+    source._render_backgrounds()
+    kinds = {source.part(seq)[1] for seq in range(1, 41)}
+    assert kinds == {"hole", "missing part"}
+
+
+def test_an_unknown_kind_is_a_config_error_naming_it():
+    with pytest.raises(ValidationError, match="unknown defect kind 'smudge'"):
+        camera(kinds=["smudge"])

@@ -26,13 +26,13 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from trainer.config import DEFECT_KINDS, normalise_kind
 from trainer.datasets import IMAGE_EXTENSIONS, BadSampleError, folder_name, human_name, read_bgr8
 from trainer.textures import FAMILIES, instance_seed, render_texture
 
 NOTICEABLE = 12
 """Largest per-channel change (0-255) from which a pixel counts as defective in the mask."""
 
-DEFECT_KINDS = ("scratch", "crack", "hole", "stain", "missing part", "dent")
 TEXTURE_PREFIX = "texture:"
 MARKER_FILE = ".genclip-synth.json"
 """Written into every class folder `generate` makes; only such folders are ever replaced."""
@@ -341,14 +341,6 @@ _DRAWERS: dict[str, Callable[[np.ndarray, np.random.Generator], Defect]] = {
     "missing part": _draw_missing_part,
     "dent": _draw_dent,
 }
-
-
-def normalise_kind(kind: str) -> str:
-    """`missing_part`, `Missing Part` -> `missing part`; raises ValueError for an unknown kind."""
-    name = " ".join(kind.replace("_", " ").lower().split())
-    if name not in _DRAWERS:
-        raise ValueError(f"unknown defect kind {kind!r}; expected one of {', '.join(DEFECT_KINDS)}")
-    return name
 
 
 def apply_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> Defect:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from agent.section import Section
+from trainer.config import DEFECT_KINDS, normalise_kind
 from trainer.config import TEXTURE_FAMILIES as FAMILIES
 
 SYNTHETIC_PREFIX = "synthetic:"
@@ -30,7 +31,18 @@ class SyntheticConfig(Section):
     width: int = Field(320, ge=16, le=8192)
     height: int = Field(240, ge=16, le=8192)
     seed: int = Field(0, ge=0, description="Same seed, same images (frame n is the same part every run).")
+    kinds: list[str] = Field(
+        list(DEFECT_KINDS), min_length=1, description=f"Defect kinds injected: any of {', '.join(DEFECT_KINDS)}."
+    )
     ground_truth: Path | None = Field(None, description="JSONL file: one line per emitted part, defective or not.")
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, value: list[str]) -> list[str]:
+        try:
+            return [normalise_kind(k) for k in value]
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("texture")
     @classmethod

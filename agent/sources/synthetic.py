@@ -50,7 +50,7 @@ class SyntheticSource(FrameSource):
             good = good[::-1]
         if flip & 2:
             good = good[:, ::-1]
-        part = make_part(rng, np.ascontiguousarray(good), s.defect_rate)
+        part = make_part(rng, np.ascontiguousarray(good), s.defect_rate, s.kinds)
         return part.image, part.kind
 
     def _run(self) -> None:
