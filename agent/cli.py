@@ -57,7 +57,12 @@ def load_or_exit(path: Path | None) -> InspectConfig:
 
 
 @config_app.command("check")
-def config_check(config: ConfigOption = None) -> None:
+def config_check(
+    config: ConfigOption = None,
+    model: Annotated[
+        bool, typer.Option("--model", help="Also load the CLIP weights and prompt checkpoint, as `run` would.")
+    ] = False,
+) -> None:
     """Validate the configuration: exit 0 with a summary, or 2 listing every error."""
     cfg = load_or_exit(config)
     source = find_config(config) or "defaults"
@@ -66,6 +71,29 @@ def config_check(config: ConfigOption = None) -> None:
         f"config OK ({source}): line {cfg.line.id} '{cfg.line.name}', {len(cfg.cameras)} camera(s) "
         f"[{classes}], model {cfg.model.backbone}, mqtt {cfg.mqtt.host}:{cfg.mqtt.port}, redis {cfg.redis.url}"
     )
+    if model:
+        check_model(cfg)
+
+
+def check_model(cfg: InspectConfig) -> None:
+    """Load the weights and prompts the line would run with; exit 2 naming what is missing or wrong."""
+    import time
+
+    from model import BackboneError, CheckpointError, Engine
+
+    began = time.monotonic()
+    try:
+        engine = Engine(cfg.model, max_batch=cfg.engine.batch_size)
+    except (BackboneError, CheckpointError, RuntimeError, ValueError, OSError) as exc:
+        typer.echo(f"model NOT OK: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"model OK: {cfg.model.backbone}, weights {engine.backbone.weights}, device {engine.device} "
+        f"({engine.precision}), image size {cfg.model.image_size}, prompts {engine.prompt_version}, "
+        f"loaded in {time.monotonic() - began:.1f} s"
+    )
+    if engine.backbone.weights.startswith("random"):
+        typer.echo("note: random weights: scores mean nothing (tests and demos only)")
 
 
 @config_app.command("show")

@@ -139,7 +139,7 @@ def load_backbone(
                 clip = open_clip.create_model(name, pretrained=None)
             else:
                 clip = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
-    except (RuntimeError, AssertionError, KeyError, ValueError) as exc:
+    except Exception as exc:  # a foreign or corrupt weights file fails in many library-specific ways
         source = weights_file or pretrained
         detail = (str(exc).splitlines() or [type(exc).__name__])[0][:400]
         raise BackboneError(f"cannot load weights {source} into {name}: {detail}") from exc

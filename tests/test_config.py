@@ -230,6 +230,18 @@ def test_config_check_ok_and_errors(tmp_path):
     assert result.exit_code == 2 and "engine.batch_size: Input should be greater than or equal to 1" in result.output
 
 
+def test_config_check_model_loads_weights_or_names_what_is_missing(tmp_path):
+    ok = runner.invoke(app, ["config", "check", "--config", str(CONFIG), "--model"])
+    assert ok.exit_code == 0, ok.output
+    assert "model OK: genclip-tiny, weights random-init:seed=0" in ok.output and "random weights" in ok.output
+    garbage = tmp_path / "weights.safetensors"
+    garbage.write_bytes(b"not a weights file")
+    broken = edited(tmp_path, 'pretrained = "random"', f'pretrained = "{garbage}"')
+    result = runner.invoke(app, ["config", "check", "--config", str(broken), "--model"])
+    assert result.exit_code == 2, result.output
+    assert f"model NOT OK: cannot load weights {garbage} into genclip-tiny" in result.output
+
+
 def test_installed_console_script_version_and_help():
     exe = shutil.which("genclip", path=str(Path(sys.executable).parent))
     assert exe, "the genclip console script is not installed in this environment"

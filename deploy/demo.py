@@ -1,0 +1,495 @@
+"""The whole loop on one machine, as `make demo` runs it.
+
+Two synthetic cameras (two product classes, parts with known injected defects) feed
+`genclip run`; a stand-in PLC subscribes to the rejects and decisions on MQTT and a stand-in
+dashboard reads the Redis stream. Midway, `genclip train` learns prompts on synthetic defects
+and publishes them into the folder the agent watches: the agent reloads them without a
+restart. At the end the rejects are checked against the cameras' ground truth.
+
+The demo model (`genclip-tiny`) has random weights: the figures show that the loop works and
+that prompts learn, not how well GenCLIP inspects. Real CLIP weights: docs/deploy.md.
+
+    python deploy/demo.py [--before 30] [--after 60] [--epochs 8] [--work .run/demo]
+
+Exit 0 when every check in the summary passed. Brokers must be up (`make services-up`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import paho.mqtt.client as mqtt
+import redis
+import tomli_w
+
+REPO = Path(__file__).resolve().parents[1]
+LINE = "demo"
+CLASSES = {"cam-1": ("widget", "metal", 1), "cam-2": ("tile", "tiles", 2)}  # camera: class, texture, seed
+RECALL_FLOOR = 0.3
+"""Share of defective parts rejected after the reload that the demo requires (see the summary)."""
+FPS = 4
+DEFECT_RATE = 0.3
+REFERENCES = 40  # good parts per class for calibration
+TRAIN_GOODS = 60  # good parts per class that training data is synthesised from
+KINDS = ("hole", "stain", "missing part")
+"""Defects the cameras inject and training synthesises: ones a random-weight backbone can learn to see."""
+
+
+def genclip() -> str:
+    """The `genclip` command of the interpreter running this script (the project's venv)."""
+    local = Path(sys.executable).with_name("genclip")
+    return str(local) if local.exists() else "genclip"
+
+
+def say(text: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def good_parts(camera: dict[str, Any], first: int, count: int, out: Path) -> Path:
+    """Good parts as the camera sees them (its surfaces, crops and flips), numbered after its stream."""
+    from agent.sources import CameraConfig
+    from agent.sources.synthetic import SyntheticSource
+
+    cam = CameraConfig(**{**camera, "synthetic": {**camera["synthetic"], "defect_rate": 0.0, "ground_truth": None}})
+    source = SyntheticSource(cam, lambda frame: None)
+    source._render_backgrounds()
+    out.mkdir(parents=True, exist_ok=True)
+    for seq in range(first, first + count):
+        cv2.imwrite(str(out / f"{seq}.png"), source.part(seq)[0])
+    return out
+
+
+def make_data(work: Path, cameras: list[dict[str, Any]], count: int) -> tuple[Path, dict[str, str]]:
+    """Per class: good parts for calibration, and training data made from other good parts + synthetic defects.
+
+    As on a real line: a few hundred good parts are collected from the line's cameras; no defective
+    part is needed. References and training images are disjoint, so the threshold is not set on
+    images the prompts were trained on.
+    """
+    data, references = work / "data", {}
+    for camera in cameras:
+        product = camera["product_class"]
+        say(f"collecting good '{product}' parts; synthesising {count} training images from them")
+        references[product] = str(good_parts(camera, 1_000_000, REFERENCES, work / "good" / product / "reference"))
+        train_goods = good_parts(camera, 2_000_000, TRAIN_GOODS, work / "good" / product / "train")
+        synth = [genclip(), "synth", "--source", str(train_goods), "--out", str(data), "--class", product]
+        subprocess.run(
+            [*synth, "--count", str(count), "--seed", "1", "--kinds", ",".join(KINDS)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return data, references
+
+
+def cameras(work: Path) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": cam,
+            "source": f"synthetic:{product}",
+            "product_class": product,
+            "fps": FPS,
+            "synthetic": {
+                "texture": texture,
+                "seed": seed,
+                "defect_rate": DEFECT_RATE,
+                "kinds": list(KINDS),
+                "ground_truth": str(work / f"{cam}-truth.jsonl"),
+            },
+        }
+        for cam, (product, texture, seed) in CLASSES.items()
+    ]
+
+
+def write_config(base: Path, work: Path, references: dict[str, str], quantile: float) -> Path:
+    """The demo line's config: the shipped config.toml with two synthetic cameras and references."""
+    config = tomllib.loads(base.read_text())
+    config["line"] = {"id": LINE, "name": "Demo line (synthetic cameras, random-weight model)"}
+    config["model"].update(profile_dir=str(work / "profiles"), calibration_quantile=quantile)
+    config["cameras"] = cameras(work)
+    config["references"] = references
+    config["thresholds"] = {}
+    config["agent"].update(prompt_dir=str(work / "prompts"), health_port=0)
+    config["trainer"].update(out_dir=str(work / "runs"))
+    config["logging"] = {"level": "INFO", "format": "json"}
+    path = work / "demo.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+# --------------------------------------------------------------------------- stand-ins
+
+
+@dataclass
+class Plc:
+    """Stand-in PLC: subscribes to rejects and decisions (QoS 1), notes when each arrived."""
+
+    host: str
+    port: int
+    prefix: str
+    rejects: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    decisions: int = 0
+    infos: list[dict[str, Any]] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    since: float = field(default_factory=time.time)
+
+    def start(self) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "demo-plc", protocol=mqtt.MQTTv5)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.connect(self.host, self.port)
+        self.client.loop_start()
+
+    def _on_connect(self, client, userdata, flags, reason, properties) -> None:
+        base = f"{self.prefix}/{LINE}"
+        client.subscribe(
+            [(f"{base}/+/reject", 1), (f"{base}/+/decision", 1), (f"{base}/status", 1), (f"{base}/info", 1)]
+        )
+
+    def _on_message(self, client, userdata, msg) -> None:
+        now = time.time()
+        if not msg.payload:
+            return
+        if msg.topic.endswith("/reject"):
+            self.rejects.append((now, json.loads(msg.payload)))
+        elif msg.topic.endswith("/decision"):
+            self.decisions += 1
+        elif msg.topic.endswith("/info"):
+            info = json.loads(msg.payload)
+            if parse_time(info["started_at"]) >= self.since:  # not a retained one from an earlier run
+                self.infos.append(info)
+        elif msg.topic.endswith("/status"):
+            self.statuses.append(msg.payload.decode())
+
+    def prompt_version(self) -> str | None:
+        return self.infos[-1]["model"]["prompt_version"] if self.infos else None
+
+    def clear_retained(self) -> None:
+        """Forget a previous demo run's retained status and info."""
+        for topic in ("status", "info"):
+            self.client.publish(f"{self.prefix}/{LINE}/{topic}", b"", qos=1, retain=True).wait_for_publish(5)
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Dashboard(threading.Thread):
+    """Stand-in dashboard: reads the line's Redis stream as it grows."""
+
+    def __init__(self, client: redis.Redis, stream: str) -> None:
+        super().__init__(daemon=True)
+        self.client, self.stream = client, stream
+        self.results: dict[str, dict[str, Any]] = {}
+        self.entries = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        last = "0-0"
+        while not self._done.is_set():
+            try:
+                reply = self.client.xread({self.stream: last}, block=500, count=500)
+            except redis.RedisError:
+                time.sleep(0.5)
+                continue
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    self.entries += 1
+                    result = json.loads(fields[b"payload"])
+                    self.results[result["part_id"]] = result
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(5)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def parse_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def read_truth(work: Path) -> dict[str, dict[str, Any]]:
+    truth = {}
+    for cam in CLASSES:
+        path = work / f"{cam}-truth.jsonl"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                truth[record["part_id"]] = record
+    return truth
+
+
+def stopped_event(log: Path) -> dict[str, Any] | None:
+    """The agent's last `stopped` log record: the frame accounting after a clean stop."""
+    found = None
+    for line in log.read_text(errors="replace").splitlines():
+        if '"stopped"' in line:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("event") == "stopped":
+                found = record
+    return found
+
+
+def phase_table(
+    truth: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]], rejected: set[str]
+) -> list[dict[str, Any]]:
+    """Precision and recall of the rejects per prompt version, in the order the versions ran."""
+    phases: dict[str, Counter] = {}
+    kinds: dict[str, Counter] = {}
+    for part_id, result in results.items():
+        gt = truth.get(part_id)
+        if gt is None:
+            continue
+        version = result["model"]["prompt_version"]
+        c = phases.setdefault(version, Counter())
+        k = kinds.setdefault(version, Counter())
+        hit = part_id in rejected
+        c["parts"] += 1
+        c["defective"] += gt["defective"]
+        c["rejected"] += hit
+        c["tp"] += hit and gt["defective"]
+        if gt["defective"]:
+            k[(gt["type"], "n")] += 1
+            k[(gt["type"], "hit")] += hit
+    rows = []
+    for version, c in phases.items():
+        rows.append(
+            {
+                "version": version,
+                **c,
+                "precision": c["tp"] / c["rejected"] if c["rejected"] else 0.0,
+                "recall": c["tp"] / c["defective"] if c["defective"] else 0.0,
+                "by_kind": {
+                    kind: (kinds[version][(kind, "hit")], n)
+                    for (kind, what), n in kinds[version].items()
+                    if what == "n"
+                },
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=REPO / "config.toml", help="base config (brokers, model)")
+    parser.add_argument("--work", type=Path, default=REPO / ".run" / "demo", help="scratch folder (emptied)")
+    parser.add_argument("--before", type=float, default=30, help="seconds on untrained prompts before training")
+    parser.add_argument("--after", type=float, default=60, help="seconds on the new prompts after the reload")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--images", type=int, default=120, help="training images per class")
+    parser.add_argument("--quantile", type=float, default=0.95, help="calibration quantile of the good parts")
+    parser.add_argument("--recall-floor", type=float, default=RECALL_FLOOR)
+    args = parser.parse_args(argv)
+
+    work = args.work.resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "prompts").mkdir(parents=True)
+    base = tomllib.loads(args.config.read_text())
+    mq, prefix = base.get("mqtt", {}), base.get("mqtt", {}).get("topic_prefix", "genclip")
+    host, port = mq.get("host", "127.0.0.1"), int(mq.get("port", 1883))
+    redis_url = base.get("redis", {}).get("url", "redis://127.0.0.1:6379/0")
+
+    say("GenCLIP Inspect demo: the model is genclip-tiny with RANDOM weights (no pretrained CLIP can be")
+    say("downloaded here). Scores show the loop works and prompts learn; for real inspection put CLIP")
+    say("weights in [model].pretrained (see docs/deploy.md, 'Pretrained CLIP weights').")
+    try:
+        store = redis.Redis.from_url(redis_url)
+        store.ping()
+        plc = Plc(host, port, prefix)
+        plc.start()
+    except (OSError, redis.RedisError) as exc:
+        say(f"cannot reach the brokers ({exc}); start them with: make services-up")
+        return 1
+    stream = f"genclip:{LINE}:results"
+    for key in store.scan_iter(f"genclip:{LINE}:*"):
+        store.delete(key)
+    plc.clear_retained()
+
+    data, references = make_data(work, cameras(work), args.images)
+    config = write_config(args.config, work, references, args.quantile)
+    say(f"config: {config}  (genclip config show --config {config})")
+    dashboard = Dashboard(redis.Redis.from_url(redis_url), stream)
+    dashboard.start()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    agent_log = (work / "agent.log").open("w")
+    say("starting the agent: genclip run --config " + str(config))
+    agent = subprocess.Popen(
+        [genclip(), "run", "--config", str(config)], stdout=agent_log, stderr=subprocess.STDOUT, env=env
+    )
+    checks: dict[str, bool] = {}
+    train_proc: subprocess.Popen | None = None
+    try:
+        deadline = time.monotonic() + 180
+        while plc.prompt_version() is None and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if plc.prompt_version() is None:
+            say(f"the agent did not come up; its log: {work / 'agent.log'}")
+            return 1
+        first_version = plc.prompt_version()
+        say(f"agent online, prompts '{first_version}'. Watch it live in another terminal:")
+        print(
+            f"    mosquitto_sub -h {host} -p {port} -V mqttv5 -v"
+            f" -t '{prefix}/{LINE}/+/reject' -t '{prefix}/{LINE}/status'"
+        )
+        print(f"    redis-cli -u {redis_url} XREVRANGE {stream} + - COUNT 3")
+        progress(args.before, plc, dashboard)
+
+        say(f"training prompts on synthetic defects ({args.epochs} epochs), publishing into {work / 'prompts'}")
+        train_log = (work / "train.log").open("w")
+        train_cmd = [genclip(), "train", "--config", str(config), "--data", f"synthetic:{data}@all"]
+        train_cmd += ["--out", str(work / "runs" / "demo"), "--epochs", str(args.epochs), "--workers", "0"]
+        train_cmd += ["--publish", str(work / "prompts"), "--no-progress"]
+        # One thread for training leaves the other core to the line.
+        train_proc = subprocess.Popen(
+            train_cmd, stdout=train_log, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"}
+        )
+        while train_proc.poll() is None:
+            progress(15, plc, dashboard, until=lambda: train_proc.poll() is not None)
+        checks["training finished"] = train_proc.returncode == 0
+        if train_proc.returncode != 0:
+            say(f"training failed; its log: {work / 'train.log'}")
+        else:
+            deadline = time.monotonic() + 60
+            while plc.prompt_version() == first_version and time.monotonic() < deadline:
+                time.sleep(0.2)
+            checks["prompts hot-reloaded (no restart)"] = plc.prompt_version() != first_version
+            say(f"prompts reloaded: '{first_version}' -> '{plc.prompt_version()}'")
+            progress(args.after, plc, dashboard)
+    finally:
+        if train_proc is not None and train_proc.poll() is None:
+            train_proc.terminate()
+        say("stopping the agent (SIGTERM)")
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(60)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+        time.sleep(1.0)  # the last rejects and stream entries in flight to the stand-ins
+        dashboard.stop()
+        plc.stop()
+    checks["agent stopped cleanly"] = agent.returncode == 0
+    return summarize(work, plc, dashboard, first_version, checks, args.recall_floor, (host, port, prefix, redis_url))
+
+
+def progress(seconds: float, plc: Plc, dashboard: Dashboard, until=lambda: False) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not until():
+        time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+    say(f"{dashboard.entries} results, {len(plc.rejects)} rejects so far, prompts '{plc.prompt_version()}'")
+
+
+def summarize(
+    work: Path,
+    plc: Plc,
+    dashboard: Dashboard,
+    first_version: str,
+    checks: dict[str, bool],
+    floor: float,
+    where: tuple[str, int, str, str],
+) -> int:
+    truth = read_truth(work)
+    results = dashboard.results
+    rejected = {payload["part_id"] for _, payload in plc.rejects}
+    duplicates = len(plc.rejects) - len(rejected)
+    ng = {pid for pid, r in results.items() if r["verdict"] in ("NG", "ERROR")}
+    latencies = [1000 * (t - parse_time(p["captured_at"])) for t, p in plc.rejects]
+    stopped = stopped_event(work / "agent.log") or {}
+    frames = stopped.get("frames", {})
+
+    print()
+    print("=" * 78)
+    print("GenCLIP Inspect demo: summary (model: genclip-tiny, RANDOM weights)")
+    print("=" * 78)
+    print(f"parts made by the cameras    {len(truth)}  ({sum(t['defective'] for t in truth.values())} with a defect)")
+    print(f"results on the Redis stream  {dashboard.entries}  ({len(results)} parts)")
+    print(
+        f"rejects received by the PLC  {len(plc.rejects)}  ({len(rejected)} parts, {duplicates} duplicate deliveries)"
+    )
+    print(f"decisions received           {plc.decisions}")
+    if latencies:
+        print(
+            f"capture -> reject latency    p50 {percentile(latencies, 50):.0f} ms, "
+            f"p99 {percentile(latencies, 99):.0f} ms, "
+            f"max {max(latencies):.0f} ms (mean {statistics.fmean(latencies):.0f} ms)"
+        )
+    if frames:
+        dropped = frames.get("dropped", {})
+        print(
+            f"frames                       accepted {frames['accepted']} = published {frames['published']} + dropped "
+            f"{sum(dropped.values())} {dropped or ''} + expired {frames['expired']} + in flight {frames['in_flight']}"
+        )
+    print()
+    print(f"{'prompts':<28}{'parts':>7}{'defective':>11}{'rejected':>10}{'precision':>11}{'recall':>8}")
+    rows = phase_table(truth, results, rejected)
+    for row in rows:
+        print(
+            f"{row['version']:<28}{row['parts']:>7}{row['defective']:>11}{row['rejected']:>10}"
+            f"{row['precision']:>11.2f}{row['recall']:>8.2f}"
+        )
+        kinds = ", ".join(f"{k} {hit}/{n}" for k, (hit, n) in sorted(row["by_kind"].items()))
+        print(f"{'':<28}rejected by kind: {kinds}")
+    after = [r for r in rows if r["version"] != first_version]
+    print()
+
+    checks["results published"] = dashboard.entries > 0
+    checks["rejects reached the PLC"] = len(plc.rejects) > 0
+    checks["every NG/ERROR result reached the PLC as a reject"] = ng <= rejected
+    if frames:
+        identity = frames["accepted"] == frames["published"] + sum(frames["dropped"].values()) + frames["expired"]
+        checks["accounting identity holds, nothing in flight"] = identity and frames["in_flight"] == 0
+        checks["every published result is on the stream"] = frames["published"] == dashboard.entries
+    else:
+        checks["the agent logged its final accounting"] = False
+    if after:
+        checks[f"recall after the reload >= {floor:.2f} (got {after[-1]['recall']:.2f})"] = after[-1]["recall"] >= floor
+    for name, ok in checks.items():
+        print(f"  [{'ok' if ok else 'FAILED'}] {name}")
+    host, port, prefix, redis_url = where
+    print()
+    print("Watch a line live (while `genclip run` is running):")
+    print(f"  mosquitto_sub -h {host} -p {port} -V mqttv5 -v -t '{prefix}/{LINE}/#'")
+    print(f"  redis-cli -u {redis_url} XREAD BLOCK 0 STREAMS genclip:{LINE}:results '$'")
+    print(f"Files: {work} (agent.log, train.log, demo.toml, *-truth.jsonl, runs/demo/)")
+    print("The scores come from random weights: put real CLIP weights in [model].pretrained for real")
+    print("inspection (docs/deploy.md). Recall here is what learned prompts reach on synthetic defects.")
+    ok = all(checks.values())
+    print(f"demo {'passed' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
