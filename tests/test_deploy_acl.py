@@ -492,18 +492,23 @@ def test_mqtt_publisher_with_the_agent_account(
     assert wait_until(lambda: "genclip/line-1/cam-1/result" in dashboard.topics())
     assert dashboard.topics() == {"genclip/line-1/status", "genclip/line-1/cam-1/result"}
 
-    # Commands: answered on cmd/response, or on a ResponseTopic below it; the broker refuses any other.
+    # Commands: answered on cmd/response, or on a ResponseTopic below it; the agent answers a
+    # ResponseTopic anywhere else on cmd/response (the broker would allow it its own reject topic).
     elsewhere, mine = "genclip/line-2/cmd/response", "genclip/line-1/cmd/response/alice"
-    for correlation, reply_to in ((b"c1", None), (b"c2", elsewhere), (b"c3", mine)):
+    plc_topic = "genclip/line-1/cam-1/reject"
+    cases = ((b"c1", None), (b"c2", elsewhere), (b"c3", mine), (b"c4", plc_topic))
+    for correlation, reply_to in cases:
         props = {"ResponseTopic": reply_to} if reply_to else {}
         assert operator.publish("genclip/line-1/cmd/snapshot", b"{}", CorrelationData=correlation, **props) in ACCEPTED
     answer = json.dumps({"command": "snapshot", "ok": True, "done": "snapshot"}, separators=(",", ":")).encode()
     assert operator.wait_for("genclip/line-1/cmd/response", answer)
     assert operator.wait_for(mine, answer)
-    assert wait_until(lambda: pub.stats["response"].dropped == 1), pub.stats.snapshot()
-    assert [c.correlation for c in commands] == [b"c1", b"c2", b"c3"]
+    assert wait_until(lambda: pub.stats["response"].sent == 4), pub.stats.snapshot()
+    assert [c.correlation for c in commands] == [b"c1", b"c2", b"c3", b"c4"]
     assert elsewhere not in operator.topics()
-    assert pub.stats["response"].sent == 2
+    assert wait_until(lambda: [t for t, _ in list(operator.messages)].count("genclip/line-1/cmd/response") == 3)
+    assert pub.stats["response"].dropped == 0
+    assert plc.messages.count((plc_topic, answer)) == 0
 
     assert pub.stats["reject"].sent == 1 and pub.stats["reject"].dropped == 0
     assert pub.stats["result"].dropped == 0 and pub.stats["decision"].dropped == 0

@@ -345,8 +345,9 @@ def test_commands_answered_with_correlation(mosquitto: MosquittoServer, clients:
 
     pub = start_publisher(clients, mosquitto.port, line, handler=handler)
     assert wait_until(lambda: pub.health()[0])
-    reply = f"replies/{uuid.uuid4().hex}"
-    sub = subscribe(clients, mosquitto.port, pub.topic("cmd", "response"), reply)
+    reply = pub.topic("cmd", "response", uuid.uuid4().hex)
+    plc_topic = pub.topic("cam-1", "reject")
+    sub = subscribe(clients, mosquitto.port, pub.topic("cmd", "response"), reply, plc_topic)
     cases: list[tuple[str, bytes, bool]] = [
         ("reload", b"{}", True),
         ("threshold", b'{"class": "widget", "value": 0.7}', True),
@@ -364,10 +365,14 @@ def test_commands_answered_with_correlation(mosquitto: MosquittoServer, clients:
     for i, (name, payload, _) in enumerate(cases):
         sub.request(pub.topic("cmd", name), payload, f"corr-{i}".encode())
     sub.request(pub.topic("cmd", "snapshot"), b"", b"via-response-topic", response_topic=reply)
+    # An answer is never published outside cmd/response: it would reach a PLC as a reject.
+    sub.request(pub.topic("cmd", "snapshot"), b"", b"hijack", response_topic=plc_topic)
 
     response = pub.topic("cmd", "response")
-    assert wait_until(lambda: len(sub.on(response)) == len(cases) and len(sub.on(reply)) == 1), len(sub.messages)
+    assert wait_until(lambda: len(sub.on(response)) == len(cases) + 1 and len(sub.on(reply)) == 1), len(sub.messages)
+    assert sub.on(plc_topic) == []
     by_corr = {m.properties.CorrelationData: json.loads(m.payload) for m in sub.on(response)}
+    assert by_corr.pop(b"hijack")["ok"] is True
     for i, (name, _, ok) in enumerate(cases):
         body = by_corr[f"corr-{i}".encode()]
         assert body["command"] == name and body["ok"] is ok, (name, body)
@@ -379,10 +384,10 @@ def test_commands_answered_with_correlation(mosquitto: MosquittoServer, clients:
     (via,) = sub.on(reply)
     assert via.properties.CorrelationData == b"via-response-topic" and json.loads(via.payload)["ok"] is True
 
-    valid = [name for name, _, ok in cases if ok] + ["resume", "snapshot"]
+    valid = [name for name, _, ok in cases if ok] + ["resume", "snapshot", "snapshot"]
     assert sorted(c.name for c, _ in calls) == sorted(valid)
     assert {t for _, t in calls} == {f"mqtt-commands-{line}"}, "handlers must not run on paho's network thread"
-    assert wait_until(lambda: pub.stats["response"].sent == len(cases) + 1)
+    assert wait_until(lambda: pub.stats["response"].sent == len(cases) + 2)
 
 
 def test_slow_handler_does_not_stall_publishing(mosquitto: MosquittoServer, clients: list[Any], line: str) -> None:

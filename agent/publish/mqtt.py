@@ -394,12 +394,21 @@ class MqttPublisher:
         props = message.properties
         correlation = getattr(props, "CorrelationData", None)
         reply_to = getattr(props, "ResponseTopic", None)
-        if reply_to is not None and (not reply_to or any(c in reply_to for c in "+#\0")):
+        if reply_to is not None and not self._answerable(reply_to):
+            log.warning("command ResponseTopic outside cmd/response; answering there", response_topic=reply_to[:128])
             reply_to = None
         try:
             self._commands.put_nowait((name, bytes(message.payload), correlation, reply_to))
         except queue.Full:
             self._respond(name, correlation, reply_to, {"ok": False, "error": "busy: too many commands waiting"})
+
+    def _answerable(self, reply_to: str) -> bool:
+        """Answers go only to cmd/response or below it: else a commander could make the agent
+        publish onto a PLC's reject or status topic, which the agent itself may write."""
+        base = self.topic("cmd", "response")
+        if any(c in reply_to for c in "+#\0"):
+            return False
+        return reply_to == base or reply_to.startswith(base + "/")
 
     def _command_loop(self) -> None:
         """Runs handlers off paho's network thread: a reload may take seconds."""
