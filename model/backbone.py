@@ -9,7 +9,10 @@ so the trainer and the agent build the very same random backbone.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +139,8 @@ def load_backbone(
             if weights_file is not None:
                 clip = open_clip.create_model(name, pretrained=str(weights_file), **kwargs)
             elif random_weights:
-                clip = open_clip.create_model(name, pretrained=None)
+                with _without_random_init_warning():
+                    clip = open_clip.create_model(name, pretrained=None)
             else:
                 clip = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
     except Exception as exc:  # a foreign or corrupt weights file fails in many library-specific ways
@@ -144,6 +148,22 @@ def load_backbone(
         detail = (str(exc).splitlines() or [type(exc).__name__])[0][:400]
         raise BackboneError(f"cannot load weights {source} into {name}: {detail}") from exc
     return _describe(clip, name, weights)
+
+
+class _RandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """open_clip warns on the root logger that the model is random; we asked for that and say so ourselves."""
+    quiet = _RandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def _describe(clip: nn.Module, name: str, weights: str) -> Backbone:

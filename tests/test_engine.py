@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -433,6 +434,16 @@ def test_missing_pretrained_weights_fail_with_instructions(tmp_path):
         load_backbone("ViT-B-16", str(tmp_path / "nope.safetensors"))
     with pytest.raises(BackboneError, match="unknown backbone"):
         load_backbone("ViT-Q-99", "random")
+
+
+def test_random_weights_load_quietly_and_corrupt_files_are_named(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        load_backbone("genclip-tiny", "random")
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    corrupt = tmp_path / "weights.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    with pytest.raises(BackboneError, match=f"cannot load weights {corrupt} into genclip-tiny"):
+        load_backbone("genclip-tiny", str(corrupt))
 
 
 def test_weights_file_for_another_architecture_is_refused(tmp_path, backbone):
