@@ -242,10 +242,11 @@ class RecordingTrainer:
 
 def trainer_config(tmp_path: Path, data: list[str] | None) -> Path:
     text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
-    assert 'out_dir = "runs"\n' in text
     keys = f'out_dir = "{tmp_path / "runs"}"\n' + (f"data = {json.dumps(data)}\n" if data is not None else "")
+    text, found = re.subn(r"^out_dir = .*\n", lambda _: keys, text, count=1, flags=re.MULTILINE)
+    assert found == 1, "config.toml lost its [trainer] out_dir line"
     path = tmp_path / "line.toml"
-    path.write_text(text.replace('out_dir = "runs"\n', keys, 1))
+    path.write_text(text)
     return path
 
 
