@@ -65,6 +65,7 @@ LINES=()
 UNINSTALL=0
 PURGE=0
 WORK=""
+STAGED=""
 
 die() {
     echo "install.sh: error: $*" >&2
@@ -75,6 +76,10 @@ say() { echo "install.sh: $*"; }
 cleanup() {
     if [[ -n "$WORK" && -d "$WORK" ]]; then
         rm -rf "$WORK"
+    fi
+    # A venv that was not moved into place (pip failed, interrupted) is not left lying around.
+    if [[ -n "$STAGED" && -d "$STAGED" ]]; then
+        rm -rf "$STAGED"
     fi
 }
 trap cleanup EXIT
@@ -255,6 +260,7 @@ build_venv() {
     local venv staged final src site
     venv="$(r "$PREFIX/venv")"
     staged="$venv.new"
+    STAGED="$staged"
     final="$PREFIX/venv"
     rm -rf "$staged" "$venv.old"
     mkdir -p "$(dirname "$venv")"
@@ -276,13 +282,25 @@ build_venv() {
     "$PYTHON" "$HELPER" relocate --venv "$staged" --from "$staged" --to "$final" >/dev/null
     # Byte-code now, naming the final paths in tracebacks: the service cannot write PREFIX later
     # (ProtectSystem=strict). checked-hash: still valid after the staged tree is copied elsewhere.
+    # Some packages ship files that are not meant to compile (torch's Python 3.12 test helpers):
+    # skipped silently, as pip does.
     site="$("$staged/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
-    "$staged/bin/python" -m compileall -q -f -j 0 --invalidation-mode checked-hash \
-        -s "$staged" -p "$final" "$site" >/dev/null || die "compiling the venv's byte-code failed"
+    "$staged/bin/python" -m compileall -qq -f -j 0 --invalidation-mode checked-hash \
+        -s "$staged" -p "$final" "$site" || true
+    "$staged/bin/python" -I -c 'import agent.cli, model, trainer.cli' 2>/dev/null ||
+        [[ " $PIP_ARGS " == *" --no-deps "* ]] || die "the new venv cannot import genclip; $venv is unchanged"
+    # The service runs it as genclip: an interpreter in a place genclip cannot read (pyenv under
+    # /root) would only show at `systemctl start`.
+    if live && command -v runuser >/dev/null 2>&1 &&
+        ! runuser -u "$SERVICE_USER" -- "$staged/bin/python" -I -c pass 2>/dev/null; then
+        die "the user $SERVICE_USER cannot run $(readlink -f "$staged/bin/python") (the venv's interpreter);" \
+            "install again with --python /usr/bin/python3.11; $venv is unchanged"
+    fi
     if [[ -d "$venv" ]]; then
         mv "$venv" "$venv.old"
     fi
     mv "$staged" "$venv"
+    STAGED=""
     rm -rf "$venv.old"
     [[ -x "$venv/bin/genclip" ]] || die "$final/bin/genclip missing after pip install"
     say "installed $final ($("$venv/bin/python" -c 'from importlib.metadata import version; print("genclip-inspect", version("genclip-inspect"))'))"
