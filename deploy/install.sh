@@ -145,18 +145,19 @@ parse_args() {
             ;;
         esac
     done
+    ((PURGE == 0 || UNINSTALL == 1)) || die "--purge goes with --uninstall"
+    ((UNINSTALL == 0 || ${#LINES[@]} == 0)) || die "--line does not go with --uninstall"
     absolute "$PREFIX" --prefix
     absolute "$UNIT_DIR" --unit-dir
     PREFIX="${PREFIX%/}"
-    [[ -n "$PREFIX" && "$PREFIX/" != */../* && "$PREFIX/" != */./* && "$PREFIX" != *//* ]] ||
-        die "--prefix: give a plain absolute directory other than /, not '$PREFIX'"
+    # It goes into unit files (ExecStart=) and sed: plain names only, no '.'/'..' components.
+    [[ "$PREFIX" =~ ^(/[A-Za-z0-9_+-][A-Za-z0-9._+-]*)+$ ]] ||
+        die "--prefix: give a plain absolute directory other than / (letters, digits, '._+-'), not '$PREFIX'"
     if [[ "$ROOT" != / ]]; then
         mkdir -p "$ROOT"
         ROOT="$(cd "$ROOT" && pwd)"
         [[ "$ROOT" != / ]] || ROOT=/
     fi
-    ((PURGE == 0 || UNINSTALL == 1)) || die "--purge goes with --uninstall"
-    ((UNINSTALL == 0 || ${#LINES[@]} == 0)) || die "--line does not go with --uninstall"
     if live && [[ $(id -u) -ne 0 ]]; then
         die "installing into / needs root (sudo bash deploy/install.sh ...), or use --root DIR for a staging tree"
     fi
@@ -217,6 +218,7 @@ d $CONF_DIR 0750 root $SERVICE_USER -
 z $CONF_DIR/*.toml 0640 root $SERVICE_USER -
 z $CONF_DIR/*.env 0640 root $SERVICE_USER -
 d $CRED_DIR 0700 root root -
+Z $CRED_DIR - root root -
 d $STATE_DIR 0750 $SERVICE_USER $SERVICE_USER -
 d $STATE_DIR/prompts 0750 $SERVICE_USER $SERVICE_USER -
 d $STATE_DIR/profiles 0750 $SERVICE_USER $SERVICE_USER -
@@ -224,6 +226,8 @@ d $STATE_DIR/reference 0750 $SERVICE_USER $SERVICE_USER -
 d $STATE_DIR/runs 0750 $SERVICE_USER $SERVICE_USER -
 d $STATE_DIR/hf-cache 0750 $SERVICE_USER $SERVICE_USER -
 d $STATE_DIR/weights 0750 $SERVICE_USER $SERVICE_USER -
+# Recursively (modes unchanged): systemd's StateDirectory= chown skips the tree when its top is right.
+Z $STATE_DIR - $SERVICE_USER $SERVICE_USER -
 EOF
     install_file 0644 "$tmp" "$(r "$TMPFILES_FILE")"
 }

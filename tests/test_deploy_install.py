@@ -84,12 +84,15 @@ def test_help_and_bad_arguments(tmp_path):
     for args, message in [
         (("--line", "Line 1"), "bad line name"),
         (("--purge",), "--purge goes with --uninstall"),
+        (("--uninstall", "--line", "line-1"), "--line does not go with --uninstall"),
         (("--prefix", "opt/x"), "--prefix must be an absolute path"),
+        (("--prefix", "/opt/../x"), "--prefix: give a plain absolute directory"),
+        (("--prefix", "/"), "--prefix: give a plain absolute directory"),
         (("--bogus",), "unknown argument: --bogus"),
     ]:
         result = install(tmp_path / "root", *args, check=False)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
-    assert not any((tmp_path / "root").iterdir())  # refused before touching anything
+    assert not (tmp_path / "root").exists()  # refused before touching anything
 
 
 # --- the staged tree -------------------------------------------------------------------------------
@@ -157,14 +160,45 @@ def test_staged_configs_load_and_point_at_the_layout(staged):
     assert ports == {8321, 8322}  # two lines on one machine need two health ports
 
 
-# --- systemd-analyze verify ------------------------------------------------------------------------
-def systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
+# --- systemd's own tools on the staged files -------------------------------------------------------
+def systemd_tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
     if found is None:
-        pytest.fail(
-            "systemd-analyze not found: run `make setup` (deploy/services.sh install adds Debian's systemd package)"
-        )
+        pytest.fail(f"{name} not found: run `make setup` (deploy/services.sh install adds Debian's systemd package)")
     return found
+
+
+def systemd_analyze() -> str:
+    return systemd_tool("systemd-analyze")
+
+
+@pytest.mark.slow
+def test_sysusers_and_tmpfiles_files_give_the_staged_tree_its_user_and_owners(staged, tmp_path):
+    """What a package's postinst (or the first boot) does with a --root tree: the user, then the owners."""
+    if os.geteuid() != 0:
+        pytest.skip("systemd-tmpfiles must be root to chown")
+    root = tmp_path / "target"
+    for part in ("usr/lib/sysusers.d", "usr/lib/tmpfiles.d", "etc/genclip", "var/lib/genclip"):
+        shutil.copytree(staged / part, root / part, symlinks=True)
+    for tool in ("systemd-sysusers", "systemd-tmpfiles"):
+        args = [systemd_tool(tool), f"--root={root}"] + (["--create"] if tool == "systemd-tmpfiles" else [])
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "genclip" not in result.stderr.replace("'genclip'", ""), result.stderr
+    user = next(
+        line.split(":") for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("genclip:")
+    )
+    uid, gid, home = int(user[2]), int(user[3]), user[5]
+    assert home == "/var/lib/genclip" and uid < 1000  # a system user
+    config = (root / "etc/genclip/line-1.toml").stat()
+    assert (config.st_uid, config.st_gid, stat.S_IMODE(config.st_mode)) == (0, gid, 0o640)
+    assert (root / "etc/genclip").stat().st_gid == gid
+    assert (root / "etc/genclip/credentials/line-1/mqtt-password").stat().st_uid == 0
+    for path in (
+        root / "var/lib/genclip",
+        root / "var/lib/genclip/prompts/line-1",
+        root / "var/lib/genclip/runs/line-2",
+    ):
+        assert (path.stat().st_uid, path.stat().st_gid, mode(path)) == (uid, gid, 0o750), path
 
 
 def verify_root(staged: Path, target: Path) -> Path:
