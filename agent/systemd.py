@@ -1,4 +1,8 @@
-"""systemd integration for `Type=notify-reload` units: readiness, reload, stop, status and watchdog.
+"""systemd integration: readiness, reload, stop, status and watchdog (sd_notify).
+
+deploy/systemd/genclip@.service is `Type=notify` (systemd 252 has no notify-reload) with
+`ExecReload=kill -HUP`; the RELOADING=1 + MONOTONIC_USEC sent around a reload also suit a
+`Type=notify-reload` unit on systemd >= 253.
 
 Outside systemd (no `NOTIFY_SOCKET`) every call is a no-op, so the agent runs the
 same from a terminal, a container or a test.

@@ -8,7 +8,9 @@ usage() {
 Usage: bash deploy/services.sh [--config PATH] {install|up|down|status}
 
   install   install mosquitto, mosquitto-clients and redis-server with apt-get (as root)
-            if the mosquitto or redis-server binary is missing; otherwise do nothing
+            if the mosquitto or redis-server binary is missing, and systemd if
+            systemd-analyze is missing (the unit-file tests run `systemd-analyze verify`);
+            otherwise do nothing
   up        start Mosquitto and Redis on 127.0.0.1, on the ports of the config file:
             MQTT from [mqtt].port, Redis from [redis].url; already running = no-op
   down      stop what `up` started (by pid file); nothing running = no-op
@@ -39,14 +41,18 @@ cmd_install() {
     command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
     command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-    if command -v mosquitto >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1; then
-        echo "mosquitto and redis-server are installed: nothing to do"
+    # tests/test_deploy_install.py checks deploy/systemd/ with `systemd-analyze verify`; a container has
+    # no systemd, and Debian ships systemd-analyze in the systemd package.
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    if command -v mosquitto >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 &&
+        command -v systemd-analyze >/dev/null 2>&1; then
+        echo "mosquitto, redis-server and systemd-analyze are installed: nothing to do"
         return 0
     fi
     if [[ $(id -u) -ne 0 ]]; then
         die "missing packages: ${missing[*]}; installing them needs root:
     sudo bash deploy/services.sh install
-or: sudo apt-get install -y mosquitto mosquitto-clients redis-server"
+or: sudo apt-get install -y ${missing[*]}"
     fi
     command -v apt-get >/dev/null 2>&1 ||
         die "apt-get not found: install ${missing[*]} with this system's package manager"
@@ -56,7 +62,9 @@ or: sudo apt-get install -y mosquitto mosquitto-clients redis-server"
     apt-get install -y -q --no-install-recommends "${missing[@]}"
     command -v mosquitto >/dev/null 2>&1 || die "mosquitto still missing after apt-get install"
     command -v redis-server >/dev/null 2>&1 || die "redis-server still missing after apt-get install"
-    echo "installed: $(mosquitto -h 2>/dev/null | head -n 1 || true); $(redis-server --version)"
+    command -v systemd-analyze >/dev/null 2>&1 || die "systemd-analyze still missing after apt-get install"
+    echo "installed: $(mosquitto -h 2>/dev/null | head -n 1 || true); $(redis-server --version);" \
+        "$(systemd-analyze --version | head -n 1)"
 }
 
 # --- configuration ---------------------------------------------------------------------------

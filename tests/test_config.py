@@ -175,6 +175,24 @@ def test_secrets_from_file_and_systemd_credentials(tmp_path, monkeypatch):
         load_config(edited(tmp_path, '# password_file = "/etc/genclip/mqtt-password"', 'password_file = "/nope"'))
 
 
+def test_empty_password_file_or_credential_means_no_password(tmp_path, monkeypatch):
+    """The installer leaves /etc/genclip/credentials/<line>/*-password empty: a broker without a password."""
+    empty = tmp_path / "mqtt-pass"
+    empty.write_text("\n")
+    cfg = load_config(edited(tmp_path, '# password_file = "/etc/genclip/mqtt-password"', f'password_file = "{empty}"'))
+    assert cfg.mqtt.password is None
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("")
+    (creds / "redis-password").write_text(" \n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    cfg = load_config(CONFIG)
+    assert cfg.mqtt.password is None and cfg.redis.password is None
+    (creds / "mqtt-password").write_text("set-later\n")
+    assert load_config(CONFIG).mqtt.password.get_secret_value() == "set-later"
+
+
 def test_config_show_masks_secrets(tmp_path, monkeypatch):
     monkeypatch.setenv("GENCLIP_MQTT__PASSWORD", "hunter2-mqtt")
     creds = tmp_path / "creds"

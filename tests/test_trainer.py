@@ -9,12 +9,17 @@ learned. Everything is seeded: the same machine gives the same figures.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from agent.cli import _register_verbs, app
@@ -23,6 +28,7 @@ from model.checkpoint import read_checkpoint, read_metadata
 from model.profile import ClassProfile, profile_path
 from tests.factories import perturbed_checkpoint, tiny_config
 from trainer.calibrate import calibrate, good_images, threshold_from_scores
+from trainer.cli import default_run_dir
 from trainer.config import TrainerConfig
 from trainer.datasets import open_dataset, read_bgr8
 from trainer.evaluate import evaluate
@@ -204,6 +210,102 @@ def test_publish_writes_the_best_checkpoint_atomically(small_set, tmp_path):
     assert summary.published == publish / "run-7.safetensors"
     assert summary.published.read_bytes() == (tmp_path / "run-7" / "best.safetensors").read_bytes()
     assert [p.name for p in publish.iterdir()] == ["run-7.safetensors"]  # no temporary file left behind
+
+
+# --- data and run folder from the config (what the genclip-train@ timer relies on) ----------------------
+class RecordingTrainer:
+    """Stands in for PromptTrainer in CLI tests: records what it was given, makes the run folder, trains nothing."""
+
+    calls: ClassVar[list[dict]] = []
+
+    def __init__(self, model_cfg, settings, data, run_dir, *, publish_dir=None, resume=False, show_progress=True):
+        self.call = {"data": list(data), "run_dir": Path(run_dir), "publish_dir": publish_dir, "resume": resume}
+
+    def run(self) -> SimpleNamespace:
+        RecordingTrainer.calls.append(self.call)
+        run_dir = self.call["run_dir"]
+        run_dir.mkdir(parents=True)
+        return SimpleNamespace(
+            best_metrics=None,
+            interrupted=False,
+            epochs_done=1,
+            train_images=1,
+            val_images=0,
+            seconds=0.0,
+            best=None,
+            last=run_dir / "last.safetensors",
+            run_dir=run_dir,
+            published=None,
+            skipped=[],
+        )
+
+
+def trainer_config(tmp_path: Path, data: list[str] | None) -> Path:
+    text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    keys = f'out_dir = "{tmp_path / "runs"}"\n' + (f"data = {json.dumps(data)}\n" if data is not None else "")
+    text, found = re.subn(r"^out_dir = .*\n", lambda _: keys, text, count=1, flags=re.MULTILINE)
+    assert found == 1, "config.toml lost its [trainer] out_dir line"
+    path = tmp_path / "line.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def recording_trainer(monkeypatch) -> list[dict]:
+    import trainer.training
+
+    RecordingTrainer.calls = []
+    monkeypatch.setattr(trainer.training, "PromptTrainer", RecordingTrainer)
+    return RecordingTrainer.calls
+
+
+def test_train_takes_its_data_from_the_config_and_makes_a_new_run_folder_each_time(tmp_path, recording_trainer):
+    specs = ["synthetic:/data/line-1@all", "mvtec:/data/mvtec@test"]
+    config = trainer_config(tmp_path, specs)
+    publish = tmp_path / "prompts"
+    outputs = []
+    for _ in range(2):
+        result = runner.invoke(app, ["train", "--config", str(config), "--publish", str(publish), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+    first, second = recording_trainer
+    assert first["data"] == specs and second["data"] == specs and first["publish_dir"] == publish
+    for call, output in zip((first, second), outputs, strict=True):
+        assert call["run_dir"].parent == tmp_path / "runs"
+        assert re.fullmatch(r"\d{8}-\d{6}(-\d+)?", call["run_dir"].name), call["run_dir"]
+        assert f"run folder: {call['run_dir']}" in output
+    assert first["run_dir"] != second["run_dir"]  # a second run never writes into the first one's folder
+
+    result = runner.invoke(
+        app, ["train", "--config", str(config), "--data", "visa:/data/VisA", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 0, result.output
+    assert recording_trainer[-1]["data"] == ["visa:/data/VisA"] and recording_trainer[-1]["run_dir"] == tmp_path / "x"
+
+
+def test_train_without_data_names_the_config_key(tmp_path, recording_trainer):
+    result = runner.invoke(app, ["train", "--config", str(trainer_config(tmp_path, None))])
+    assert result.exit_code == 2
+    assert "[trainer].data" in result.output and "--data" in result.output
+    result = runner.invoke(app, ["train", "--config", str(trainer_config(tmp_path, ["synthetic:/d"])), "--resume"])
+    assert result.exit_code == 2 and "--resume needs --out" in result.output
+    assert recording_trainer == []
+
+
+def test_trainer_data_specs_are_checked_when_the_config_loads(tmp_path):
+    assert TrainerConfig(data=["mvtec:/data/mvtec@train", "VisA:/d/split_csv/1cls.csv"]).data[0].startswith("mvtec")
+    for bad in ("/data/mvtec", "imagenet:/data", "synthetic:"):
+        with pytest.raises(ValidationError, match=r"KIND:PATH\[@split\]"):
+            TrainerConfig(data=[bad])
+    result = runner.invoke(app, ["config", "check", "--config", str(trainer_config(tmp_path, ["nope:/x"]))])
+    assert result.exit_code == 2 and "trainer.data" in result.output
+
+
+def test_default_run_folder_is_a_utc_timestamp_and_never_reused(tmp_path):
+    moment = datetime(2024, 3, 1, 2, 30, 5, tzinfo=timezone(timedelta(hours=1)))
+    assert default_run_dir(tmp_path, moment) == tmp_path / "20240301-013005"
+    (tmp_path / "20240301-013005").mkdir()
+    assert default_run_dir(tmp_path, moment) == tmp_path / "20240301-013005-2"
 
 
 # --- thresholds and evaluation ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,14 +25,41 @@ DataOption = Annotated[
 ]
 
 
+TrainDataOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data",
+        help="KIND:PATH[@split], KIND one of mvtec, visa, synthetic; split train|test|all (default test). "
+        "Repeatable. Default: [trainer].data.",
+    ),
+]
+
+
+def default_run_dir(out_dir: Path, now: datetime | None = None) -> Path:
+    """`<out_dir>/<UTC YYYYmmdd-HHMMSS>`: a new folder per run, so scheduled runs never overwrite each other
+    (`-2`, `-3`, ... is appended when that second's folder exists already)."""
+    stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%d-%H%M%S")
+    run_dir, n = out_dir / stamp, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = out_dir / f"{stamp}-{n}"
+    return run_dir
+
+
 def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> None:
     """Add the trainer verbs to the root CLI; `load_config` turns --config into the validated tree
     (and sets logging up, as the root does for every verb)."""
 
     @app.command("train")
     def train(
-        data: DataOption,
-        out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, log.jsonl, summary.json.")],
+        data: TrainDataOption = None,
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                "--out",
+                help="Run folder: checkpoints, log.jsonl, summary.json. Default: <[trainer].out_dir>/<UTC time>.",
+            ),
+        ] = None,
         config: ConfigOption = None,
         epochs: Annotated[int | None, typer.Option(min=1, help="Default: [trainer].epochs.")] = None,
         batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: [trainer].")] = None,
@@ -68,6 +96,13 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             }.items()
             if v is not None
         }
+        specs = list(data or cfg.trainer.data)
+        if not specs:
+            fail("no training data: give --data KIND:PATH[@split] (repeatable) or set [trainer].data in the config")
+        if resume and out is None:
+            fail("--resume needs --out: the run folder to continue")
+        run_dir = out if out is not None else default_run_dir(cfg.trainer.out_dir)
+        typer.echo(f"run folder: {run_dir}")
         try:
             settings = cfg.trainer.model_copy(update=overrides)
             settings = type(settings).model_validate(settings.model_dump())
@@ -75,8 +110,8 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             trainer = PromptTrainer(
                 model_cfg,
                 settings,
-                data,
-                out,
+                specs,
+                run_dir,
                 publish_dir=publish or settings.publish_dir,
                 resume=resume,
                 show_progress=progress,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # The procedural surfaces `trainer/textures.py` renders (here, so configs can name them without OpenCV).
 TEXTURE_FAMILIES = ("woven", "grain", "metal", "dots", "tiles", "leather")
 DEFECT_KINDS = ("scratch", "crack", "hole", "stain", "missing part", "dent")
 """What `genclip synth` and synthetic cameras can draw."""
+DATASET_KINDS = ("mvtec", "visa", "synthetic")
+"""The KIND of a `KIND:PATH[@split]` data set spec (`--data`, `[trainer].data`)."""
+SPLITS = ("train", "test", "all")
 
 
 def normalise_kind(kind: str) -> str:
@@ -37,5 +40,22 @@ class TrainerConfig(BaseModel):
     image_loss_weight: float = Field(1.0, ge=0)
     defect_loss_weight: float = Field(1.0, ge=0)
     focal_gamma: float = Field(2.0, ge=0)
-    out_dir: Path = Field(Path("runs"), description="Where `genclip train` writes its run folders.")
+    data: list[str] = Field(
+        default_factory=list,
+        description="Training data as KIND:PATH[@split] specs (the syntax of --data); used when no --data is given.",
+    )
+    out_dir: Path = Field(
+        Path("runs"), description="Where `genclip train` writes its run folders (<out_dir>/<UTC time> without --out)."
+    )
     publish_dir: Path | None = Field(None, description="Where the best checkpoint is published for the agent.")
+
+    @field_validator("data")
+    @classmethod
+    def _data_specs(cls, value: list[str]) -> list[str]:
+        # Only the form is checked here: the agent loads the same file, and the paths may live
+        # elsewhere; `genclip train` opens them and names a missing one.
+        for spec in value:
+            kind, sep, rest = spec.partition(":")
+            if not sep or not rest.strip() or kind.strip().lower() not in DATASET_KINDS:
+                raise ValueError(f"{spec!r}: expected KIND:PATH[@split] with KIND one of {', '.join(DATASET_KINDS)}")
+        return value

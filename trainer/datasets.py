@@ -28,10 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from trainer.config import DATASET_KINDS, SPLITS
 from trainer.images import IMAGE_EXTENSIONS, ImageReadError, decode_image
 
-SPLITS = ("train", "test", "all")
-DATASET_KINDS = ("mvtec", "visa", "synthetic")
 UNKNOWN_MASK_VALUE = -1.0
 """Mask fill value for an anomalous sample without a mask: the pixel loss must ignore it."""
 

@@ -113,12 +113,22 @@ class RedisConfig(SecretSection):
 
 
 def resolve_secret(value: SecretStr | None, path: Path | None, credential: str) -> SecretStr | None:
-    """A secret from the config/env, else from a file, else from systemd's credentials directory."""
+    """A secret from the config/env, else from a file, else from systemd's credentials directory.
+
+    An empty file or credential means "no password" (None): the installer creates the
+    credential files empty, because systemd 252 refuses to start a unit whose
+    `LoadCredential=` file is missing, and a line whose broker needs no password leaves them so.
+    """
     if value is not None:
         return value
     if path is not None:
-        return SecretStr(Path(path).expanduser().read_text().strip())
+        return _read_secret(Path(path).expanduser())
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / credential).is_file():
-        return SecretStr((Path(cred_dir) / credential).read_text().strip())
+        return _read_secret(Path(cred_dir) / credential)
     return None
+
+
+def _read_secret(path: Path) -> SecretStr | None:
+    text = path.read_text().strip()
+    return SecretStr(text) if text else None
