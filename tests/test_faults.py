@@ -10,18 +10,23 @@ by reason + expired + in flight, in flight 0 after a clean stop). Measured figur
 from __future__ import annotations
 
 import json
+import signal
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import tomli_w
 
 from agent.config import InspectConfig
 from agent.service import InspectionService
-from tests.brokers import MosquittoServer, RedisServer
+from tests.brokers import MosquittoServer, RedisServer, free_port
 from tests.faults_support import (
     MjpegCamera,
     Subscriber,
@@ -33,6 +38,7 @@ from tests.faults_support import (
     fault_config,
     now_utc,
     parse_time,
+    retained,
     synthetic_camera,
     wait_for,
     write_video,
@@ -303,3 +309,93 @@ def test_camera_streams_stop_stall_and_recover_while_another_keeps_its_rate(
     assert "cannot open" in figures["video removed, garbage, restored"]["reason"]
     assert "stalled" in figures["mjpeg stalls"]["states"]
     assert counts["published"] > 0
+
+
+# --- 4. the agent SIGKILLed -------------------------------------------------------------------------------------
+def scrape(port: int) -> dict[str, float]:
+    """Sums of the frame counters on /metrics, by metric name."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    sums: dict[str, float] = {}
+    for row in text.splitlines():
+        name = row.split("{", 1)[0].split(" ", 1)[0]
+        if name.startswith("genclip_frames_") and name.endswith("_total"):
+            sums[name] = sums.get(name, 0.0) + float(row.rsplit(" ", 1)[1])
+    return sums
+
+
+def test_agent_sigkilled_last_will_offline_then_online_again(
+    tmp_path: Path, mosquitto: MosquittoServer, redis_server: RedisServer
+):
+    """`genclip run` killed with SIGKILL: the broker publishes its Last Will `offline` (retained); started
+    again (as systemd would), it announces `online` (retained) and inspects again. What the killed process
+    held in memory is gone with it: the /metrics scraped just before the kill shows how much that was."""
+    line = "kill-agent"
+    port = free_port()
+    cfg = fault_config(mosquitto.port, redis_server.url, line, [synthetic_camera("cam-1", seed=1, fps=3)])
+    cfg.agent.health_port = port
+    data = cfg.model_dump(mode="json", exclude_none=True, by_alias=True)
+    data["mqtt"].pop("password", None)
+    data["redis"].pop("password", None)
+    config = tmp_path / "line.toml"
+    config.write_text(tomli_w.dumps(data))
+    genclip = Path(sys.executable).with_name("genclip")
+    status_topic = f"genclip/{line}/status"
+    plc = Subscriber(mosquitto.port, [status_topic, f"genclip/{line}/+/result"], "plc-kill-agent", persistent=False)
+    wait_for(plc.connected.is_set, 10, "the subscriber")
+
+    def start(log: Path) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            return subprocess.Popen([str(genclip), "run", "--config", str(config)], stderr=out, stdout=out)
+
+    def last_status() -> str | None:
+        states = plc.of("/status")
+        return states[-1] if states else None
+
+    first = start(tmp_path / "first.log")
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: last_status() == "online" and len(plc.of("/result")) >= 3, 90, "the agent online")
+        before_kill = scrape(port)
+        killed = time.monotonic()
+        first.kill()
+        first.wait(10)
+        wait_for(lambda: last_status() == "offline", 10, "the Last Will")
+        will_s = time.monotonic() - killed
+        assert retained(mosquitto.port, status_topic) == "offline"
+        results_before = len(plc.of("/result"))
+
+        restarted = time.monotonic()
+        second = start(tmp_path / "second.log")
+        wait_for(lambda: last_status() == "online", 90, "online again")
+        online_s = time.monotonic() - restarted
+        assert retained(mosquitto.port, status_topic) == "online"
+        wait_for(lambda: len(plc.of("/result")) >= results_before + 3, 60, "results after the restart")
+        assert json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()) == {
+            "status": "ok"
+        }
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    wait_for(lambda: last_status() == "stopped", 10, "stopped")
+    plc.close()
+    assert retained(mosquitto.port, status_topic) == "stopped"
+    assert plc.of("/status") == ["online", "offline", "online", "stopped"]
+
+    # The restarted agent's own accounting, from its last log line (JSON lines on a non-terminal stderr).
+    events = [json.loads(row) for row in (tmp_path / "second.log").read_text().splitlines() if row.startswith("{")]
+    frames = next(e["frames"] for e in reversed(events) if e.get("event") == "stopped" and "frames" in e)
+    print(f"ledger {line} (restarted agent): {frames}")
+    dropped = sum(frames["dropped"].values())
+    assert frames["accepted"] == frames["published"] + dropped + frames["expired"] + frames["in_flight"]
+    assert frames["in_flight"] == 0 and frames["published"] >= 3
+    captured = before_kill.get("genclip_frames_captured_total", 0)
+    done = before_kill.get("genclip_frames_processed_total", 0) + before_kill.get("genclip_frames_dropped_total", 0)
+    print(
+        f"agent SIGKILL: Last Will after {will_s:.2f} s, online again {online_s:.1f} s after the restart; "
+        f"killed agent's last scrape: captured {captured:.0f}, scored or dropped {done:.0f} "
+        f"(in flight, lost with the process: about {captured - done:.0f})"
+    )
