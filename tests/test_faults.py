@@ -27,6 +27,7 @@ import tomli_w
 from agent.config import InspectConfig
 from agent.service import InspectionService
 from tests.brokers import MosquittoServer, RedisServer, free_port
+from tests.factories import perturbed_checkpoint, tiny_config
 from tests.faults_support import (
     MjpegCamera,
     Subscriber,
@@ -36,6 +37,7 @@ from tests.faults_support import (
     crash,
     duplicates,
     fault_config,
+    metric,
     now_utc,
     parse_time,
     retained,
@@ -145,6 +147,8 @@ def test_mqtt_broker_killed_ten_times_every_reject_delivered_or_expired(
     # Nothing acknowledged was lost: what did not arrive is exactly what the agent counted as expired.
     assert len(missing) == stats["expired"], (missing, stats)
     assert stats["expired"] >= 1  # the long outage outlasted the decision window
+    for outcome in ("sent", "expired"):  # and /metrics says so, as docs/integration.md tells operators
+        assert metric(service, "genclip_messages_total", sink="mqtt", kind="reject", outcome=outcome) == stats[outcome]
     window = WINDOW_MS / 1000
     for part in missing:  # and each of them had its deadline pass while the broker was away
         deadline = parse_time(produced[part]["captured_at"]).timestamp() + window
@@ -203,6 +207,8 @@ def test_redis_killed_results_reach_the_stream_or_are_counted(
     assert in_stream <= set(published)
     assert len(in_stream) + stats["dropped"] == counts["published"], stats
     assert len(missing) == stats["dropped"]
+    assert metric(service, "genclip_messages_total", sink="redis", kind="result", outcome="dropped") == stats["dropped"]
+    assert metric(service, "genclip_messages_total", sink="redis", kind="result", outcome="sent") == stats["sent"]
     outage = [k for k, r in published.items() if killed_at <= parse_time(r["published_at"]) <= back_at]
     if outbox >= during:
         assert stats["dropped"] == 0 and missing == []
@@ -399,3 +405,81 @@ def test_agent_sigkilled_last_will_offline_then_online_again(
         f"killed agent's last scrape: captured {captured:.0f}, scored or dropped {done:.0f} "
         f"(in flight, lost with the process: about {captured - done:.0f})"
     )
+
+
+# --- 5. a truncated checkpoint in the watched prompt folder -----------------------------------------------------
+def test_truncated_checkpoint_is_refused_and_a_good_one_then_loaded(
+    tmp_path: Path, mosquitto: MosquittoServer, redis_server: RedisServer, running
+):
+    """prompts.safetensors replaced by copies cut short (in the header, in the tensors, by one byte; renamed
+    into place or written in place): each is refused, counted, named in the info, and the running prompts
+    keep serving; then a good one is loaded. Frames flow throughout and none is lost."""
+    line = "truncated"
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    target = prompts / "prompts.safetensors"
+    info = Subscriber(mosquitto.port, [f"genclip/{line}/info"], client_id="info-truncated", persistent=False)
+    cameras = [synthetic_camera("cam-1", seed=1, fps=3, queue_policy="block", max_age_ms=0)]
+    cfg = fault_config(
+        mosquitto.port, redis_server.url, line, cameras, agent={"prompt_dir": str(prompts), "reload_debounce_s": 0.2}
+    )
+    service = running(cfg)
+    engine = service.worker.engine
+
+    def refused() -> float:
+        return metric(service, "genclip_prompt_reloads_total", outcome="refused")
+
+    def loaded() -> float:
+        return metric(service, "genclip_prompt_reloads_total", outcome="ok")
+
+    def publish(data: bytes) -> None:
+        staging = tmp_path / "staging.safetensors"
+        staging.write_bytes(data)
+        staging.replace(target)  # as `genclip train --publish` does
+
+    good_a, good_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    perturbed_checkpoint(good_a, engine.backbone, tiny_config(), seed=3)
+    perturbed_checkpoint(good_b, engine.backbone, tiny_config(), seed=5)
+    publish(good_a.read_bytes())
+    wait_for(lambda: loaded() == 1, 30, "the first good checkpoint")
+    version_a = engine.prompt_version
+    assert loaded() == 1 and refused() == 0
+
+    data = good_a.read_bytes()
+    cuts = {
+        "in the header, renamed into place": lambda: publish(data[:40]),
+        "in the tensors, renamed into place": lambda: publish(data[: len(data) // 2]),
+        "one byte short, written in place": lambda: target.write_bytes(data[:-1]),
+    }
+    errors = {}
+    for n, (how, cut) in enumerate(cuts.items(), start=1):
+        published = service.ledger.snapshot().published
+        cut()
+        wait_for(lambda n=n: refused() == n, 20, f"the checkpoint cut {how} refused")
+        assert engine.prompt_version == version_a, how
+        error = service.last_reload_error
+        assert error is not None and str(target) in error, (how, error)
+        assert service.info()["model"]["last_reload_error"] == error
+        wait_for(lambda e=error: info.of("/info") and info.of("/info")[-1]["model"]["last_reload_error"] == e, 10,
+                 f"the error in the retained info ({how})")  # fmt: skip
+        wait_for(lambda p=published: service.ledger.snapshot().published >= p + 2, 30, f"frames after ({how})")
+        errors[how] = error.split(": ", 1)[1]
+    assert loaded() == 1
+
+    publish(good_b.read_bytes())
+    wait_for(lambda: loaded() == 2, 30, "the good checkpoint")
+    version_b = engine.prompt_version
+    assert version_b.startswith("prompts@") and version_b != version_a and refused() == len(cuts)
+    assert service.last_reload_error is None
+    wait_for(lambda: info.of("/info")[-1]["model"]["prompt_version"] == version_b, 10, "the new info")
+    assert info.of("/info")[-1]["model"]["last_reload_error"] is None
+    published = service.ledger.snapshot().published
+    wait_for(lambda: service.ledger.snapshot().published >= published + 3, 30, "results on the new prompts")
+    service.shutdown()
+    info.close()
+    counts = assert_identity(service)
+    assert counts["dropped"] == {} and counts["expired"] == 0
+    versions = [r["model"]["prompt_version"] for r in stream_results(redis_server.url, line)]
+    assert len(versions) == counts["published"]
+    assert set(versions) <= {"untrained", version_a, version_b} and versions[-1] == version_b
+    print(f"\ntruncated checkpoints refused: {errors}; versions {version_a} -> {version_b}")
