@@ -131,8 +131,8 @@ class InspectionService:
     def start(self) -> None:
         """Bring everything up; raises StartupError (the service then exits non-zero) with the reason."""
         cfg = self.config
-        self.metrics.add_stats_source("mqtt", self.mqtt.stats.snapshot)
-        self.metrics.add_stats_source("redis", self.redis.stats.snapshot)
+        self.metrics.add_stats_source("mqtt", self.mqtt.stats.counts)
+        self.metrics.add_stats_source("redis", self.redis.stats.counts)
         for camera in cfg.cameras:
             self.metrics.add_camera(camera.id)
             self.batcher.add_camera(camera.id, camera.queue_size, camera.resolved_queue_policy, camera.max_age_ms)

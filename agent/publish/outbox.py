@@ -118,11 +118,14 @@ class DeliveryStats:
             counts = self.kinds[kind]
             setattr(counts, outcome, getattr(counts, outcome) + n)
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{"<kind>": {"sent", "dropped", "expired"}} alone: what /metrics exports as genclip_messages_total."""
+        with self._lock:
+            return {k: asdict(c) for k, c in self.kinds.items()}
+
     def snapshot(self) -> dict[str, object]:
         """Plain data: {"connected": bool, "queued": int, "<kind>": {"sent", "dropped", "expired"}}."""
-        with self._lock:
-            kinds = {k: asdict(c) for k, c in self.kinds.items()}
-        return {"connected": self.connected, "queued": self.queued, **kinds}
+        return {"connected": self.connected, "queued": self.queued, **self.counts()}
 
 
 def link_health(closed: bool, started: bool, connected: bool, problem: str) -> tuple[bool, str]:

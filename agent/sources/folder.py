@@ -211,13 +211,15 @@ class FolderSource(FrameSource):
         self._finish(path)
 
     def _finish(self, path: Path) -> None:
+        done = self.camera.resolved_done_dir
         try:
             if self.camera.after == "delete":
                 path.unlink(missing_ok=True)
             else:
-                move_into(path, self._ensure_dir(self.camera.resolved_done_dir))
+                move_into(path, self._ensure_dir(done))
         except OSError as exc:
-            raise _BlockedError(f"cannot {self.camera.after} {path.name}: {exc.strerror or exc}") from None
+            where = f" to {done}" if self.camera.after == "move" else ""
+            raise _BlockedError(f"cannot {self.camera.after} {path.name}{where}: {exc.strerror or exc}") from None
         self._emitted.discard(path)
         self._decode_failures.pop(path, None)
 
