@@ -25,7 +25,7 @@ from agent.config import InspectConfig
 from agent.control import Command
 from agent.frames import Frame
 from agent.health import HealthServer
-from agent.images import UnreadableImageError, is_image_file, read_frame
+from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
 from agent.ledger import FrameLedger
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
@@ -46,7 +46,7 @@ class StartupError(RuntimeError):
     """The service cannot start; the message says what to fix."""
 
 
-def reference_loader(folder: Path) -> Callable[[], list[Any]]:
+def reference_loader(folder: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Callable[[], list[Any]]:
     """Reads a class's good-part images (sorted, at most 64) each time it is called."""
 
     def load() -> list[Any]:
@@ -55,7 +55,7 @@ def reference_loader(folder: Path) -> Callable[[], list[Any]]:
         frames = []
         for path in sorted(p for p in folder.iterdir() if is_image_file(p))[:MAX_REFERENCE_IMAGES]:
             try:
-                frames.append(read_frame(path))
+                frames.append(read_frame(path, max_pixels))
             except UnreadableImageError as exc:
                 log.warning("reference image skipped", path=str(path), error=str(exc))
         return frames
@@ -157,7 +157,9 @@ class InspectionService:
             if camera.product_class in self.class_errors:
                 log.error("camera not started: its class is not set up", camera=camera.id)
                 continue
-            source = open_source(camera, self._emitter(camera.id), line_id=self.line)
+            source = open_source(
+                camera, self._emitter(camera.id), line_id=self.line, max_frame_pixels=cfg.model.max_frame_pixels
+            )
             self.sources[camera.id] = source
             source.start()
         target = self._checkpoint_target()
@@ -247,7 +249,8 @@ class InspectionService:
         for name in self.config.product_classes():
             folder = self.config.references.get(name)
             try:
-                profile = engine.setup_class(name, reference_loader(folder) if folder else ())
+                loader = reference_loader(folder, self.config.model.max_frame_pixels) if folder else ()
+                profile = engine.setup_class(name, loader)
                 log.info(
                     "class ready",
                     product_class=name,
