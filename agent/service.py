@@ -40,6 +40,7 @@ from agent.worker import InferenceWorker
 
 log = get_logger("agent.service")
 MAX_REFERENCE_IMAGES = 64
+LINK_CHECK_S = 5.0  # how long start waits for the brokers' first answer before loading the engine
 
 
 class StartupError(RuntimeError):
@@ -140,6 +141,7 @@ class InspectionService:
         self.metrics.watch_queue("results", self.results.depth)
         self.mqtt.start()
         self.redis.start()
+        self._refuse_bad_credentials(LINK_CHECK_S)  # before the engine loads: fail in seconds, not minutes
         try:
             self.health.start()
         except Exception as exc:
@@ -150,6 +152,7 @@ class InspectionService:
         self.worker.ready.wait()
         if self.worker.error is not None:
             raise StartupError(f"the engine cannot start: {self.worker.error}") from self.worker.error
+        self._refuse_bad_credentials(0.0)  # an answer that came while the engine loaded
         engine = self.worker.engine
         self._model_info = {"backbone": engine.backbone.name, "weights": engine.backbone.weights}
         self.metrics.set_prompt(engine.prompt_version, engine.backbone.name, str(self._checkpoint_target() or ""))
@@ -176,6 +179,16 @@ class InspectionService:
             prompt_version=engine.prompt_version,
             health=f"http://{cfg.agent.health_host}:{self.health.port}/healthz",
         )
+
+    def _refuse_bad_credentials(self, wait_s: float) -> None:
+        """StartupError when a broker refuses us for good (wrong password, untrusted certificate): a
+        configuration error that retrying forever would only hide. A broker that is down or does not
+        answer within `wait_s` is not an error: the publishers keep retrying and the line starts."""
+        end = time.monotonic() + wait_s
+        for publisher in (self.mqtt, self.redis):
+            problem = publisher.startup_problem(max(0.0, end - time.monotonic()))
+            if problem is not None:
+                raise StartupError(problem)
 
     def run(self) -> int:
         """start(), then serve until SIGTERM/SIGINT (SIGHUP reloads the prompts); returns the exit code."""

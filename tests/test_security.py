@@ -1,0 +1,319 @@
+"""Security: TLS and passwords to the brokers, fail-fast on credentials, no unpickling, no secret in any output.
+
+The brokers are real: a Mosquitto with only a TLS listener and a password file, a redis-server with
+`requirepass` and an ACL user, both started here on free loopback ports with a CA made by openssl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import redis
+import structlog.testing
+
+from agent.publish.config import MqttConfig, RedisConfig
+from agent.publish.mqtt import MqttPublisher
+from agent.publish.redis_streams import RedisStreamPublisher
+from tests.brokers import MosquittoServer, RedisServer, free_port, require_binary
+from tests.test_publish_mqtt import make_inspection, wait_until
+from tests.tls_support import (
+    MQTT_PASSWORD,
+    MQTT_USER,
+    REDIS_DEFAULT_PASSWORD,
+    REDIS_PASSWORD,
+    REDIS_USER,
+    PasswordRedis,
+    Pki,
+    TlsMosquitto,
+    make_pki,
+    serving,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GENCLIP_* or systemd credentials from outside leak into these tests."""
+    for key in list(os.environ):
+        if key.startswith("GENCLIP_") or key == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def tls_mosquitto(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[TlsMosquitto]:
+    """TLS only, passwords required: the way a plant broker should be set up."""
+    exe = require_binary(MosquittoServer.binary)
+    yield from serving(TlsMosquitto(tmp_path_factory.mktemp("tls-mosquitto"), pki, executable=exe))
+
+
+@pytest.fixture(scope="module")
+def password_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PasswordRedis]:
+    exe = require_binary(RedisServer.binary)
+    yield from serving(PasswordRedis(tmp_path_factory.mktemp("password-redis"), executable=exe))
+
+
+@pytest.fixture
+def line() -> str:
+    return f"s{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def made() -> Iterator[list[Any]]:
+    """Publishers and subscribers of a test, stopped afterwards whatever happened."""
+    things: list[Any] = []
+    yield things
+    for thing in reversed(things):
+        thing.stop(timeout=1.0) if hasattr(thing, "stop") else thing.close()
+
+
+def secret_file(folder: Path, name: str, value: str) -> Path:
+    path = folder / name
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def tls_mqtt(broker: MosquittoServer, ca: Path, **overrides: Any) -> MqttConfig:
+    keys: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": broker.port,
+        "tls": {"enabled": True, "ca_file": ca},
+        "reconnect_min_s": 0.1,
+        "reconnect_max_s": 0.5,
+        "keepalive_s": 5,
+    }
+    return MqttConfig(**{**keys, **overrides})
+
+
+class TlsSubscriber:
+    """An MQTT 5 client over TLS, logged in as MQTT_USER, that records what it receives."""
+
+    def __init__(self, port: int, ca: Path, topics: list[str], *, cert: tuple[Path, Path] | None = None) -> None:
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"tls-sub-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.tls_set(ca_certs=str(ca), certfile=cert and str(cert[0]), keyfile=cert and str(cert[1]))
+        self.client.username_pw_set(MQTT_USER, MQTT_PASSWORD)
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.lock = threading.Lock()
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        assert subscribed.wait(10), "TLS subscriber got no SUBACK"
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append(message)
+
+    def on(self, topic: str) -> list[bytes]:
+        with self.lock:
+            return [m.payload for m in self.messages if m.topic == topic]
+
+    def all(self) -> list[mqtt.MQTTMessage]:
+        with self.lock:
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# --- MQTT over TLS with a password ---------------------------------------------------------------
+
+
+def test_publisher_over_tls_with_a_password_file(
+    tls_mosquitto: TlsMosquitto, pki: Pki, tmp_path: Path, made: list[Any], line: str
+) -> None:
+    password = secret_file(tmp_path, "mqtt-password", MQTT_PASSWORD)
+    config = tls_mqtt(tls_mosquitto, pki.ca, username=MQTT_USER, password_file=password)
+    sub = TlsSubscriber(tls_mosquitto.port, pki.ca, [f"genclip/{line}/#"])
+    made.append(sub)
+    pub = MqttPublisher(config, line)
+    made.append(pub)
+    pub.start()
+    assert pub.startup_problem(10) is None
+    assert wait_until(lambda: pub.health() == (True, "connected")), pub.health()
+    pub.publish_inspection(make_inspection(line, 1, "NG"))
+    reject = f"genclip/{line}/cam-1/reject"
+    assert wait_until(lambda: sub.on(f"genclip/{line}/status") == [b"online"] and len(sub.on(reject)) == 1)
+    assert json.loads(sub.on(reject)[0])["part_id"] == "cam-1-1"
+
+
+def test_a_plain_client_cannot_reach_the_tls_broker(tls_mosquitto: TlsMosquitto, made: list[Any], line: str) -> None:
+    """The TLS listener is all there is: no credentials or results travel in clear text."""
+    pub = MqttPublisher(MqttConfig(port=tls_mosquitto.port, reconnect_min_s=0.1, reconnect_max_s=0.5), line)
+    made.append(pub)
+    pub.start()
+    assert wait_until(lambda: pub.health()[1] != "connecting")
+    time.sleep(0.3)
+    assert pub.health()[0] is False and pub.startup_problem(0) is None  # looks like a broker that went away
+
+
+def test_client_certificate_when_the_broker_requires_one(pki: Pki, tmp_path: Path, made: list[Any], line: str) -> None:
+    broker = TlsMosquitto(tmp_path / "mtls", pki, require_certificate=True)
+    with broker:
+        password = secret_file(tmp_path, "mqtt-password", MQTT_PASSWORD)
+        config = tls_mqtt(
+            broker,
+            pki.ca,
+            username=MQTT_USER,
+            password_file=password,
+            tls={"enabled": True, "ca_file": pki.ca, "cert_file": pki.client_cert, "key_file": pki.client_key},
+        )
+        sub = TlsSubscriber(broker.port, pki.ca, [f"genclip/{line}/status"], cert=(pki.client_cert, pki.client_key))
+        made.append(sub)
+        pub = MqttPublisher(config, line)
+        made.append(pub)
+        pub.start()
+        assert wait_until(lambda: sub.on(f"genclip/{line}/status") == [b"online"]), pub.health()
+        for thing in (pub, sub):
+            made.remove(thing)
+            thing.stop(timeout=1.0) if thing is pub else thing.close()
+
+
+# --- refused for good: wrong CA, wrong password; merely down: retried ------------------------------
+
+
+def test_wrong_ca_is_a_permanent_startup_problem(
+    tls_mosquitto: TlsMosquitto, pki: Pki, made: list[Any], line: str
+) -> None:
+    config = tls_mqtt(tls_mosquitto, pki.other_ca, username=MQTT_USER, password=MQTT_PASSWORD)
+    with structlog.testing.capture_logs() as logs:
+        pub = MqttPublisher(config, line)
+        made.append(pub)
+        pub.start()
+        problem = pub.startup_problem(10)
+        time.sleep(0.6)  # more attempts: still one log line
+    assert problem is not None
+    assert problem.startswith(f"TLS certificate verification failed for 127.0.0.1:{tls_mosquitto.port}: ")
+    # Mosquitto sends its CA along, so OpenSSL sees a chain ending in a self-signed CA it does not trust.
+    untrusted = "(self-signed certificate in certificate chain|unable to get local issuer certificate)"
+    assert re.search(untrusted, problem) and "(check [mqtt.tls].ca_file:" in problem, problem
+    assert re.fullmatch(f"TLS certificate verification failed: {untrusted}", pub.health()[1]), pub.health()
+    refused = [e for e in logs if e["event"] == "mqtt connection refused"]
+    assert len(refused) == 1 and refused[0]["detail"] == problem
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "expected"),
+    [
+        # Mosquitto 2.0 answers a wrong password with 0x87 Not authorized (0x86 is for a malformed login).
+        (
+            MQTT_USER,
+            "not-the-password",
+            f"refused the login for user '{MQTT_USER}': not authorized (the password does not match",
+        ),
+        ("nobody", MQTT_PASSWORD, "refused the login for user 'nobody': not authorized (the password does not match"),
+        (None, None, "refused the login for an anonymous client: not authorized (set [mqtt].username"),
+    ],
+)
+def test_refused_login_is_a_permanent_startup_problem(
+    tls_mosquitto: TlsMosquitto,
+    pki: Pki,
+    made: list[Any],
+    line: str,
+    user: str | None,
+    password: str | None,
+    expected: str,
+) -> None:
+    pub = MqttPublisher(tls_mqtt(tls_mosquitto, pki.ca, username=user, password=password), line)
+    made.append(pub)
+    pub.start()
+    problem = pub.startup_problem(10)
+    assert problem is not None and problem.startswith(f"MQTT broker 127.0.0.1:{tls_mosquitto.port} "), problem
+    assert expected in problem
+    assert password is None or password not in problem
+
+
+def test_a_broker_that_is_down_is_no_startup_problem_and_is_retried(
+    pki: Pki, tmp_path: Path, made: list[Any], line: str
+) -> None:
+    broker = TlsMosquitto(tmp_path / "later", pki)
+    config = tls_mqtt(broker, pki.ca, username=MQTT_USER, password=MQTT_PASSWORD)
+    pub = MqttPublisher(config, line)
+    made.append(pub)
+    pub.start()
+    began = time.monotonic()
+    assert pub.startup_problem(5) is None
+    assert time.monotonic() - began < 2, "a refused TCP connection must be an answer at once"
+    assert pub.health()[1].startswith("broker unreachable")
+    with broker:
+        assert wait_until(lambda: pub.health() == (True, "connected")), pub.health()
+        pub.stop(timeout=1.0)
+
+
+# --- Redis with a password and an ACL user -------------------------------------------------------
+
+
+def redis_config(server: RedisServer, **overrides: Any) -> RedisConfig:
+    return RedisConfig(url=server.url, reconnect_min_s=0.05, reconnect_max_s=0.2, **overrides)
+
+
+@pytest.mark.parametrize("user", [REDIS_USER, None])
+def test_redis_publisher_with_acl_user_or_requirepass(
+    password_redis: PasswordRedis, tmp_path: Path, made: list[Any], line: str, user: str | None
+) -> None:
+    secret = secret_file(tmp_path, "redis-password", REDIS_PASSWORD if user else REDIS_DEFAULT_PASSWORD)
+    pub = RedisStreamPublisher(redis_config(password_redis, username=user, password_file=secret), line)
+    made.append(pub)
+    pub.start()
+    assert pub.startup_problem(10) is None
+    pub.publish_inspection(make_inspection(line, 3, "NG", map_png=b"png"))
+    pub.publish_info({"line": line})
+    assert wait_until(lambda: pub.stats["result"].sent == 1 and pub.stats["info"].sent == 1), pub.health()
+    assert pub.stats["map"].sent == 1 and pub.health() == (True, "connected")
+    with redis.Redis.from_url(password_redis.url, password=REDIS_DEFAULT_PASSWORD, socket_timeout=5) as admin:
+        [(_, fields)] = admin.xrange(f"genclip:{line}:results")
+        assert json.loads(fields[b"payload"])["seq"] == 3
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "expected"),
+    [
+        (REDIS_USER, "not-the-password", "invalid username-password pair or user is disabled"),
+        (None, "not-the-password", "invalid username-password pair or user is disabled"),
+        (None, None, "(no password is configured: set [redis].username and its password"),
+    ],
+)
+def test_redis_refusing_the_login_is_a_permanent_startup_problem(
+    password_redis: PasswordRedis, made: list[Any], line: str, user: str | None, password: str | None, expected: str
+) -> None:
+    pub = RedisStreamPublisher(redis_config(password_redis, username=user, password=password), line)
+    made.append(pub)
+    pub.start()
+    problem = pub.startup_problem(10)
+    who = user or "default"
+    assert problem is not None
+    assert problem.startswith(f"Redis at {password_redis.url} refused the login for user '{who}': "), problem
+    assert expected in problem and "[redis].username" in problem
+    assert password is None or password not in problem
+    assert pub.health()[1].startswith("redis refused")
+
+
+def test_redis_down_is_no_startup_problem(made: list[Any], line: str) -> None:
+    pub = RedisStreamPublisher(RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0", reconnect_min_s=0.05), line)
+    made.append(pub)
+    pub.start()
+    assert pub.startup_problem(5) is None and pub.health()[1].startswith("redis unreachable")
