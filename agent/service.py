@@ -82,6 +82,8 @@ class ResultStage:
         return self._queue.qsize()
 
     def stop(self, timeout: float) -> None:
+        if self._thread.ident is None:  # never started: start() failed before it
+            return
         self._queue.put(None)
         self._thread.join(timeout)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,11 +22,15 @@ import paho.mqtt.client as mqtt
 import pytest
 import redis
 import structlog.testing
+import tomli_w
 
+from agent.config import InspectConfig
 from agent.publish.config import MqttConfig, RedisConfig
 from agent.publish.mqtt import MqttPublisher
 from agent.publish.redis_streams import RedisStreamPublisher
+from agent.service import InspectionService, StartupError
 from tests.brokers import MosquittoServer, RedisServer, free_port, require_binary
+from tests.factories import tiny_config
 from tests.test_publish_mqtt import make_inspection, wait_until
 from tests.tls_support import (
     MQTT_PASSWORD,
@@ -166,9 +172,12 @@ def test_a_plain_client_cannot_reach_the_tls_broker(tls_mosquitto: TlsMosquitto,
     pub = MqttPublisher(MqttConfig(port=tls_mosquitto.port, reconnect_min_s=0.1, reconnect_max_s=0.5), line)
     made.append(pub)
     pub.start()
-    assert wait_until(lambda: pub.health()[1] != "connecting")
+    assert wait_until(lambda: pub.health()[1] != "connecting"), "a connection closed before CONNACK went unnoticed"
     time.sleep(0.3)
-    assert pub.health()[0] is False and pub.startup_problem(0) is None  # looks like a broker that went away
+    ok, reason = pub.health()
+    assert not ok and reason.startswith("broker closed the connection before accepting it: "), reason
+    assert reason.endswith("(if [mqtt].port is a TLS listener, enable [mqtt.tls])")
+    assert pub.startup_problem(0) is None  # a broker at its connection limit does the same: retried
 
 
 def test_client_certificate_when_the_broker_requires_one(pki: Pki, tmp_path: Path, made: list[Any], line: str) -> None:
@@ -317,3 +326,119 @@ def test_redis_down_is_no_startup_problem(made: list[Any], line: str) -> None:
     made.append(pub)
     pub.start()
     assert pub.startup_problem(5) is None and pub.health()[1].startswith("redis unreachable")
+
+
+# --- the service: refused for good stops `genclip run` at start; merely down does not ------------------
+
+
+def line_config(line: str, *, mqtt: dict[str, Any], redis: dict[str, Any], **agent: Any) -> dict[str, Any]:
+    """A one-camera synthetic line as TOML-ready data, logging everything (DEBUG, JSON)."""
+    return {
+        "line": {"id": line},
+        "model": tiny_config().model_dump(mode="json", exclude_none=True, by_alias=True),
+        "engine": {"batch_size": 2, "max_wait_ms": 20},
+        "cameras": [
+            {
+                "id": "cam-1",
+                "source": "synthetic:1",
+                "product_class": "widget",
+                "fps": 6,
+                "synthetic": {"width": 96, "height": 72, "defect_rate": 0.5},
+            }
+        ],
+        "mqtt": {"reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "decision_window_ms": 30_000, **mqtt},
+        "redis": {"reconnect_min_s": 0.05, "reconnect_max_s": 0.2, **redis},
+        "agent": {"health_port": 0, "shutdown_timeout_s": 5, **agent},
+        "logging": {"level": "DEBUG", "format": "json"},
+    }
+
+
+def genclip(config: Path, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
+    """`genclip run` as systemd starts it, from this checkout, stderr (the JSON log) captured."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GENCLIP_") and k != "CREDENTIALS_DIRECTORY"}
+    environment |= {"PYTHONPATH": str(REPO), **(env or {})}
+    command = [sys.executable, "-c", "from agent.cli import main; main()", "run", "--config", str(config)]
+    return subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def log_lines(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_genclip_run_exits_1_at_once_on_an_untrusted_broker_certificate(
+    tls_mosquitto: TlsMosquitto, pki: Pki, password_redis: PasswordRedis, tmp_path: Path, line: str
+) -> None:
+    mqtt = {"port": tls_mosquitto.port, "tls": {"enabled": True, "ca_file": str(pki.other_ca)}}
+    mqtt |= {"username": MQTT_USER, "password_file": str(secret_file(tmp_path, "m", MQTT_PASSWORD))}
+    redis_keys = {"url": password_redis.url, "username": REDIS_USER, "password": REDIS_PASSWORD}
+    config = tmp_path / "line.toml"
+    config.write_text(tomli_w.dumps(line_config(line, mqtt=mqtt, redis=redis_keys)))
+    began = time.monotonic()
+    proc = genclip(config)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert time.monotonic() - began < 30
+    [cannot] = [e for e in log_lines(stderr) if e["event"] == "cannot start"]
+    assert cannot["level"] == "error"
+    assert cannot["reason"].startswith(f"TLS certificate verification failed for 127.0.0.1:{tls_mosquitto.port}: ")
+    assert "(check [mqtt.tls].ca_file:" in cannot["reason"]
+    assert "engine ready" not in stderr, "the engine was loaded before the configuration error was reported"
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("mqtt_password", "redis_password", "message"),
+    [
+        ("not-the-password", REDIS_PASSWORD, "MQTT broker 127.0.0.1:{mqtt_port} refused the login for user"),
+        (MQTT_PASSWORD, "not-the-password", "Redis at {redis_url} refused the login for user 'genclip-agent': "),
+        (MQTT_PASSWORD, None, "(no password is configured: set [redis].username"),
+    ],
+)
+def test_a_refused_login_stops_the_service_at_start(
+    tls_mosquitto: TlsMosquitto,
+    pki: Pki,
+    password_redis: PasswordRedis,
+    line: str,
+    mqtt_password: str,
+    redis_password: str | None,
+    message: str,
+) -> None:
+    mqtt = {"port": tls_mosquitto.port, "tls": {"enabled": True, "ca_file": str(pki.ca)}}
+    mqtt |= {"username": MQTT_USER, "password": mqtt_password}
+    redis_keys = {"url": password_redis.url, "username": REDIS_USER}
+    if redis_password is not None:
+        redis_keys["password"] = redis_password
+    service = InspectionService(InspectConfig(**line_config(line, mqtt=mqtt, redis=redis_keys)))
+    try:
+        with pytest.raises(StartupError) as refused:
+            service.start()
+        assert message.format(mqtt_port=tls_mosquitto.port, redis_url=password_redis.url) in str(refused.value)
+        assert "not-the-password" not in str(refused.value)
+        assert service.worker.engine is None, "the engine was loaded before the configuration error was reported"
+    finally:
+        service.shutdown()  # what `run` does after a StartupError: must not raise either
+
+
+def test_brokers_down_at_start_do_not_stop_the_line(pki: Pki, tmp_path: Path, line: str) -> None:
+    broker, store = TlsMosquitto(tmp_path / "mqtt", pki), PasswordRedis(tmp_path / "redis")  # not started yet
+    mqtt = {"port": broker.port, "tls": {"enabled": True, "ca_file": str(pki.ca)}}
+    mqtt |= {"username": MQTT_USER, "password": MQTT_PASSWORD}
+    redis_keys = {"url": store.url, "username": REDIS_USER, "password": REDIS_PASSWORD}
+    service = InspectionService(InspectConfig(**line_config(line, mqtt=mqtt, redis=redis_keys)))
+    try:
+        service.start()  # within LINK_CHECK_S: both refuse the TCP connection, which is no reason to stop
+        reasons = service.health_reasons()
+        assert any(r.startswith("mqtt: broker unreachable") for r in reasons), reasons
+        assert any(r.startswith("redis: redis unreachable") for r in reasons), reasons
+        with broker, store:
+            sub = TlsSubscriber(broker.port, pki.ca, [f"genclip/{line}/+/result"])
+            try:
+                assert wait_until(lambda: len(sub.on(f"genclip/{line}/cam-1/result")) >= 2, 60)
+            finally:
+                sub.close()
+            assert wait_until(lambda: service.redis.stats["result"].sent >= 2, 30)
+            assert service.mqtt.health() == service.redis.health() == (True, "connected")
+            service.shutdown()  # while the brokers are up: nothing to wait for
+    finally:
+        if not service._stop.is_set():
+            service.shutdown()
