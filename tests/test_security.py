@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+import tomllib
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +27,11 @@ import pytest
 import redis
 import structlog.testing
 import tomli_w
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from typer.testing import CliRunner
 
+from agent.cli import app
 from agent.config import InspectConfig
 from agent.publish.config import MqttConfig, RedisConfig
 from agent.publish.mqtt import MqttPublisher
@@ -358,7 +366,7 @@ def genclip(config: Path, env: dict[str, str] | None = None, **kwargs: Any) -> s
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GENCLIP_") and k != "CREDENTIALS_DIRECTORY"}
     environment |= {"PYTHONPATH": str(REPO), **(env or {})}
     command = [sys.executable, "-c", "from agent.cli import main; main()", "run", "--config", str(config)]
-    return subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(command, env=environment, **{"stderr": subprocess.PIPE, "text": True, **kwargs})
 
 
 def log_lines(stderr: str) -> list[dict[str, Any]]:
@@ -442,3 +450,93 @@ def test_brokers_down_at_start_do_not_stop_the_line(pki: Pki, tmp_path: Path, li
     finally:
         if not service._stop.is_set():
             service.shutdown()
+
+
+# --- secrets never leave the process ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["mqtt-env+redis-file", "mqtt-file+redis-credential"])
+def test_no_password_in_any_log_line_message_stream_entry_or_endpoint(
+    tls_mosquitto: TlsMosquitto, pki: Pki, password_redis: PasswordRedis, tmp_path: Path, line: str, variant: str
+) -> None:
+    """`genclip run` at DEBUG with both passwords set: they appear in no log line (stderr, JSON), no MQTT
+    message on genclip/<line>/#, no Redis stream entry, map or info key, no /healthz or /metrics answer."""
+    mqtt = {"port": tls_mosquitto.port, "tls": {"enabled": True, "ca_file": str(pki.ca)}, "username": MQTT_USER}
+    redis_keys: dict[str, Any] = {"url": password_redis.url, "username": REDIS_USER, "maps": "all"}
+    env: dict[str, str] = {}
+    if variant == "mqtt-env+redis-file":
+        env["GENCLIP_MQTT__PASSWORD"] = MQTT_PASSWORD
+        redis_keys["password_file"] = str(secret_file(tmp_path, "redis-password", REDIS_PASSWORD))
+    else:
+        mqtt["password_file"] = str(secret_file(tmp_path, "mqtt-password", MQTT_PASSWORD))
+        credentials = tmp_path / "credentials"  # as systemd's LoadCredential= provides them
+        credentials.mkdir()
+        secret_file(credentials, "redis-password", REDIS_PASSWORD)
+        env["CREDENTIALS_DIRECTORY"] = str(credentials)
+    health = free_port()
+    config = tmp_path / "line.toml"
+    config.write_text(tomli_w.dumps(line_config(line, mqtt=mqtt, redis=redis_keys, health_port=health)))
+    assert MQTT_PASSWORD not in config.read_text() and REDIS_PASSWORD not in config.read_text()
+
+    sub = TlsSubscriber(tls_mosquitto.port, pki.ca, [f"genclip/{line}/#"])
+    log_path = tmp_path / "agent.log"
+    with log_path.open("w") as log_file:
+        proc = genclip(config, env, stderr=log_file)
+    answers: list[str] = []
+    try:
+        assert wait_until(lambda: len(sub.on(f"genclip/{line}/cam-1/result")) >= 3, 90), log_path.read_text()[-3000:]
+        for i, (name, payload) in enumerate(
+            [("snapshot", b""), ("threshold", b'{"class": "widget", "value": "high"}'), ("password", b"{}")]
+        ):
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = f"c{i}".encode()
+            sub.client.publish(f"genclip/{line}/cmd/{name}", payload, qos=1, properties=props)
+        assert wait_until(lambda: len(sub.on(f"genclip/{line}/cmd/response")) == 3, 30)
+        for path in ("healthz", "metrics"):
+            try:
+                answers.append(urllib.request.urlopen(f"http://127.0.0.1:{health}/{path}", timeout=5).read().decode())
+            except urllib.error.HTTPError as exc:  # 503 while a broker link is still settling
+                answers.append(exc.read().decode())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sub.close()
+
+    stderr = log_path.read_text()
+    lines = log_lines(stderr)
+    assert len(lines) == len(stderr.splitlines()), "every log line is JSON"
+    assert any(e["level"] == "debug" for e in lines), "DEBUG logging was not on: the test would prove nothing"
+    assert any(e["event"] == "mqtt connected" for e in lines) and any(e["event"] == "redis connected" for e in lines)
+    published = [m.topic.encode() + b" " + m.payload for m in sub.all()]
+    assert any(b"/info " in p for p in published) and any(b"/cmd/response " in p for p in published)
+    with redis.Redis.from_url(password_redis.url, password=REDIS_DEFAULT_PASSWORD, socket_timeout=5) as admin:
+        stored = [repr(admin.xrange(f"genclip:{line}:results")).encode()]
+        keys = [key for key in admin.scan_iter(f"genclip:{line}:*") if admin.type(key) == b"string"]
+        stored += [admin.get(key) or b"" for key in keys]  # the info JSON and the map PNGs
+    assert len(stored) >= 3 and b'"schema":1' in stored[0]
+    for secret in (MQTT_PASSWORD, REDIS_PASSWORD):
+        assert secret not in stderr, f"a password is in the log ({variant})"
+        assert not [p for p in published if secret.encode() in p], "a password was published on MQTT"
+        assert not [s for s in stored if secret.encode() in s], "a password was written to Redis"
+        assert not [a for a in answers if secret in a], "a password is served on /healthz or /metrics"
+
+
+def test_config_show_masks_passwords_from_files_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mqtt_file = secret_file(tmp_path, "mqtt-password", MQTT_PASSWORD)
+    config = tmp_path / "line.toml"
+    config.write_text(
+        (REPO / "config.toml")
+        .read_text()
+        .replace('# password_file = "/etc/genclip/mqtt-password"', f'password_file = "{mqtt_file}"')
+    )
+    monkeypatch.setenv("GENCLIP_REDIS__PASSWORD", REDIS_PASSWORD)
+    shown = CliRunner().invoke(app, ["config", "show", "--config", str(config)])
+    assert shown.exit_code == 0, shown.output
+    assert MQTT_PASSWORD not in shown.output and REDIS_PASSWORD not in shown.output
+    data = tomllib.loads(shown.output)
+    assert data["mqtt"]["password"] == data["redis"]["password"] == "********"
+    assert data["mqtt"]["password_file"] == str(mqtt_file)  # where it is may be shown; what it is, never
