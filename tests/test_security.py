@@ -6,6 +6,7 @@ The brokers are real: a Mosquitto with only a TLS listener and a password file, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -540,3 +541,126 @@ def test_config_show_masks_passwords_from_files_and_the_environment(
     data = tomllib.loads(shown.output)
     assert data["mqtt"]["password"] == data["redis"]["password"] == "********"
     assert data["mqtt"]["password_file"] == str(mqtt_file)  # where it is may be shown; what it is, never
+
+
+# --- nothing is ever unpickled ---------------------------------------------------------------------------
+
+SCANNED = ("agent", "model", "trainer", "bench", "deploy")
+PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}
+
+
+def unpickling(source: str) -> list[str]:
+    """Every way `source` could unpickle: pickle-family imports, torch.load without weights_only=True,
+    numpy.load(allow_pickle=True), joblib/dill/pandas pickle loaders."""
+    import ast
+
+    found = []
+
+    def keyword(call: ast.Call, name: str) -> object:
+        for kw in call.keywords:
+            if kw.arg == name:
+                return kw.value.value if isinstance(kw.value, ast.Constant) else "<expression>"
+        return None
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PICKLE_MODULES:
+            found.append(f"from {node.module} import ...")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = ast.unparse(node.func.value)
+            name = f"{owner}.{node.func.attr}"
+            if node.func.attr in ("load", "loads") and owner.split(".")[-1] in PICKLE_MODULES:
+                found.append(name)
+            elif name == "torch.load" and keyword(node, "weights_only") is not True:
+                found.append("torch.load without weights_only=True")
+            elif name in ("np.load", "numpy.load") and keyword(node, "allow_pickle") not in (None, False):
+                found.append(f"{name}(allow_pickle=True)")
+            elif node.func.attr in ("read_pickle", "Unpickler"):
+                found.append(name)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import pickle", ["import pickle"]),
+        ("import cPickle as p", ["import cPickle"]),
+        ("from dill import loads", ["from dill import ..."]),
+        ("import joblib\njoblib.load(f)", ["import joblib", "joblib.load"]),
+        ("torch.load(f)", ["torch.load without weights_only=True"]),
+        ("torch.load(f, weights_only=False)", ["torch.load without weights_only=True"]),
+        ("torch.load(f, map_location='cpu', weights_only=True)", []),
+        ("np.load(f, allow_pickle=True)", ["np.load(allow_pickle=True)"]),
+        ("numpy.load(f)", []),
+        ("pd.read_pickle(f)", ["pd.read_pickle"]),
+        ('"""Nothing is ever unpickled; pickle.load is never called."""', []),
+    ],
+)
+def test_the_unpickling_scanner_finds_what_it_should(source: str, expected: list[str]) -> None:
+    assert unpickling(source) == expected
+
+
+def test_no_code_of_ours_can_unpickle() -> None:
+    files = sorted(p for folder in SCANNED for p in (REPO / folder).rglob("*.py") if ".venv" not in p.parts)
+    assert len(files) > 40 and any(p.name == "checkpoint.py" for p in files)
+    found = {str(p.relative_to(REPO)): hits for p in files if (hits := unpickling(p.read_text(encoding="utf-8")))}
+    assert found == {}, f"unpickling in shipped code: {found}"
+
+
+class _Payload:
+    """Unpickling this creates `marker`: proof that a file was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture
+def pickles(tmp_path: Path) -> tuple[dict[str, Path], Path]:
+    """Files that would run code if unpickled: a plain pickle, torch.save (zip and legacy), under checkpoint names."""
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "unpickled.marker"
+    payload = {"prompts.query": _Payload(marker)}
+    files = {name: tmp_path / name for name in ("plain.safetensors", "zip.pt", "legacy.pt", "zip.safetensors")}
+    files["plain.safetensors"].write_bytes(pickle.dumps(payload))
+    torch.save(payload, files["zip.pt"])
+    torch.save(payload, files["legacy.pt"], _use_new_zipfile_serialization=False)
+    files["zip.safetensors"].write_bytes(files["zip.pt"].read_bytes())
+    return files, marker
+
+
+def test_a_pickled_checkpoint_is_refused_without_being_run(pickles: tuple[dict[str, Path], Path]) -> None:
+    import torch
+
+    from model import CheckpointError, Engine
+    from model.backbone import BackboneError, load_backbone
+    from model.checkpoint import read_checkpoint, read_metadata
+
+    files, marker = pickles
+    backbone = load_backbone("genclip-tiny", "random")
+    engine = Engine(tiny_config(), backbone=backbone)
+    for name, path in files.items():
+        refusal = f"{re.escape(str(path))}: not a readable safetensors file: it is a pickle"
+        for load in (read_checkpoint, read_metadata, engine.load_prompts):
+            with pytest.raises(CheckpointError, match=refusal):
+                load(path)
+        with pytest.raises(CheckpointError, match=refusal):
+            Engine(tiny_config(checkpoint=path), backbone=backbone)
+        # [model].pretrained: open_clip's torch.load(weights_only=True) refuses the unknown global
+        with pytest.raises(BackboneError, match=f"cannot load weights {re.escape(str(path))}"):
+            load_backbone("genclip-tiny", str(path))
+        assert not marker.exists(), f"{name} was unpickled"
+        # The control: each file really is a working exploit when unpickled.
+        control = path.with_name("control.pt")
+        control.write_bytes(path.read_bytes())
+        with contextlib.suppress(Exception):
+            torch.load(control, weights_only=False)  # a plain pickle runs, then fails torch's format check
+        assert marker.exists(), name
+        marker.unlink()
+    assert engine.prompt_version == "untrained"
