@@ -182,7 +182,7 @@ def read_checkpoint(path: Path) -> CheckpointFile:
 
 def resolve_checkpoint(path: Path) -> Path | None:
     """A checkpoint file as given, or the newest *.safetensors in a folder of published ones (None if empty)."""
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     if path.is_dir():
         files = [p for p in path.glob("*.safetensors") if p.is_file() and not p.name.startswith(".")]
         return max(files, key=lambda p: (p.stat().st_mtime, p.name)) if files else None

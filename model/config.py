@@ -6,6 +6,7 @@ reads it to build the same model it trains.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -145,12 +146,12 @@ class EngineConfig(BaseModel):
     @model_validator(mode="after")
     def _files_exist(self) -> EngineConfig:
         looks_like_path = "/" in self.pretrained or self.pretrained.endswith((".bin", ".pt", ".safetensors"))
-        if looks_like_path and not Path(self.pretrained).expanduser().is_file():
+        if looks_like_path and not Path(os.path.expanduser(self.pretrained)).is_file():
             raise ValueError(f"pretrained: weights file not found: {self.pretrained}")
-        if self.checkpoint is not None and not self.checkpoint.expanduser().exists():
+        if self.checkpoint is not None and not Path(os.path.expanduser(self.checkpoint)).exists():
             raise ValueError(f"checkpoint: prompt checkpoint (file or folder) not found: {self.checkpoint}")
         if self.model_config_file is not None:
-            path = self.model_config_file.expanduser()
+            path = Path(os.path.expanduser(self.model_config_file))
             if not path.is_file():
                 raise ValueError(f"model_config: open_clip model config not found: {path}")
             if path.stem != self.backbone:
