@@ -1,0 +1,348 @@
+"""Bad input: every kind gets an error naming the problem, and nothing stops the service.
+
+Images (empty, truncated, not images, odd sizes and depths, absurdly large), checkpoints and class
+profiles that do not fit, configuration errors, malformed commands; with property-based tests for
+the command parser, the result schema and the config loader. What older tests already cover is
+named in each section instead of repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.images import UnreadableImageError, read_frame
+from trainer.images import ImageReadError, decode_image, header_size
+
+REPO = Path(__file__).resolve().parent.parent
+LIMIT = 50_000_000  # [model].max_frame_pixels' default
+
+
+# --- images: the header probe ----------------------------------------------------------------------------
+# (tests/test_source_folder.py: a truncated PNG and a .txt file are rejected with reasons;
+#  tests/test_score_command.py: every format, a corrupt and a missing file through `genclip score`.)
+
+
+def encoded(ext: str, shape: tuple[int, ...], dtype: Any = np.uint8, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+    ok, data = cv2.imencode(ext, image)
+    assert ok
+    return data.tobytes()
+
+
+SHAPES = [(1, 1), (17, 3001), (3001, 17), (17, 3001, 3), (9, 7, 4), (64, 48, 3)]
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_header_size_is_the_decoded_size(ext: str, shape: tuple[int, ...]) -> None:
+    data = encoded(ext, shape)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert header_size(data) == (decoded.shape[1], decoded.shape[0]) == (shape[1], shape[0])
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_header_size_of_16_bit_images(ext: str) -> None:
+    for shape in ((33, 45), (20, 30, 3)):
+        assert header_size(encoded(ext, shape, np.uint16)) == (shape[1], shape[0])
+
+
+def claims(ext: str, width: int, height: int) -> bytes:
+    """A small real image whose header is rewritten to claim width x height (TIFF: a header alone)."""
+    if ext == ".tif-le":  # II, LONG sizes
+        entries = struct.pack("<HHII", 256, 4, 1, width) + struct.pack("<HHII", 257, 4, 1, height)
+        return b"II*\x00" + struct.pack("<IH", 8, 2) + entries + b"\x00" * 4
+    if ext == ".tif-be":  # MM, SHORT sizes (a SHORT sits in the first two bytes of the value field)
+        entries = struct.pack(">HHIHH", 256, 3, 1, width, 0) + struct.pack(">HHIHH", 257, 3, 1, height, 0)
+        return b"MM\x00*" + struct.pack(">IH", 8, 2) + entries + b"\x00" * 4
+    data = bytearray(encoded(ext, (16, 16, 3)))
+    if ext == ".png":
+        data[16:24] = struct.pack(">II", width, height)
+    elif ext == ".bmp":
+        data[18:26] = struct.pack("<ii", width, -height)  # top-down bitmaps have a negative height
+    elif ext == ".jpg":
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif-le", ".tif-be"])
+def test_a_header_over_the_limit_is_refused_without_decoding(
+    ext: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    width, height = (20000, 20000) if ext != ".tif-be" else (60000, 60000)
+    path = tmp_path / f"huge{ext[:4]}"
+    path.write_bytes(claims(ext, width, height))
+    assert header_size(path.read_bytes()) == (width, height)
+
+    def no_decoding(*args: Any) -> None:
+        raise AssertionError("an image over the limit was handed to the decoder")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    expected = (
+        f"image is {width}x{height} = {width * height} pixels, over the limit of {LIMIT} ([model].max_frame_pixels)"
+    )
+    with pytest.raises(ImageReadError) as refused:
+        decode_image(path, max_pixels=LIMIT)
+    assert refused.value.reason == expected
+    with pytest.raises(UnreadableImageError) as unreadable:
+        read_frame(path)  # the default limit is [model].max_frame_pixels' default
+    assert str(unreadable.value) == expected
+    with pytest.raises(UnreadableImageError, match=r"over the limit of 100 \(\[model\]\.max_frame_pixels\)"):
+        read_frame(path, max_pixels=100)
+
+
+def test_the_limit_is_inclusive_and_also_holds_after_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "p.png"
+    path.write_bytes(encoded(".png", (30, 40, 3)))
+    assert read_frame(path, max_pixels=1200).shape == (30, 40, 3)
+    with pytest.raises(UnreadableImageError, match=r"^image is 40x30 = 1200 pixels, over the limit of 1199 "):
+        read_frame(path, max_pixels=1199)
+    # A format the probe does not read (here PPM) is measured once decoded, with the same message.
+    ppm = tmp_path / "p.png"  # the decoder goes by content, not by name
+    ppm.write_bytes(encoded(".ppm", (30, 40, 3)))
+    assert header_size(ppm.read_bytes()) is None
+    with pytest.raises(UnreadableImageError, match=r"^image is 40x30 = 1200 pixels, over the limit of 1199 "):
+        read_frame(ppm, max_pixels=1199)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=64), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8", b"BM", b"II*\x00"]))
+def test_the_header_probe_never_raises(data: bytes, prefix: bytes) -> None:
+    size = header_size(prefix + data)
+    assert size is None or (len(size) == 2 and all(isinstance(v, int) and v >= 0 for v in size))
+
+
+# --- images: a real 20000x20000 PNG, small on disk ----------------------------------------------------
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def write_zero_png(path: Path, width: int, height: int) -> Path:
+    """An all-black 8-bit gray PNG, compressed row block by row block: 400 MB of pixels in ~0.4 MB."""
+    compressor = zlib.compressobj(9)
+    rows = (b"\x00" * (width + 1)) * 64  # filter byte 0 + the row, 64 rows at a time
+    parts = [compressor.compress(rows) for _ in range(height // 64)]
+    parts += [compressor.compress((b"\x00" * (width + 1)) * (height % 64)), compressor.flush()]
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = write_zero_png(tmp_path_factory.mktemp("huge") / "huge.png", 20000, 20000)
+    assert path.stat().st_size < 2_000_000
+    return path
+
+
+def test_the_huge_png_is_real_and_refused_in_a_millisecond(huge_png: Path) -> None:
+    with huge_png.open("rb") as fh:  # OpenCV would decode it: it is a valid image
+        assert header_size(fh.read(64)) == (20000, 20000)
+    began = time.perf_counter()
+    with pytest.raises(UnreadableImageError) as refused:
+        read_frame(huge_png, max_pixels=LIMIT)
+    assert time.perf_counter() - began < 0.5
+    assert str(refused.value) == (
+        "image is 20000x20000 = 400000000 pixels, over the limit of 50000000 ([model].max_frame_pixels)"
+    )
+
+
+FOLDER_PROBE = textwrap.dedent(
+    """
+    import resource, sys, time
+    from pathlib import Path
+    import cv2, numpy as np
+    from agent.sources import CameraConfig, open_source
+    folder = Path(sys.argv[1])
+    frames = []
+    camera = CameraConfig(id="grabber", source=str(folder), product_class="widget", settle_ms=20)
+    source = open_source(camera, frames.append, max_frame_pixels=int(sys.argv[2]))
+    cv2.imdecode(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1], -1)  # OpenCV's own start-up, not counted
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    source.start()
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not (len(frames) == 1 and (folder / "rejected" / "huge.png.reason.txt").exists()):
+        time.sleep(0.02)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    state = source.status().state
+    source.stop()
+    print((after - before) // 1024, len(frames), state, flush=True)
+    """
+)
+
+
+def test_the_folder_source_rejects_the_huge_png_without_allocating_it(huge_png: Path, tmp_path: Path) -> None:
+    """In a process of its own, so its peak memory is this test's: decoding it would take 400 MB or more."""
+    folder = tmp_path / "grabber"
+    folder.mkdir()
+    (folder / "huge.png").write_bytes(huge_png.read_bytes())
+    cv2.imwrite(str(folder / "good.png"), np.full((48, 64, 3), 90, np.uint8))
+    os.utime(folder / "good.png", (time.time() + 5, time.time() + 5))  # taken after the huge one
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", FOLDER_PROBE, str(folder), "10000000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    grown_mb, emitted, state = done.stdout.splitlines()[-1].split()  # after the source's log lines
+    reason = (folder / "rejected" / "huge.png.reason.txt").read_text()
+    assert reason == "image is 20000x20000 = 400000000 pixels, over the limit of 10000000 ([model].max_frame_pixels)\n"
+    assert int(emitted) == 1 and state == "running", done.stdout  # the next file was taken as usual
+    assert int(grown_mb) < 200, f"peak memory grew by {grown_mb} MB: the image was decoded"
+
+
+# --- images: whatever lands in a watched folder -------------------------------------------------------
+
+
+def test_every_kind_of_bad_file_in_a_watched_folder_is_rejected_with_its_reason(tmp_path: Path) -> None:
+    from agent.sources import CameraConfig, open_source
+    from tests.source_fixtures import Collector, stop_promptly, wait_until
+
+    folder = tmp_path / "grabber"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    bad = {
+        "empty.png": b"",
+        "cut.jpg": encoded(".jpg", (120, 160, 3))[:400],
+        "noise.bmp": rng.bytes(3000),
+        "notes.txt": b"not a picture",
+        "noext": b"\x89PNG\r\n\x1a\n",
+        "dot.png": encoded(".png", (1, 1)),
+        "tiny.png": encoded(".png", (7, 7, 3)),
+        "float.tif": cv2.imencode(".tif", np.zeros((20, 20), np.float32))[1].tobytes(),
+        "wide.png": claims(".png", 20000, 20000),
+    }
+    good = {
+        "thin.png": ((17, 3001, 3), np.uint8),
+        "tall.png": ((3001, 17), np.uint8),
+        "gray16.png": ((40, 50), np.uint16),
+        "colour16.tif": ((24, 32, 3), np.uint16),
+        "alpha.png": ((20, 30, 4), np.uint8),
+        "gray.jpg": ((32, 32), np.uint8),
+        "min.bmp": ((8, 8, 3), np.uint8),
+    }
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+    for name, (shape, dtype) in good.items():
+        (folder / name).write_bytes(encoded(Path(name).suffix, shape, dtype))
+    emit = Collector()
+    camera = CameraConfig(id="grabber", source=str(folder), product_class="widget", settle_ms=20, reconnect_min_s=0.05)
+    source = open_source(camera, emit, max_frame_pixels=LIMIT)
+    source.start()
+    rejected = folder / "rejected"
+    try:
+        assert wait_until(lambda: len(emit) == len(good) and len(list(rejected.glob("*.reason.txt"))) == len(bad), 20)
+        (folder / "after.png").write_bytes(encoded(".png", (48, 64, 3)))  # and the source goes on
+        assert wait_until(lambda: len(emit) == len(good) + 1, 10)
+        assert source.status().state == "running" and source.status().errors == len(bad)
+    finally:
+        stop_promptly(source)
+    reasons = {p.name.removesuffix(".reason.txt"): p.read_text().strip() for p in rejected.glob("*.reason.txt")}
+    assert reasons == {
+        "empty.png": "image file is empty",
+        "cut.jpg": "cannot decode: corrupt, truncated or not a supported image format",
+        "noise.bmp": "cannot decode: corrupt, truncated or not a supported image format",
+        "notes.txt": "not an image file name (.txt); expected .bmp, .jpeg, .jpg, .png, .tif, .tiff",
+        "noext": "not an image file name (no extension); expected .bmp, .jpeg, .jpg, .png, .tif, .tiff",
+        "dot.png": "frame of 1x1 px is too small",
+        "tiny.png": "frame of 7x7 px is too small",
+        "float.tif": "unsupported float32 pixels: need 8- or 16-bit",
+        "wide.png": "image is 20000x20000 = 400000000 pixels, over the limit of 50000000 ([model].max_frame_pixels)",
+    }
+    assert sorted(p.name for p in rejected.iterdir() if not p.name.endswith(".txt") or p.name == "notes.txt") == sorted(
+        bad
+    )
+    frames = {f.part_id: f.image for f in emit.snapshot()}
+    expected_shapes = {Path(n).stem: s if len(s) < 3 or s[2] != 4 else (*s[:2], 3) for n, (s, _) in good.items()}
+    assert {k: v.shape for k, v in frames.items() if k != "after"} == expected_shapes
+    assert frames["gray16"].dtype == frames["colour16"].dtype == np.uint16
+
+
+# --- frames of odd sizes and depths, straight to the engine ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    from model import Engine
+    from tests.factories import tiny_config
+
+    engine = Engine(tiny_config(max_frame_pixels=4_000_000), max_batch=4)
+    engine.register_class("widget")
+    return engine
+
+
+ODD_FRAMES: dict[str, Any] = {
+    "8x8": np.full((8, 8, 3), 200, np.uint8),
+    "17x3001": np.random.default_rng(2).integers(0, 256, (17, 3001, 3), dtype=np.uint8),
+    "3001x17 gray": np.random.default_rng(3).integers(0, 256, (3001, 17), dtype=np.uint8),
+    "gray16 black": np.zeros((64, 80), np.uint16),
+    "gray16 white": np.full((64, 80), 65535, np.uint16),
+    "colour16": np.random.default_rng(4).integers(0, 65536, (50, 60, 3), dtype=np.uint16),
+    "HxWx1": np.full((40, 40, 1), 7, np.uint8),
+    "BGRA16": np.full((30, 30, 4), 1000, np.uint16),
+    "all black": np.zeros((120, 160, 3), np.uint8),
+}
+REFUSED_FRAMES: dict[str, tuple[Any, str]] = {
+    "1x1": (np.zeros((1, 1, 3), np.uint8), "frame of 1x1 px is too small"),
+    "7x300": (np.zeros((7, 300), np.uint8), "frame of 300x7 px is too small"),
+    "0x0": (np.zeros((0, 0, 3), np.uint8), "frame of 0x0 px is too small"),
+    "float": (np.zeros((32, 32, 3), np.float32), "expected uint8 or uint16 pixels, got float32"),
+    "int32": (np.zeros((32, 32), np.int32), "expected uint8 or uint16 pixels, got int32"),
+    "2 channels": (np.zeros((32, 32, 2), np.uint8), "expected HxW gray or HxWx3 BGR, got shape (32, 32, 2)"),
+    "4-D": (np.zeros((2, 32, 32, 3), np.uint8), "expected HxW gray or HxWx3 BGR, got shape (2, 32, 32, 3)"),
+    "bytes": (b"\x89PNG", "expected a numpy array, got bytes"),
+    "over the limit": (np.zeros((2001, 2000), np.uint8), "over the limit of 4000000 pixels ([model].max_frame_pixels)"),
+}
+
+
+def test_odd_frames_are_scored_or_refused_by_name_and_the_batch_goes_on(engine: Any) -> None:
+    from agent.frames import Frame
+    from agent.results import build_inspection
+
+    names = [*ODD_FRAMES, *REFUSED_FRAMES]
+    batch = [*ODD_FRAMES.values(), *(frame for frame, _ in REFUSED_FRAMES.values())]
+    outcomes = engine.predict(batch, ["widget"] * len(batch))
+    assert len(outcomes) == len(batch)
+    for name, frame, outcome in zip(names, batch, outcomes, strict=True):
+        if name in REFUSED_FRAMES:
+            assert not outcome.ok and REFUSED_FRAMES[name][1] in outcome.reason, (name, outcome)
+            continue
+        assert outcome.ok, (name, outcome)
+        assert 0.0 <= outcome.score <= 1.0 and outcome.frame_size == frame.shape[:2]
+        assert outcome.is_anomalous == bool(outcome.defects), name
+        image = frame if isinstance(frame, np.ndarray) and frame.size else np.zeros((8, 8), np.uint8)
+        result = build_inspection(
+            Frame("cam-1", 1, name, "widget", image, datetime.now(UTC)),
+            outcome,
+            line="l1",
+            window_s=2.0,
+            maps="all",
+            map_size=None,
+            model={"backbone": "genclip-tiny"},
+        ).result
+        json.dumps(result, allow_nan=False)
+        for defect in result["defects"]:
+            x, y, w, h = defect["bbox"]
+            assert x >= 0 and y >= 0 and x + w <= frame.shape[1] and y + h <= frame.shape[0], (name, defect)
