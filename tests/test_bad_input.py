@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.images import UnreadableImageError, read_frame
@@ -346,3 +347,221 @@ def test_odd_frames_are_scored_or_refused_by_name_and_the_batch_goes_on(engine: 
         for defect in result["defects"]:
             x, y, w, h = defect["bbox"]
             assert x >= 0 and y >= 0 and x + w <= frame.shape[1] and y + h <= frame.shape[0], (name, defect)
+
+
+# --- the same refusals through `genclip score` and the running service --------------------------------
+
+
+@pytest.fixture
+def restore_logging() -> Any:
+    """CLI verbs point logging at CliRunner's stream, which closes after the call; undo that afterwards."""
+    import logging
+
+    import structlog
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+def repo_config(tmp_path: Path, **model: Any) -> Path:
+    import tomllib
+
+    import tomli_w
+
+    data = tomllib.loads((REPO / "config.toml").read_text())
+    data["model"].update(device="cpu", **model)
+    path = tmp_path / "line.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def test_genclip_score_refuses_the_huge_png_by_the_configured_limit(
+    huge_png: Path, tmp_path: Path, restore_logging: None
+) -> None:
+    from typer.testing import CliRunner
+
+    from agent import cli
+
+    small = tmp_path / "small.png"
+    small.write_bytes(encoded(".png", (48, 64, 3)))
+    cli._register_verbs()
+    config = repo_config(tmp_path, max_frame_pixels=10_000_000)
+    args = ["score", str(huge_png), str(small), "--class", "widget", "--config", str(config)]
+    result = CliRunner().invoke(cli.app, args)
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 1, result.output  # one input failed
+    assert records[0] == {
+        "path": str(huge_png),
+        "error": "image is 20000x20000 = 400000000 pixels, over the limit of 10000000 ([model].max_frame_pixels)",
+    }
+    assert records[1]["path"] == str(small) and 0.0 <= records[1]["score"] <= 1.0
+
+
+def test_the_service_rejects_bad_files_and_goes_on_inspecting(
+    huge_png: Path, tmp_path: Path, mosquitto: Any, redis_server: Any
+) -> None:
+    from agent.config import InspectConfig
+    from agent.service import InspectionService
+    from tests.factories import tiny_config
+    from tests.source_fixtures import wait_until
+
+    folder = tmp_path / "grabber"
+    folder.mkdir()
+    model = tiny_config(max_frame_pixels=1_000_000).model_dump(mode="json", exclude_none=True, by_alias=True)
+    camera = {"id": "cam-1", "source": str(folder), "product_class": "widget", "settle_ms": 20, "max_age_ms": 0}
+    cfg = InspectConfig(
+        line={"id": "badinput"},
+        model=model,
+        cameras=[camera],
+        mqtt={"port": mosquitto.port},
+        redis={"url": redis_server.url},
+        agent={"health_port": 0, "shutdown_timeout_s": 10},
+    )
+    service = InspectionService(cfg)
+    service.start()
+    try:
+        files = {
+            "huge.png": huge_png.read_bytes(),
+            "big.png": claims(".png", 1001, 1000),
+            "empty.jpg": b"",
+            "cut.png": encoded(".png", (100, 100, 3))[:200],
+            "readme.md": b"# not a picture",
+            "dot.png": encoded(".png", (1, 1)),
+        }
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        for i in range(3):
+            (folder / f"good-{i}.png").write_bytes(encoded(".png", (60 + i, 80, 3), seed=i))
+        reasons = folder / "rejected"
+        assert wait_until(lambda: len(list(reasons.glob("*.reason.txt"))) == len(files), 30)
+        assert wait_until(lambda: sum(service.metrics_results_by_verdict().values()) == 3, 30)
+        assert (reasons / "huge.png.reason.txt").read_text() == (
+            "image is 20000x20000 = 400000000 pixels, over the limit of 1000000 ([model].max_frame_pixels)\n"
+        )
+        assert (reasons / "big.png.reason.txt").read_text().startswith("image is 1001x1000 = 1001000 pixels")
+        assert service.health_reasons() == [] and service.sources["cam-1"].status().state == "running"
+    finally:
+        service.shutdown()
+    snap = service.ledger.snapshot()
+    assert snap.accepted == snap.published == 3 and snap.in_flight == 0
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+# (tests/test_engine.py: for another backbone, weights, image size or layers; garbage, truncated,
+#  another format, tensors of the wrong shape, missing: each refused naming the problem, the running
+#  prompts serving on. tests/test_security.py: pickles.)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.factories import perturbed_checkpoint, tiny_config
+
+    path = tmp_path_factory.mktemp("ckpt") / "good.safetensors"
+    perturbed_checkpoint(path, engine.backbone, tiny_config())
+    return path
+
+
+def test_empty_and_tiny_checkpoints_are_refused(engine: Any, tmp_path: Path) -> None:
+    from model import CheckpointError
+
+    for data, message in [
+        (b"", "too short"),
+        (b"\x05\x00", "too short"),
+        (struct.pack("<Q", 2) + b"{}", "without a GenCLIP header"),
+        (struct.pack("<Q", 4) + b"null", "without a GenCLIP header"),
+        (struct.pack("<Q", 2**40) + b"{}", "not a readable safetensors file"),
+    ]:
+        path = tmp_path / "c.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=message):
+            engine.prepare_prompts(path)
+
+
+HEADER_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    # Small, or too large to allocate at all: a regression then fails the test instead of exhausting memory.
+    st.integers(min_value=-5, max_value=100) | st.sampled_from([2**31, 2**40, -(2**40)]),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.integers(-3, 40), max_size=6),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("query_tokens", 2**40, "header field 'query_tokens' is 1099511627776, not a length of 1 to 32"),
+        ("state_tokens", 0, "header field 'state_tokens' is 0, not a length of 1 to 32"),
+        ("defect_tokens", "2", "header field 'defect_tokens' is '2', not a length of 1 to 16"),
+        ("defect_tokens", True, "header field 'defect_tokens' is True"),
+        ("query_tokens", None, "header field 'query_tokens' is None"),
+    ],
+)
+def test_prompt_lengths_in_the_header_are_checked_before_the_model_is_built(
+    engine: Any, checkpoint: Path, tmp_path: Path, field: str, value: Any, message: str
+) -> None:
+    """The model is sized from these before its tensors are compared: 2**40 tokens must not be allocated."""
+    from model import CheckpointError
+    from model.checkpoint import read_checkpoint, save_checkpoint
+
+    found = read_checkpoint(checkpoint)
+    path = tmp_path / "edited.safetensors"
+    save_checkpoint(path, found.tensors, {**found.meta, field: value})
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        engine.prepare_prompts(path)
+    meta = {k: v for k, v in found.meta.items() if k != field}
+    save_checkpoint(path, found.tensors, meta)
+    with pytest.raises(CheckpointError, match=f"header lacks prompt lengths \\('{field}'\\)"):
+        engine.prepare_prompts(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    changes=st.dictionaries(
+        st.sampled_from(
+            ["query_tokens", "state_tokens", "defect_tokens", "layers", "image_size", "backbone", "format_version"]
+        ),
+        HEADER_VALUES,
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_a_checkpoint_header_with_any_values_is_loaded_or_refused(
+    engine: Any, checkpoint: Path, tmp_path: Path, changes: dict[str, Any]
+) -> None:
+    from model import CheckpointError
+    from model.checkpoint import read_checkpoint, save_checkpoint
+
+    found = read_checkpoint(checkpoint)
+    path = tmp_path / "edited.safetensors"
+    try:
+        save_checkpoint(path, found.tensors, {**found.meta, **changes})
+    except ValueError:  # NaN in the header: json.dumps writes it, which is fine for this test too
+        return
+    try:
+        engine.prepare_prompts(path)
+    except CheckpointError as exc:
+        assert str(path) in str(exc)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_damaged_checkpoint_is_loaded_or_refused(engine: Any, checkpoint: Path, data: st.DataObject) -> None:
+    from model import CheckpointError
+    from model.checkpoint import parse_checkpoint
+
+    raw = bytearray(checkpoint.read_bytes())
+    cut = data.draw(st.integers(0, len(raw)), label="cut")
+    flips = data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), max_size=4))
+    for at, value in flips:
+        raw[at] = value
+    try:
+        parse_checkpoint(bytes(raw[:cut] if cut < len(raw) else raw), "damaged.safetensors")
+    except CheckpointError as exc:
+        assert str(exc).startswith("damaged.safetensors: ")
