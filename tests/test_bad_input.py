@@ -565,3 +565,70 @@ def test_a_damaged_checkpoint_is_loaded_or_refused(engine: Any, checkpoint: Path
         parse_checkpoint(bytes(raw[:cut] if cut < len(raw) else raw), "damaged.safetensors")
     except CheckpointError as exc:
         assert str(exc).startswith("damaged.safetensors: ")
+
+
+# --- class profiles from other prompts -----------------------------------------------------------------
+# (tests/test_engine_service.py: register_class with a profile calibrated on other prompts or
+#  settings reports stale-calibration and the default threshold.)
+
+
+def good_parts(count: int = 8) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    base = rng.integers(60, 200, (64, 64, 3), dtype=np.uint8)
+    return [np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8) for _ in range(count)]
+
+
+def test_a_saved_profile_of_other_prompts_is_stale_or_recalibrated_never_used(engine: Any, tmp_path: Path) -> None:
+    import structlog.testing
+
+    from model import Engine
+    from model.profile import ClassProfile, profile_path
+    from tests.factories import perturbed_checkpoint, tiny_config
+
+    first, second, profiles = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "profiles"
+    perturbed_checkpoint(first, engine.backbone, tiny_config(), seed=1, scale=0.2)
+    perturbed_checkpoint(second, engine.backbone, tiny_config(), seed=2, scale=0.2)
+    old = Engine(tiny_config(checkpoint=first, profile_dir=profiles), backbone=engine.backbone)
+    saved = old.setup_class("widget", good_parts())
+    assert saved.calibration is not None and old.threshold("widget")[1] == "calibration"
+    path = profile_path(profiles, "widget")
+    assert ClassProfile.load(path).calibration.prompt_version == old.prompt_version
+
+    new = Engine(tiny_config(checkpoint=second, profile_dir=profiles), backbone=engine.backbone)
+    with structlog.testing.capture_logs() as logs:
+        new.setup_class("widget")  # no reference images: nothing to recalibrate on
+    value, source = new.threshold("widget")
+    assert (value, source) == (new.config.default_threshold, "stale-calibration")
+    assert (
+        new.class_info("widget")["stale_reason"] == f"measured on prompts {old.prompt_version}, running other prompts"
+    )
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "calibration does not hold; using the default threshold"
+    ]
+    prediction = new.predict(good_parts(1), ["widget"])[0]
+    assert prediction.threshold_source == "stale-calibration" and prediction.threshold == value
+
+    again = Engine(tiny_config(checkpoint=second, profile_dir=profiles), backbone=engine.backbone)
+    recalibrated = again.setup_class("widget", good_parts)  # with references: measured anew on these prompts
+    assert again.threshold("widget") == (recalibrated.calibration.threshold, "calibration")
+    assert recalibrated.calibration.prompt_version == again.prompt_version != old.prompt_version
+    assert ClassProfile.load(path).calibration.prompt_version == again.prompt_version  # saved for the next start
+
+
+def test_an_unreadable_profile_is_set_up_again_with_a_warning(engine: Any, tmp_path: Path) -> None:
+    import structlog.testing
+
+    from model import Engine
+    from model.profile import profile_path
+    from tests.factories import tiny_config
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    for text in ("{not json", '{"format": "genclip-class-profile", "format_version": 1}', "[1, 2]", '"x"', "\xff"):
+        profile_path(profiles, "widget").write_text(text)
+        fresh = Engine(tiny_config(profile_dir=profiles), backbone=engine.backbone)
+        with structlog.testing.capture_logs() as logs:
+            profile = fresh.setup_class("widget")
+        assert profile.class_word_source == "unfiltered" and fresh.threshold("widget")[1] == "default"
+        [warning] = [e for e in logs if e["event"] == "class profile unusable; setting the class up again"]
+        assert str(profile_path(profiles, "widget")) in warning["error"]
