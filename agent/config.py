@@ -31,7 +31,7 @@ DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/genclip/config.toml"))
 def _reference_folder(value: Path) -> Path:
     """A class's good-part folder must exist when the line starts: it decides the class word and threshold."""
     folder = Path(os.path.expanduser(value))
-    if not folder.is_dir():
+    if not os.path.isdir(folder):  # os.path: an over-long name is 'not found', not an OSError
         raise ValueError(f"reference folder not found: {value}")
     return folder
 

@@ -632,3 +632,176 @@ def test_an_unreadable_profile_is_set_up_again_with_a_warning(engine: Any, tmp_p
         assert profile.class_word_source == "unfiltered" and fresh.threshold("widget")[1] == "default"
         [warning] = [e for e in logs if e["event"] == "class profile unusable; setting the class up again"]
         assert str(profile_path(profiles, "widget")) in warning["error"]
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+# (tests/test_config.py: unknown keys in four sections, eight bad values, every error at once, a missing
+#  checkpoint, an unreadable password_file, broken TOML, config show masks secrets.)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("GENCLIP_") or key == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(key)
+
+
+BROKEN = """
+[line]
+id = "line-1"
+colour = "red"
+[model]
+backbone = "genclip-tiny"
+pretrained = "random"
+checkpoint = "/nonexistent/prompts.safetensors"
+[engine]
+batch_size = "eight"
+max_wait_ms = [20]
+[[cameras]]
+id = "cam-1"
+source = "/srv/grabber"
+product_class = "widget"
+fps = "fast"
+[thresholds]
+widget = "high"
+[references]
+widget = "/nonexistent/good-parts"
+[mqtt]
+port = "1883"
+qos = 1.5
+username = 7
+password_file = "/nonexistent/mqtt-password"
+hots = "10.0.0.5"
+[mqtt.tls]
+enabled = "maybe"
+ca_file = "/nonexistent/ca.crt"
+[redis]
+url = "http://127.0.0.1:6379"
+password_file = "~no-such-user-here/redis-password"
+[agent]
+health_port = 70000
+[logging]
+level = "LOUD"
+"""
+
+EXPECTED_ERRORS = {
+    "line.colour": "unknown key",
+    "model": "checkpoint: prompt checkpoint (file or folder) not found: /nonexistent/prompts.safetensors",
+    "engine.batch_size": "valid integer",
+    "engine.max_wait_ms": "valid number",
+    "cameras.0.fps": "valid number",
+    "thresholds.widget": "valid number",
+    "references.widget": "reference folder not found: /nonexistent/good-parts",
+    "mqtt.qos": "valid integer",
+    "mqtt.username": "valid string",
+    "mqtt.password_file": "cannot read password file /nonexistent/mqtt-password: No such file or directory",
+    "mqtt.hots": "unknown key",
+    "mqtt.tls.enabled": "valid boolean",
+    "mqtt.tls.ca_file": "cannot read /nonexistent/ca.crt: No such file or directory",
+    "redis.url": "must start with redis://",
+    "redis.password_file": "cannot read password file ~no-such-user-here/redis-password",
+    "agent.health_port": "less than or equal to 65535",
+    "logging.level": "'DEBUG', 'INFO', 'WARNING' or 'ERROR'",
+}
+
+
+def test_config_check_names_every_bad_key_and_exits_2(tmp_path: Path, clean_env: None) -> None:
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    path = tmp_path / "line.toml"
+    path.write_text(BROKEN)
+    result = CliRunner().invoke(app, ["config", "check", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"config error in {path}:\n")
+    lines = [line.strip() for line in result.output.splitlines()[1:]]
+    for key, message in EXPECTED_ERRORS.items():
+        assert any(line.startswith(f"{key}: ") and message in line for line in lines), (key, result.output)
+    named = {line.split(":")[0] for line in lines}
+    assert named == set(EXPECTED_ERRORS), named  # port = "1883" is read as 1883, like the environment's strings
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["~no-such-user-here/p.safetensors", "x" * 300 + ".safetensors", "/nonexistent/" + "y" * 300],
+    ids=["unknown user", "name too long", "folder name too long"],
+)
+def test_odd_paths_are_config_errors_not_crashes(tmp_path: Path, clean_env: None, path: str) -> None:
+    """pathlib raises on '~user' of an unknown user and on names over NAME_MAX; both used to escape as tracebacks."""
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    config = tmp_path / "line.toml"
+    config.write_text(f'[model]\npretrained = "random"\ncheckpoint = "{path}"\n[references]\nwidget = "{path}"\n')
+    result = CliRunner().invoke(app, ["config", "check", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert f"checkpoint: prompt checkpoint (file or folder) not found: {path}" in result.output
+    assert f"references.widget: reference folder not found: {path}" in result.output
+
+
+SECTIONS: dict[str, list[str]] = {
+    "line": ["id", "name"],
+    "model": ["pretrained", "checkpoint", "model_config", "image_size", "device", "layers", "profile_dir"],
+    "engine": ["batch_size", "max_wait_ms"],
+    "mqtt": ["port", "password", "password_file", "qos", "topic_prefix", "tls"],
+    "redis": ["url", "password_file", "maps"],
+    "agent": ["health_port", "prompt_dir", "shutdown_timeout_s"],
+    "logging": ["level", "format"],
+    "thresholds": ["widget", "gadget"],
+    "references": ["widget"],
+}
+SCALARS = (
+    st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(
+        ["", "random", "genclip-tiny", "~", "~nobody-at-all/x", "/nonexistent/x", "redis://h:1/0", "a\0b"]
+    )
+    | st.text(max_size=12)
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+PATHS = st.sampled_from(["~", "~nobody-at-all/x", "/nonexistent/x", "/", "/dev/null", ".", "a\0b", "x" * 300])
+
+
+def section(keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.dictionaries(st.sampled_from(keys) | st.text(max_size=6), PATHS | VALUES, max_size=4)
+
+
+CONFIGS = st.fixed_dictionaries(
+    {"model": st.fixed_dictionaries({"pretrained": st.just("random")})},
+    optional={name: section(keys) for name, keys in SECTIONS.items() if name != "model"}
+    | {"cameras": st.lists(section(["id", "source", "product_class", "fps", "kind"]), max_size=2), "x": VALUES},
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=CONFIGS, model_extra=section(SECTIONS["model"]))
+def test_any_config_file_is_loaded_or_refused_with_a_list_of_errors(
+    data: dict[str, Any], model_extra: dict[str, Any], tmp_path: Path, clean_env: None
+) -> None:
+    import tomli_w
+
+    from agent.config import ConfigError, InspectConfig, load_config
+
+    data["model"] = {**data["model"], **model_extra}
+    try:
+        text = tomli_w.dumps(data)
+    except (TypeError, ValueError):  # not representable in TOML (NUL in a key...): not a config file
+        return
+    path = tmp_path / "any.toml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        assert exc.errors and all(isinstance(e, str) and ": " in e for e in exc.errors), exc.errors
+    else:
+        assert isinstance(config, InspectConfig)

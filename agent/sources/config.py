@@ -117,7 +117,7 @@ class CameraConfig(Section):
             return self.kind
         if self.is_synthetic_source:
             return "synthetic"
-        if Path(os.path.expanduser(self.source)).is_dir():
+        if os.path.isdir(os.path.expanduser(self.source)):
             return "folder"
         return "opencv"
 
