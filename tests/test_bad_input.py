@@ -9,6 +9,7 @@ named in each section instead of repeated.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -28,6 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.images import UnreadableImageError, read_frame
+from model.engine import FrameError, Prediction
+from model.regions import Defect
 from trainer.images import ImageReadError, decode_image, header_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -805,3 +808,126 @@ def test_any_config_file_is_loaded_or_refused_with_a_list_of_errors(
         assert exc.errors and all(isinstance(e, str) and ": " in e for e in exc.errors), exc.errors
     else:
         assert isinstance(config, InspectConfig)
+
+
+# --- commands --------------------------------------------------------------------------------------------
+# (tests/test_control.py: valid and invalid payloads, size limit, arbitrary names and payloads never raise
+#  anything but CommandError; tests/test_publish_mqtt.py: malformed, oversized, wrongly typed and unknown
+#  commands answered with an error over MQTT, the handler never called; tests/test_security.py: only this
+#  line's cmd/<name> topics are listened to.)
+
+CLASS_NAMES = st.text(min_size=1, max_size=200)
+CAMERA_NAMES = st.none() | st.text(min_size=1, max_size=200)
+VALID_COMMANDS = st.one_of(
+    st.tuples(st.sampled_from(["reload", "snapshot"]), st.just({})),
+    st.tuples(
+        st.just("threshold"),
+        st.fixed_dictionaries({"class": CLASS_NAMES, "value": st.floats(0.0, 1.0) | st.integers(0, 1)}),
+    ),
+    st.tuples(st.sampled_from(["pause", "resume"]), st.fixed_dictionaries({}, optional={"camera": CAMERA_NAMES})),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(command=VALID_COMMANDS, correlation=st.none() | st.binary(max_size=16), spaces=st.booleans())
+def test_every_valid_command_round_trips(command: tuple[str, dict[str, Any]], correlation: Any, spaces: bool) -> None:
+    from agent.control import parse_command
+
+    name, args = command
+    payload = json.dumps(args, indent=2 if spaces else None).encode()
+    if len(payload) > 4096:
+        return
+    parsed = parse_command(name, payload, correlation=correlation)
+    assert parsed.name == name and parsed.correlation == correlation
+    dumped = parsed.args.model_dump(by_alias=True, exclude_unset=True)
+    expected = {k: float(v) if k == "value" else v for k, v in args.items()}
+    assert dumped == expected and json.loads(json.dumps(dumped)) == expected
+    assert parse_command(name, json.dumps(dumped).encode()).args == parsed.args  # and back again
+
+
+# --- the result schema -----------------------------------------------------------------------------------
+
+ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+RESULT_KEYS = {
+    "schema", "line", "camera", "seq", "part_id", "product_class", "captured_at", "published_at", "latency_ms",
+    "score", "threshold", "threshold_source", "verdict", "defects", "model", "map_key",
+}  # fmt: skip
+UNIT = st.floats(0.0, 1.0)
+
+
+@st.composite
+def outcomes(draw: st.DrawFn) -> Any:
+    """What the engine returns for one frame: a FrameError, or a Prediction with NG iff regions."""
+    if draw(st.integers(0, 3)) == 0:
+        return FrameError(0, "widget", draw(st.text(min_size=1, max_size=80)))
+    score, threshold = draw(UNIT), draw(UNIT)
+    ng = score >= threshold
+    height, width = draw(st.integers(8, 4000)), draw(st.integers(8, 4000))
+    defect = st.builds(
+        Defect,
+        type=st.sampled_from(["scratch", "hole", "stain", "missing part"]),
+        type_probability=UNIT | st.just(float("nan")),
+        score=UNIT,
+        area=st.integers(1, height * width),
+        bbox=st.tuples(st.integers(0, width - 1), st.integers(0, height - 1), st.integers(1, 50), st.integers(1, 50)),
+    )
+    defects = draw(st.lists(defect, min_size=1, max_size=4)) if ng else []
+    source = draw(st.sampled_from(["config", "calibration", "stale-calibration", "default"]))
+    level = draw(UNIT)
+    return Prediction(
+        "widget", score, threshold, source, ng, np.full((16, 16), level, np.float32), (height, width), defects,
+        "prompts@0123456789ab", draw(UNIT), level, draw(UNIT), "widget", "unfiltered",
+    )  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    outcome=outcomes(),
+    seq=st.integers(1, 2**53),
+    camera=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}", fullmatch=True),
+    part=st.text(min_size=1, max_size=40),
+    maps=st.sampled_from(["all", "ng", "none"]),
+    window_s=st.floats(0.001, 3600),
+)
+def test_every_result_has_the_documented_fields_and_types(
+    outcome: Any, seq: int, camera: str, part: str, maps: str, window_s: float
+) -> None:
+    from agent.frames import Frame
+    from agent.publish.redis_streams import stream_fields
+    from agent.results import build_inspection
+
+    frame = Frame(camera, seq, part, "widget", np.zeros((8, 8), np.uint8), datetime.now(UTC))
+    model = {"backbone": "genclip-tiny", "weights": "random-init:seed=0", "prompt_version": "untrained"}
+    inspection = build_inspection(frame, outcome, line="l1", window_s=window_s, maps=maps, map_size=None, model=model)
+    result = json.loads(json.dumps(inspection.result, allow_nan=False))  # JSON, finite numbers only
+    verdict = result["verdict"]
+    assert set(result) >= RESULT_KEYS and result["schema"] == 1
+    assert (result["line"], result["camera"], result["seq"], result["part_id"]) == ("l1", camera, seq, part)
+    assert re.fullmatch(ISO, result["captured_at"]) and re.fullmatch(ISO, result["published_at"])
+    assert isinstance(result["latency_ms"], float) and math.isfinite(result["latency_ms"])
+    assert set(result["model"]) == {"backbone", "weights", "prompt_version"}
+    if verdict == "ERROR":
+        assert set(result) == RESULT_KEYS | {"error"} and result["error"] == outcome.reason
+        assert result["score"] is result["threshold"] is result["threshold_source"] is result["map_key"] is None
+        assert result["defects"] == [] and inspection.defect_types == ["inspection-error"]
+    else:
+        assert set(result) == RESULT_KEYS | {"class_word"} and result["class_word"] == "widget"
+        assert verdict == ("NG" if outcome.is_anomalous else "OK")
+        assert 0.0 <= result["score"] <= 1.0 and 0.0 <= result["threshold"] <= 1.0
+        assert result["threshold_source"] in ("config", "calibration", "stale-calibration", "default")
+        assert (len(result["defects"]) > 0) == (verdict == "NG"), "NG has regions, OK has none"
+        stored = maps == "all" or (maps == "ng" and verdict == "NG")
+        assert (result["map_key"] == f"genclip:l1:map:{camera}:{seq}") == stored == (inspection.map_png is not None)
+        assert inspection.defect_types == list(dict.fromkeys(d["type"] for d in result["defects"]))
+    for defect in result["defects"]:
+        assert set(defect) == {"type", "type_probability", "score", "area_px", "bbox"}
+        p = defect["type_probability"]
+        assert p is None or 0.0 <= p <= 1.0
+        assert isinstance(defect["area_px"], int) and [type(v) for v in defect["bbox"]] == [int] * 4
+    for payload in (inspection.reject_payload(), inspection.decision_payload()):
+        signal = json.loads(json.dumps(payload, allow_nan=False))
+        assert signal["verdict"] == verdict and signal["part_id"] == part and re.fullmatch(ISO, signal["deadline"])
+    assert inspection.decision_payload()["reject"] is (verdict != "OK") is inspection.rejects
+    fields = stream_fields(inspection)
+    assert json.loads(fields["payload"]) == result and fields["verdict"] == verdict
+    assert fields["score"] == ("" if result["score"] is None else str(result["score"]))

@@ -664,3 +664,46 @@ def test_a_pickled_checkpoint_is_refused_without_being_run(pickles: tuple[dict[s
         assert marker.exists(), name
         marker.unlink()
     assert engine.prompt_version == "untrained"
+
+
+# --- commands: only this line's cmd/<name>, only in the documented form -------------------------------------
+
+
+def test_commands_are_taken_only_from_this_lines_command_topics(
+    mosquitto: MosquittoServer, made: list[Any], line: str
+) -> None:
+    from agent.control import Command
+    from tests.test_publish_mqtt import Subscriber
+
+    calls: list[Command] = []
+    pub = MqttPublisher(
+        MqttConfig(port=mosquitto.port, reconnect_min_s=0.1, reconnect_max_s=0.5),
+        line,
+        handler=lambda command: calls.append(command) or {"done": command.name},
+    )
+    made.append(pub)
+    pub.start()
+    assert wait_until(lambda: pub.health() == (True, "connected"))
+    sub = Subscriber(mosquitto.port, ["#"])
+    made.append(sub)
+    ignored = [
+        f"genclip/other-{line}/cmd/snapshot",  # another line's
+        f"elsewhere/{line}/cmd/snapshot",  # another prefix
+        f"genclip/{line}/cmd/snapshot/now",  # deeper than cmd/<name>
+        f"genclip/{line}/cmd/x/y",
+        f"genclip/{line}/cmd/",  # no name
+        f"genclip/{line}/cmd/response",  # our own answers
+        f"genclip/{line}/cmdx/snapshot",
+        f"genclip/{line}/CMD/snapshot",
+        f"genclip/{line}/cam-1/reject",
+    ]
+    for i, topic in enumerate(ignored):
+        sub.request(topic, b"{}", f"ignored-{i}".encode())
+    sub.request(f"genclip/{line}/cmd/snapshot", b"{}", b"the-real-one")
+    response = f"genclip/{line}/cmd/response"
+    assert wait_until(lambda: any(m.properties.CorrelationData == b"the-real-one" for m in sub.on(response)))
+    time.sleep(0.3)  # anything wrongly taken would be answered by now
+    answers = [m.properties.CorrelationData for m in sub.on(response) if m.payload != b"{}"]  # not our own "{}"
+    assert answers == [b"the-real-one"], answers
+    assert [(c.name, c.correlation) for c in calls] == [("snapshot", b"the-real-one")]
+    assert pub.stats["response"].sent == 1
