@@ -234,6 +234,21 @@ def test_wrong_ca_is_a_permanent_startup_problem(
     assert len(refused) == 1 and refused[0]["detail"] == problem
 
 
+def test_a_certificate_for_another_host_is_a_permanent_startup_problem(
+    pki: Pki, tmp_path: Path, made: list[Any], line: str
+) -> None:
+    with TlsMosquitto(tmp_path / "elsewhere", pki, elsewhere=True) as broker:
+        pub = MqttPublisher(tls_mqtt(broker, pki.ca, username=MQTT_USER, password=MQTT_PASSWORD), line)
+        made.append(pub)
+        pub.start()
+        problem = pub.startup_problem(10)
+    assert problem is not None and problem.startswith(
+        f"TLS certificate verification failed for 127.0.0.1:{broker.port}"
+    )
+    assert "IP address mismatch, certificate is not valid for '127.0.0.1'" in problem
+    assert problem.endswith("(the broker's certificate is not issued for [mqtt].host: use a name or address it names)")
+
+
 @pytest.mark.parametrize(
     ("user", "password", "expected"),
     [

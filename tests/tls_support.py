@@ -29,6 +29,8 @@ class Pki:
     client_cert: Path
     client_key: Path
     other_ca: Path  # a CA that signed nothing here: trusting it must fail verification
+    elsewhere_cert: Path  # signed by `ca`, but for another host name (other.example) only
+    elsewhere_key: Path
 
 
 def _openssl(*args: str | Path, cwd: Path) -> None:
@@ -89,18 +91,30 @@ def make_pki(folder: Path) -> Pki:
         folder, "client", ca, "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n"
     )
     other, _ = _ca(folder, "other-ca")
-    return Pki(ca[0], server[0], server[1], client[0], client[1], other)
+    elsewhere = _leaf(
+        folder,
+        "elsewhere",
+        ca,
+        "subjectAltName=DNS:other.example\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    return Pki(ca[0], server[0], server[1], client[0], client[1], other, *elsewhere)
 
 
 class TlsMosquitto(MosquittoServer):
     """Mosquitto with only a TLS listener, no anonymous clients, and one user: MQTT_USER / MQTT_PASSWORD.
 
     `require_certificate`: clients must also present a certificate signed by the test CA.
+    `elsewhere`: it presents a certificate of the right CA, issued for another host name.
     """
 
-    def __init__(self, workdir: Path, pki: Pki, *, require_certificate: bool = False, **kwargs) -> None:
+    def __init__(
+        self, workdir: Path, pki: Pki, *, require_certificate: bool = False, elsewhere: bool = False, **kwargs
+    ) -> None:
         self.pki = pki
         self.require_certificate = require_certificate
+        self.cert, self.key = (
+            (pki.elsewhere_cert, pki.elsewhere_key) if elsewhere else (pki.server_cert, pki.server_key)
+        )
         super().__init__(workdir, **kwargs)
 
     def _command(self) -> list[str]:
@@ -113,8 +127,8 @@ class TlsMosquitto(MosquittoServer):
         text = conf.read_text().replace("allow_anonymous true", f"allow_anonymous false\npassword_file {passwords}")
         tls = [
             f"cafile {self.pki.ca}",
-            f"certfile {self.pki.server_cert}",
-            f"keyfile {self.pki.server_key}",
+            f"certfile {self.cert}",
+            f"keyfile {self.key}",
             f"require_certificate {'true' if self.require_certificate else 'false'}",
         ]
         text = text.replace("protocol mqtt", "protocol mqtt\n" + "\n".join(tls))

@@ -56,7 +56,7 @@ REFUSAL_HINTS = {  # what the line engineer should change, per permanent CONNACK
     0x8A: "the broker has banned this client",
     0x8C: "the broker expects another authentication method",
 }
-X509_HOSTNAME_MISMATCH = 62
+X509_NAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 Handler = Callable[[Command], dict]
 
@@ -292,8 +292,8 @@ class MqttPublisher:
         exc = sys.exc_info()[1]
         where = f"{self.config.host}:{self.config.port}"
         if isinstance(exc, ssl.SSLCertVerificationError):
-            if exc.verify_code == X509_HOSTNAME_MISMATCH:
-                hint = "the broker's certificate is not issued for [mqtt].host; connect by a name it names"
+            if exc.verify_code in X509_NAME_MISMATCH:
+                hint = "the broker's certificate is not issued for [mqtt].host: use a name or address it names"
             else:
                 hint = "check [mqtt.tls].ca_file: it must hold the CA that signed the broker's certificate"
             fatal = f"TLS certificate verification failed for {where}: {exc.verify_message} ({hint})"
