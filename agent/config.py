@@ -13,9 +13,9 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.publish.config import MqttConfig, RedisConfig
@@ -26,6 +26,14 @@ from trainer.config import TrainerConfig
 
 ENV_PREFIX = "GENCLIP_"
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/genclip/config.toml"))
+
+
+def _reference_folder(value: Path) -> Path:
+    """A class's good-part folder must exist when the line starts: it decides the class word and threshold."""
+    folder = Path(os.path.expanduser(value))
+    if not os.path.isdir(folder):  # os.path: an over-long name is 'not found', not an OSError
+        raise ValueError(f"reference folder not found: {value}")
+    return folder
 
 
 class LineConfig(Section):
@@ -88,7 +96,7 @@ class InspectConfig(BaseSettings):
     engine: BatchConfig = Field(default_factory=BatchConfig)
     cameras: list[CameraConfig] = Field(default_factory=list)
     thresholds: dict[str, float] = Field(default_factory=dict, description="Image-score threshold per class.")
-    references: dict[str, Path] = Field(
+    references: dict[str, Annotated[Path, AfterValidator(_reference_folder)]] = Field(
         default_factory=dict,
         description="Per class: a folder of good-part images that decides its class word and threshold at start "
         "and recalibrates it on every new prompt version.",

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))
+DEFAULT_MAX_PIXELS = 50_000_000  # [model].max_frame_pixels' default; callers pass the configured value
 
 
 class UnreadableImageError(Exception):
@@ -26,11 +27,12 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def read_frame(path: Path) -> np.ndarray:
+def read_frame(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The image as the engine takes it (uint8/uint16, gray HxW or BGR HxWx3), or UnreadableImageError.
 
     The bytes are read once and decoded from memory, so a file replaced while it is read
-    gives either image, never a mix.
+    gives either image, never a mix. An image over `max_pixels` ([model].max_frame_pixels) is
+    refused from its header, before it is decoded, where the format gives its size there.
     """
     import numpy as np
 
@@ -46,7 +48,7 @@ def read_frame(path: Path) -> np.ndarray:
     if not os.access(path, os.R_OK):
         raise UnreadableImageError("permission denied")
     try:
-        frame = decode_image(path)
+        frame = decode_image(path, max_pixels=max_pixels)
     except ImageReadError as exc:
         if "not a decodable" in exc.reason:
             raise UnreadableImageError("cannot decode: corrupt, truncated or not a supported image format") from None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from agent.images import UnreadableImageError, is_image_file, read_frame
+from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
 from agent.logs import get_logger
 from agent.results import defect_json
 from trainer.verb_options import ConfigOption, fail, open_engine
@@ -116,16 +116,19 @@ def overlay_paths(paths: list[Path], out_dir: Path) -> list[Path]:
     return targets
 
 
-def read_in_batches(paths: list[Path], batch_size: int) -> Iterator[list[tuple[int, np.ndarray | str]]]:
+def read_in_batches(
+    paths: list[Path], batch_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Iterator[list[tuple[int, np.ndarray | str]]]:
     """Groups of (input index, frame or error) holding at most `batch_size` frames, in input order.
 
-    Reading lazily keeps memory to one batch of images whatever the number of inputs.
+    Reading lazily keeps memory to one batch of images whatever the number of inputs; an image
+    over `max_pixels` is refused from its header, undecoded.
     """
     group: list[tuple[int, np.ndarray | str]] = []
     frames = 0
     for index, path in enumerate(paths):
         try:
-            group.append((index, read_frame(path)))
+            group.append((index, read_frame(path, max_pixels)))
             frames += 1
         except UnreadableImageError as exc:
             group.append((index, str(exc)))
@@ -202,7 +205,7 @@ def run_score(
     if engine.device.type == "cuda":  # so the first batch's timing is not CUDA start-up
         engine.warmup()
     failed = 0
-    for group in read_in_batches(paths, batch_size):
+    for group in read_in_batches(paths, batch_size, cfg.model.max_frame_pixels):
         failed += score_group(engine, group, paths, product_class, targets)
     log.info("done", inputs=len(paths), failed=failed, prompt_version=engine.prompt_version)
     return failed
@@ -268,14 +271,14 @@ def write_overlay(frame: np.ndarray, prediction: Prediction, target: Path, recor
 
 
 # --- export -----------------------------------------------------------------------------------------------
-def reference_frames(folder: Path, limit: int) -> list[np.ndarray]:
+def reference_frames(folder: Path, limit: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
     """Up to `limit` readable images from `folder` (sorted), for the class-name decision."""
     frames = []
     for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
         if len(frames) == limit:
             break
         try:
-            frames.append(read_frame(path))
+            frames.append(read_frame(path, max_pixels))
         except UnreadableImageError as exc:
             log.warning("reference image skipped", path=str(path), error=str(exc))
     return frames
@@ -294,7 +297,9 @@ def run_export_onnx(
     engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size)
     for name in classes:
         folder = reference / name if reference is not None else None
-        frames = reference_frames(folder, 64) if folder is not None and folder.is_dir() else []
+        frames = []
+        if folder is not None and folder.is_dir():
+            frames = reference_frames(folder, 64, cfg.model.max_frame_pixels)
         try:
             profile = engine.setup_class(name, frames, save=False)
         except ClassSetupError as exc:

@@ -25,7 +25,7 @@ from agent.config import InspectConfig
 from agent.control import Command
 from agent.frames import Frame
 from agent.health import HealthServer
-from agent.images import UnreadableImageError, is_image_file, read_frame
+from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
 from agent.ledger import FrameLedger
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
@@ -40,13 +40,14 @@ from agent.worker import InferenceWorker
 
 log = get_logger("agent.service")
 MAX_REFERENCE_IMAGES = 64
+LINK_CHECK_S = 5.0  # how long start waits for the brokers' first answer before loading the engine
 
 
 class StartupError(RuntimeError):
     """The service cannot start; the message says what to fix."""
 
 
-def reference_loader(folder: Path) -> Callable[[], list[Any]]:
+def reference_loader(folder: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Callable[[], list[Any]]:
     """Reads a class's good-part images (sorted, at most 64) each time it is called."""
 
     def load() -> list[Any]:
@@ -55,7 +56,7 @@ def reference_loader(folder: Path) -> Callable[[], list[Any]]:
         frames = []
         for path in sorted(p for p in folder.iterdir() if is_image_file(p))[:MAX_REFERENCE_IMAGES]:
             try:
-                frames.append(read_frame(path))
+                frames.append(read_frame(path, max_pixels))
             except UnreadableImageError as exc:
                 log.warning("reference image skipped", path=str(path), error=str(exc))
         return frames
@@ -81,6 +82,8 @@ class ResultStage:
         return self._queue.qsize()
 
     def stop(self, timeout: float) -> None:
+        if self._thread.ident is None:  # never started: start() failed before it
+            return
         self._queue.put(None)
         self._thread.join(timeout)
 
@@ -140,6 +143,7 @@ class InspectionService:
         self.metrics.watch_queue("results", self.results.depth)
         self.mqtt.start()
         self.redis.start()
+        self._refuse_bad_credentials(LINK_CHECK_S)  # before the engine loads: fail in seconds, not minutes
         try:
             self.health.start()
         except Exception as exc:
@@ -150,6 +154,7 @@ class InspectionService:
         self.worker.ready.wait()
         if self.worker.error is not None:
             raise StartupError(f"the engine cannot start: {self.worker.error}") from self.worker.error
+        self._refuse_bad_credentials(0.0)  # an answer that came while the engine loaded
         engine = self.worker.engine
         self._model_info = {"backbone": engine.backbone.name, "weights": engine.backbone.weights}
         self.metrics.set_prompt(engine.prompt_version, engine.backbone.name, str(self._checkpoint_target() or ""))
@@ -157,7 +162,9 @@ class InspectionService:
             if camera.product_class in self.class_errors:
                 log.error("camera not started: its class is not set up", camera=camera.id)
                 continue
-            source = open_source(camera, self._emitter(camera.id), line_id=self.line)
+            source = open_source(
+                camera, self._emitter(camera.id), line_id=self.line, max_frame_pixels=cfg.model.max_frame_pixels
+            )
             self.sources[camera.id] = source
             source.start()
         target = self._checkpoint_target()
@@ -174,6 +181,16 @@ class InspectionService:
             prompt_version=engine.prompt_version,
             health=f"http://{cfg.agent.health_host}:{self.health.port}/healthz",
         )
+
+    def _refuse_bad_credentials(self, wait_s: float) -> None:
+        """StartupError when a broker refuses us for good (wrong password, untrusted certificate): a
+        configuration error that retrying forever would only hide. A broker that is down or does not
+        answer within `wait_s` is not an error: the publishers keep retrying and the line starts."""
+        end = time.monotonic() + wait_s
+        for publisher in (self.mqtt, self.redis):
+            problem = publisher.startup_problem(max(0.0, end - time.monotonic()))
+            if problem is not None:
+                raise StartupError(problem)
 
     def run(self) -> int:
         """start(), then serve until SIGTERM/SIGINT (SIGHUP reloads the prompts); returns the exit code."""
@@ -247,7 +264,8 @@ class InspectionService:
         for name in self.config.product_classes():
             folder = self.config.references.get(name)
             try:
-                profile = engine.setup_class(name, reference_loader(folder) if folder else ())
+                loader = reference_loader(folder, self.config.model.max_frame_pixels) if folder else ()
+                profile = engine.setup_class(name, loader)
                 log.info(
                     "class ready",
                     product_class=name,

@@ -54,7 +54,7 @@ def register_configs(model_config: Path | None = None) -> None:
         open_clip.add_model_config(CONFIG_DIR)
     if model_config is not None:
         try:
-            open_clip.add_model_config(Path(model_config).expanduser())
+            open_clip.add_model_config(Path(os.path.expanduser(model_config)))
         except (OSError, ValueError) as exc:
             raise BackboneError(f"[model].model_config {model_config}: not a usable open_clip config ({exc})") from None
 
@@ -77,7 +77,7 @@ def _cached_tag_file(name: str, tag: str, cache_dir: Path | None) -> Path | None
                 return Path(found)
     url = cfg.get("url", "")
     if url:
-        for folder in (cache_dir, Path("~/.cache/clip").expanduser()):
+        for folder in (cache_dir, Path(os.path.expanduser("~/.cache/clip"))):
             if folder is not None and (Path(folder) / os.path.basename(url)).is_file():
                 return Path(folder) / os.path.basename(url)
     return None
@@ -111,8 +111,8 @@ def load_backbone(
     if random_weights:
         seed = int(pretrained.partition(":")[2] or RANDOM_INIT_SEED)
         weights = f"random-init:seed={seed}"
-    elif Path(pretrained).expanduser().is_file():
-        weights_file = Path(pretrained).expanduser()
+    elif Path(os.path.expanduser(pretrained)).is_file():
+        weights_file = Path(os.path.expanduser(pretrained))
         weights = f"sha256:{sha256_file(weights_file)}"
     elif "/" in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
         raise BackboneError(f"weights file not found: {pretrained} (set [model].pretrained to an existing file)")

@@ -49,6 +49,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, not ours, or for another model."""
 
 
+def _refuse_pickle(head: bytes, source: str) -> None:
+    """Name a pickle (torch.save's zip or legacy format, pickle.dump) for what it is; it is never loaded."""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{source}: not a readable safetensors file: it is a pickle (torch.save or pickle.dump), which is "
+            "never loaded, since loading it could run any code; use a checkpoint written by `genclip train`"
+        )
+
+
 def _package_version() -> str:
     try:
         return version("genclip-inspect")
@@ -104,6 +113,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
             size_bytes = fh.read(8)
+            _refuse_pickle(size_bytes, str(path))
             if len(size_bytes) < 8:
                 raise CheckpointError(f"{path}: not a readable safetensors file (too short)")
             (size,) = struct.unpack("<Q", size_bytes)
@@ -118,6 +128,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _parse_header(data: bytes, source: str) -> dict[str, Any]:
+    _refuse_pickle(data[:8], source)
     if len(data) < 8:
         raise CheckpointError(f"{source}: not a readable safetensors file (too short)")
     (size,) = struct.unpack("<Q", data[:8])
@@ -171,7 +182,7 @@ def read_checkpoint(path: Path) -> CheckpointFile:
 
 def resolve_checkpoint(path: Path) -> Path | None:
     """A checkpoint file as given, or the newest *.safetensors in a folder of published ones (None if empty)."""
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     if path.is_dir():
         files = [p for p in path.glob("*.safetensors") if p.is_file() and not p.name.startswith(".")]
         return max(files, key=lambda p: (p.stat().st_mtime, p.name)) if files else None

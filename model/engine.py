@@ -255,16 +255,18 @@ class Engine:
         return PromptState(self._base, UNTRAINED, UNTRAINED, MappingProxyType({}), query)
 
     def _shape_from(self, meta: Mapping[str, Any], source: str) -> PromptShape:
-        base = prompt_shape(self.backbone, self.config, len(self.layers))
-        try:
-            return replace(
-                base,
-                query_tokens=int(meta["query_tokens"]),
-                state_tokens=int(meta["state_tokens"]),
-                defect_tokens=int(meta["defect_tokens"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ckpt.CheckpointError(f"{source}: header lacks prompt lengths ({exc})") from None
+        """The prompt lengths a checkpoint's header declares, within the bounds [model] allows: the model
+        is built from them before its tensors are checked, so a damaged header must not make it huge."""
+        lengths = {}
+        for name in ("query_tokens", "state_tokens", "defect_tokens"):
+            if name not in meta:
+                raise ckpt.CheckpointError(f"{source}: header lacks prompt lengths ('{name}')")
+            value = meta[name]
+            most = next(m.le for m in EngineConfig.model_fields[name].metadata if hasattr(m, "le"))
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                raise ckpt.CheckpointError(f"{source}: header field '{name}' is {value!r}, not a length of 1 to {most}")
+            lengths[name] = value
+        return replace(prompt_shape(self.backbone, self.config, len(self.layers)), **lengths)
 
     def prepare_prompts(self, path: Path) -> PreparedPrompts:
         """Read a checkpoint once, validate it against this engine, load it into a CPU model. Any thread.

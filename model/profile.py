@@ -129,7 +129,9 @@ class ClassProfile:
             raise ProfileError(f"{path}: no such profile file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ProfileError(f"{path}: not a readable JSON profile ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        if not isinstance(data, dict):
+            raise ProfileError(f"{path}: not a GenCLIP class profile (a JSON {type(data).__name__}, not an object)")
+        if data.get("format") != FORMAT:
             raise ProfileError(f"{path}: not a GenCLIP class profile (format {data.get('format')!r})")
         if data.get("format_version") != FORMAT_VERSION:
             raise ProfileError(f"{path}: profile format version {data.get('format_version')} is not supported")

@@ -15,6 +15,7 @@ Conventions shared with the training loop:
 from __future__ import annotations
 
 import csv as csv_module
+import os
 import re
 import zlib
 from collections import defaultdict
@@ -236,7 +237,7 @@ def open_dataset(spec: str) -> list[Sample]:
         split = maybe_split.strip().lower()
     else:
         path_text = rest  # no split suffix (an '@' inside the path is kept)
-    path = Path(path_text).expanduser()
+    path = Path(os.path.expanduser(path_text))
     if not path.exists():
         raise DatasetError(f"data set spec {spec!r}: path {path} does not exist")
     if kind == "visa":

@@ -6,6 +6,7 @@ trainer, never the other way round.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -30,7 +31,7 @@ def engine_config(model: EngineConfig, checkpoint: Path | None) -> EngineConfig:
     """The `[model]` section, with `--checkpoint` in place of its checkpoint when given."""
     if checkpoint is None:
         return model
-    checkpoint = checkpoint.expanduser()
+    checkpoint = Path(os.path.expanduser(checkpoint))
     if not checkpoint.is_file():
         fail(f"--checkpoint: prompt checkpoint not found: {checkpoint}")
     return model.model_copy(update={"checkpoint": checkpoint})

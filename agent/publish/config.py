@@ -19,6 +19,18 @@ class TlsConfig(Section):
     key_file: Path | None = None
     insecure: bool = Field(False, description="Skip hostname verification (test benches only).")
 
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        """A missing or unreadable file is a config error now, not a TLS failure at every connect."""
+        if value is not None:
+            try:
+                with open(os.path.expanduser(value), "rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+        return value
+
 
 class SecretSection(Section):
     """A section with a password that may come from the config, a file, or systemd credentials."""
@@ -29,7 +41,7 @@ class SecretSection(Section):
     @classmethod
     def _readable(cls, value: Path | None) -> Path | None:
         if value is not None:
-            path = Path(value).expanduser()
+            path = Path(os.path.expanduser(value))
             try:
                 path.read_text()
             except OSError as exc:
@@ -122,7 +134,7 @@ def resolve_secret(value: SecretStr | None, path: Path | None, credential: str) 
     if value is not None:
         return value
     if path is not None:
-        return _read_secret(Path(path).expanduser())
+        return _read_secret(Path(os.path.expanduser(path)))
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / credential).is_file():
         return _read_secret(Path(cred_dir) / credential)

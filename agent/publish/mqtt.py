@@ -46,6 +46,17 @@ INFLIGHT = 20  # unacknowledged QoS >= 1 messages at once; Mosquitto's default r
 COMMAND_QUEUE = 32
 # CONNACK reason codes a retry will not fix: the configuration or the broker's ACL must change.
 PERMANENT_REFUSALS = {0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C}
+REFUSAL_HINTS = {  # what the line engineer should change, per permanent CONNACK reason code
+    0x84: "the broker does not speak MQTT 5",
+    0x85: "check [mqtt].client_id",
+    0x86: "check [mqtt].username and its password (password_file, GENCLIP_MQTT__PASSWORD or the mqtt-password "
+    "credential)",
+    0x87: "the password does not match, or the broker does not let this user in: check [mqtt].username and its "
+    "password (password_file, GENCLIP_MQTT__PASSWORD or the mqtt-password credential) and the broker's password file",
+    0x8A: "the broker has banned this client",
+    0x8C: "the broker expects another authentication method",
+}
+X509_NAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 Handler = Callable[[Command], dict]
 
@@ -103,6 +114,9 @@ class MqttPublisher:
         self._started = False
         self._commands_closed = False
         self._problem = "connecting"
+        self._fatal: str | None = None  # a problem no retry fixes (refused login, untrusted certificate)
+        self._attempted = threading.Event()  # set once the first connection attempt has an outcome
+        self._refused = False  # this attempt's CONNACK refused us (paho disconnects after it)
         self._info: bytes | None = None
         self._commands: queue.Queue[tuple[str, bytes, bytes | None, str | None] | None] = queue.Queue(COMMAND_QUEUE)
         self._client = self._make_client()
@@ -190,6 +204,14 @@ class MqttPublisher:
         with self._cv:
             return link_health(self._closed, self._started, self._connected, self._problem)
 
+    def startup_problem(self, timeout: float) -> str | None:
+        """Wait up to `timeout` s for the first connection attempt; the reason it can never succeed
+        (a refused login, a certificate our CA did not sign), or None: connected, still trying, or
+        merely unreachable (a broker that is down is retried in the background)."""
+        self._attempted.wait(timeout)
+        with self._cv:
+            return self._fatal
+
     # --- connection -------------------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
@@ -220,14 +242,19 @@ class MqttPublisher:
         client.on_message = self._on_message
         return client
 
-    def _report(self, problem: str, permanent: bool) -> None:
-        """Remember why we are not connected; log only when the reason changes."""
+    def _report(self, problem: str, permanent: bool, fatal: str | None = None) -> None:
+        """Remember why we are not connected; log only when the reason changes.
+
+        `fatal`: for a permanent problem, the full explanation `startup_problem` gives."""
         with self._cv:
             changed = problem != self._problem
             self._problem = problem
+            self._fatal = (fatal or problem) if permanent else None
+        self._attempted.set()
         if changed:
             if permanent:
-                log.error("mqtt connection refused", reason=problem, host=self.config.host, port=self.config.port)
+                where = {"host": self.config.host, "port": self.config.port}
+                log.error("mqtt connection refused", reason=problem, detail=fatal or problem, **where)
             else:
                 log.warning("mqtt not connected", reason=problem, host=self.config.host, port=self.config.port)
 
@@ -240,8 +267,10 @@ class MqttPublisher:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
+            with self._cv:
+                self._refused = True
             permanent = reason_code.value in PERMANENT_REFUSALS
-            self._report(f"refused by broker: {reason_code.getName()}", permanent)
+            self._report(f"refused by broker: {reason_code.getName()}", permanent, self._refusal(reason_code))
             return
         # Messages paho kept from the last connection: ours are back in the outbox, resend them from there.
         client.drop_out_messages()
@@ -253,18 +282,40 @@ class MqttPublisher:
             self._outbox.put_front(first, trim=False)
             self._connected = self.stats.connected = True
             self._problem = "connected"
+            self._fatal = None
             self._cv.notify_all()
+        self._attempted.set()
         log.info("mqtt connected", host=self.config.host, port=self.config.port, queued=len(self._outbox))
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         # paho calls this from inside its `except OSError` block, so the exception is still at hand.
         exc = sys.exc_info()[1]
+        where = f"{self.config.host}:{self.config.port}"
         if isinstance(exc, ssl.SSLCertVerificationError):
-            self._report(f"TLS certificate verification failed: {exc.verify_message}", True)
+            if exc.verify_code in X509_NAME_MISMATCH:
+                hint = "the broker's certificate is not issued for [mqtt].host: use a name or address it names"
+            else:
+                hint = "check [mqtt.tls].ca_file: it must hold the CA that signed the broker's certificate"
+            fatal = f"TLS certificate verification failed for {where}: {exc.verify_message} ({hint})"
+            self._report(f"TLS certificate verification failed: {exc.verify_message}", True, fatal)
         elif isinstance(exc, ssl.SSLError):
-            self._report(f"TLS handshake failed: {exc.reason or exc}", True)
+            fatal = (
+                f"TLS handshake with {where} failed: {exc.reason or exc} "
+                "(check that [mqtt].port is the broker's TLS listener, and [mqtt.tls])"
+            )
+            self._report(f"TLS handshake failed: {exc.reason or exc}", True, fatal)
         else:
             self._report(f"broker unreachable: {exc or 'connection failed'}", False)
+
+    def _refusal(self, reason_code: ReasonCode) -> str:
+        """A refused CONNECT, explained for the log and for `genclip run`'s exit message."""
+        who = f"user {self.config.username!r}" if self.config.username is not None else "an anonymous client"
+        hint = REFUSAL_HINTS.get(reason_code.value)
+        if reason_code.value == 0x87 and self.config.username is None:
+            hint = "set [mqtt].username and its password"
+        text = f"MQTT broker {self.config.host}:{self.config.port} refused the login for {who}: "
+        text += reason_code.getName().lower()
+        return f"{text} ({hint})" if hint else text
 
     def _on_disconnect(
         self,
@@ -276,6 +327,7 @@ class MqttPublisher:
     ) -> None:
         with self._cv:
             was_connected = self._connected
+            refused, self._refused = self._refused, False
             self._connected = self.stats.connected = False
             self._epoch += 1
             back = sorted((m for m in self._inflight.values() if m.hold), key=lambda m: m.order)
@@ -289,6 +341,10 @@ class MqttPublisher:
                 self.stats.count(msg.kind, "dropped")
         if was_connected and not self._closing:
             self._report(f"connection lost: {reason_code.getName()}", False)
+        elif not refused and not self._closing:
+            # Closed before any CONNACK: e.g. a plain client at a TLS listener, or a broker at its limit.
+            hint = "" if self.config.tls.enabled else " (if [mqtt].port is a TLS listener, enable [mqtt.tls])"
+            self._report(f"broker closed the connection before accepting it: {reason_code.getName()}{hint}", False)
 
     # --- sending ----------------------------------------------------------------------------------
 

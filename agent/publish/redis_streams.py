@@ -16,7 +16,7 @@ import time
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
 from redis.retry import Retry
 
 from agent.logs import get_logger
@@ -59,6 +59,8 @@ class RedisStreamPublisher:
         self._closed = False
         self._stop_by = 0.0
         self._problem = "connecting"
+        self._fatal: str | None = None  # a refusal no retry fixes: wrong password, user without rights
+        self._attempted = threading.Event()  # set once the first PING has an answer (or none)
         self._client = redis.Redis.from_url(
             config.url,
             username=config.username,
@@ -111,6 +113,14 @@ class RedisStreamPublisher:
         """(True, "connected") or (False, why not)."""
         with self._cv:
             return link_health(self._closed, self._started, self.stats.connected, self._problem)
+
+    def startup_problem(self, timeout: float) -> str | None:
+        """Wait up to `timeout` s for the first answer from Redis; why it refuses us for good (a wrong
+        password, an ACL user that may not connect), or None: connected, still trying, or unreachable
+        (retried in the background)."""
+        self._attempted.wait(timeout)
+        with self._cv:
+            return self._fatal
 
     # --- writer thread --------------------------------------------------------------------------
 
@@ -196,6 +206,8 @@ class RedisStreamPublisher:
             was = self.stats.connected
             self.stats.connected = True
             self._problem = "connected"
+            self._fatal = None
+        self._attempted.set()
         if not was:
             log.info("redis connected", url=self.config.url, queued=len(self._outbox))
 
@@ -205,10 +217,21 @@ class RedisStreamPublisher:
             exc, redis.ConnectionError | redis.TimeoutError | OSError
         )
         problem = f"{'redis refused' if permanent else 'redis unreachable'}: {exc}"
+        fatal = None
+        if isinstance(exc, AuthenticationError | AuthorizationError | NoPermissionError):
+            user = self.config.username or "default"
+            where = "password_file, GENCLIP_REDIS__PASSWORD or the redis-password credential"
+            if self.config.password is None:
+                hint = f"no password is configured: set [redis].username and its password ({where})"
+            else:
+                hint = f"check [redis].username and its password ({where}), and the user's ACL"
+            fatal = f"Redis at {self.config.url} refused the login for user {user!r}: {exc} ({hint})"
         with self._cv:
             changed = problem != self._problem
             self.stats.connected = False
             self._problem = problem
+            self._fatal = fatal
+        self._attempted.set()
         if changed:
             level = log.error if permanent else log.warning
             level("redis not available", reason=problem, url=self.config.url, queued=len(self._outbox))

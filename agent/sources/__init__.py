@@ -34,16 +34,21 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'agent.sources' has no attribute {name!r}")
 
 
-def open_source(camera: CameraConfig, emit: Emit, *, line_id: str = "") -> FrameSource:
+def open_source(
+    camera: CameraConfig, emit: Emit, *, line_id: str = "", max_frame_pixels: int | None = None
+) -> FrameSource:
     """The source for `camera.resolved_kind`, not started yet.
 
     Each kind's module is imported here, so a line without synthetic cameras never loads the trainer.
+    `max_frame_pixels` ([model].max_frame_pixels): image files over it are rejected undecoded.
     """
     kind = camera.resolved_kind
     if kind == "folder":
         from agent.sources.folder import FolderSource
 
-        return FolderSource(camera, emit, line_id=line_id)
+        if max_frame_pixels is None:
+            return FolderSource(camera, emit, line_id=line_id)
+        return FolderSource(camera, emit, line_id=line_id, max_frame_pixels=max_frame_pixels)
     if kind == "synthetic":
         from agent.sources.synthetic import SyntheticSource
 

@@ -6,6 +6,7 @@ after the config is checked), so `resolved_kind` and `resolved_queue_policy` are
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -116,7 +117,7 @@ class CameraConfig(Section):
             return self.kind
         if self.is_synthetic_source:
             return "synthetic"
-        if Path(self.source).expanduser().is_dir():
+        if os.path.isdir(os.path.expanduser(self.source)):
             return "folder"
         return "opencv"
 
@@ -144,7 +145,7 @@ class CameraConfig(Section):
 
     @property
     def folder(self) -> Path:
-        return Path(self.source).expanduser()
+        return Path(os.path.expanduser(self.source))
 
     @property
     def resolved_done_dir(self) -> Path:

@@ -32,7 +32,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from agent.images import IMAGE_SUFFIXES, UnreadableImageError, read_frame
+from agent.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, UnreadableImageError, read_frame
 from agent.sources.base import FrameSource, SourceError
 from agent.sources.config import TEMP_SUFFIXES
 
@@ -75,8 +75,9 @@ class _Handler(FileSystemEventHandler):
 class FolderSource(FrameSource):
     """Watches `camera.source` (not its sub-folders) and emits each settled image file once."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, max_frame_pixels: int | None = DEFAULT_MAX_PIXELS, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.max_frame_pixels = max_frame_pixels  # larger images are rejected from their header, undecoded
         self.folder = self.camera.folder
         self._settle_s = self.camera.settle_ms / 1000
         self._guard = threading.Lock()
@@ -189,7 +190,7 @@ class FolderSource(FrameSource):
             self._reject(path, f"not an image file name ({suffix}); expected {', '.join(IMAGE_SUFFIXES)}")
             return
         try:
-            image = read_frame(path)
+            image = read_frame(path, self.max_frame_pixels)
         except UnreadableImageError as exc:
             failures = self._decode_failures.get(path, 0)
             if failures < DECODE_RETRIES:
