@@ -119,13 +119,17 @@ def cameras(work: Path) -> list[dict[str, Any]]:
     ]
 
 
-def write_config(base: Path, work: Path, references: dict[str, str], quantile: float) -> Path:
+def write_config(
+    base: Path, work: Path, references: dict[str, str], quantile: float, window_ms: int | None = None
+) -> Path:
     """The demo line's config: the shipped config.toml with two synthetic cameras and references."""
     config = tomllib.loads(base.read_text())
     config["line"] = {"id": LINE, "name": "Demo line (synthetic cameras, random-weight model)"}
     config["model"].update(profile_dir=str(work / "profiles"), calibration_quantile=quantile)
     config["cameras"] = cameras(work)
     config["references"] = references
+    if window_ms is not None:
+        config["mqtt"]["decision_window_ms"] = window_ms
     config["thresholds"] = {}
     config["agent"].update(prompt_dir=str(work / "prompts"), health_port=0)
     config["trainer"].update(out_dir=str(work / "runs"))
@@ -325,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=120, help="training images per class")
     parser.add_argument("--quantile", type=float, default=0.95, help="calibration quantile of the good parts")
     parser.add_argument("--recall-floor", type=float, default=RECALL_FLOOR)
+    parser.add_argument(
+        "--decision-window-ms", type=int, help="how long the PLC waits; default [mqtt].decision_window_ms (2000)"
+    )
     args = parser.parse_args(argv)
 
     work = args.work.resolve()
@@ -352,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     plc.clear_retained()
 
     data, references = make_data(work, cameras(work), args.images)
-    config = write_config(args.config, work, references, args.quantile)
+    config = write_config(args.config, work, references, args.quantile, args.decision_window_ms)
     say(f"config: {config}  (genclip config show --config {config})")
     dashboard = Dashboard(redis.Redis.from_url(redis_url), stream)
     dashboard.start()

@@ -30,7 +30,8 @@ def test_demo_runs_the_whole_loop_and_reloads_prompts(
     config.write_text(base)
     work = tmp_path / "demo"
     args = ["--config", str(config), "--work", str(work), "--before", "4", "--after", "12"]
-    args += ["--epochs", "1", "--images", "30", "--recall-floor", "0"]
+    # A long decision window: on a loaded test machine late rejects would be withheld (and counted).
+    args += ["--epochs", "1", "--images", "30", "--recall-floor", "0", "--decision-window-ms", "60000"]
     run = subprocess.run(
         [sys.executable, str(REPO / "deploy" / "demo.py"), *args], capture_output=True, text=True, timeout=400
     )
