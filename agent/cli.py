@@ -47,6 +47,12 @@ def root(
 
 def load_or_exit(path: Path | None) -> InspectConfig:
     """Load the config for a verb; on error print every problem and exit 2."""
+    if find_config(path) is None:
+        typer.echo(
+            "note: no config file (--config, $GENCLIP_CONFIG, ./config.toml, /etc/genclip/config.toml): "
+            "using built-in defaults and GENCLIP_* environment variables",
+            err=True,
+        )
     try:
         return load_config(path)
     except ConfigError as exc:

@@ -43,6 +43,26 @@ def mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
     return event
 
 
+OUR_LOGGERS = ("agent", "model", "trainer", "bench", "deploy", "genclip")
+
+
+class ThirdPartyInfoAsDebug(logging.Filter):
+    """Other packages' INFO lines (open_clip's "Parsing model identifier...", sent through the root
+    logger) are DEBUG for us: shown only at level DEBUG, so every verb starts with our own lines."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # structlog's records carry their event dict as `msg`; plain stdlib records come from libraries
+        ours = isinstance(record.msg, dict) or record.name.split(".", 1)[0] in OUR_LOGGERS
+        if ours or record.levelno != logging.INFO:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.level <= logging.DEBUG
+
+
 def configure_logging(line_id: str, level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
     """Route structlog and stdlib logging to one stream, one format, tagged with the line id."""
     stream = stream if stream is not None else sys.stderr
@@ -85,6 +105,7 @@ def configure_logging(line_id: str, level: str = "INFO", fmt: str = "auto", stre
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(ThirdPartyInfoAsDebug(logging.getLevelName(level)))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -84,6 +84,12 @@ class EngineConfig(BaseModel):
     calibration_quantile: float = Field(
         0.995, ge=0.5, lt=1.0, description="Share of good parts a calibrated threshold passes."
     )
+    calibration_margin: float = Field(
+        0.1,
+        ge=0.0,
+        le=10.0,
+        description="Too few good images to resolve the quantile: threshold = max + margin x (max - median).",
+    )
     max_frame_pixels: int = Field(
         50_000_000, ge=64, description="Frames with more pixels are refused (a guard against absurd inputs)."
     )

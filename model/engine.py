@@ -289,9 +289,10 @@ class Engine:
             query = model.query_text().float()
         return PromptState(model, prepared.version, prepared.digest, prepared.meta, query, prepared.path)
 
-    def install_prompts(self, prepared: PreparedPrompts) -> str:
+    def install_prompts(self, prepared: PreparedPrompts, *, announce: bool = True) -> str:
         """Swap validated prompts in (device thread): class texts rebuilt and classes with reference
-        images recalibrated on the new prompts first, so the next batch runs entirely on the new version."""
+        images recalibrated on the new prompts first, so the next batch runs entirely on the new version.
+        `announce=False` logs the swap at DEBUG (the trainer swaps every epoch)."""
         with self._write_lock:
             old = self._snapshot
             prompts = self._install_state(prepared)
@@ -304,12 +305,14 @@ class Engine:
                 classes[name] = self._entry(prompts, profile, text, old.overrides)
             self._publish(Snapshot(prompts, MappingProxyType(classes), old.overrides))
             self.stats.prompt_swaps += 1
-        log.info("prompts loaded", version=prompts.version, previous=old.prompts.version, path=prepared.path)
+        (log.info if announce else log.debug)(
+            "prompts loaded", version=prompts.version, previous=old.prompts.version, path=prepared.path
+        )
         return prompts.version
 
-    def load_prompts(self, path: Path) -> str:
+    def load_prompts(self, path: Path, *, announce: bool = True) -> str:
         """prepare_prompts + install_prompts, for callers on the device thread; returns the new version."""
-        return self.install_prompts(self.prepare_prompts(path))
+        return self.install_prompts(self.prepare_prompts(path), announce=announce)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -526,13 +529,19 @@ class Engine:
     ) -> ClassProfile:
         scores = self._score_only(prompts, text, frames)
         calibration = Calibration.from_scores(
-            scores, q, prompts.version, prompts.digest, self.scoring_settings(profile.class_word)
+            scores,
+            q,
+            prompts.version,
+            prompts.digest,
+            self.scoring_settings(profile.class_word),
+            margin=self.config.calibration_margin,
         )
         log.info(
             "class calibrated",
             product_class=profile.product_class,
             threshold=round(calibration.threshold, 6),
             images=calibration.images,
+            rule=calibration.rule,
             prompt_version=prompts.version,
         )
         return profile.with_calibration(calibration)
@@ -570,7 +579,7 @@ class Engine:
             chunk = list(frames[start : start + step])
             with torch.inference_mode(), self._autocast():
                 out, _ = self._score(prompts, [text] * len(chunk), chunk)
-            scores.append(out.scores.float().cpu().numpy())
+            scores.append(out.scores[: len(chunk)].float().cpu().numpy())  # not the padding rows
         return np.concatenate(scores)
 
     def profile(self, product_class: str) -> ClassProfile | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,31 @@ def threshold_at_quantile(scores: np.ndarray, quantile: float) -> float:
     return float(np.quantile(np.asarray(scores, dtype=np.float64), quantile, method="higher"))
 
 
+def images_to_resolve(quantile: float) -> int:
+    """Good images needed before `quantile` is measured rather than guessed: 1 / (1 - q) (200 for 0.995)."""
+    return math.ceil(round(1.0 / (1.0 - quantile), 6))
+
+
+def resolvable_quantile(images: int) -> float:
+    """The highest quantile `images` good scores can resolve: 1 - 1/n (0.958 for 24)."""
+    return 1.0 - 1.0 / images if images > 0 else 0.0
+
+
+def threshold_from_good(scores: np.ndarray, quantile: float, margin: float) -> tuple[float, str]:
+    """The threshold for good parts' `scores`, and the rule that set it.
+
+    With enough images (`images_to_resolve`), the `quantile` of the scores ("quantile"). With fewer,
+    the quantile would only be the maximum, which the next good part beats about 1/(n+1) of the time,
+    so the threshold is put above it: max + margin x (max - median) ("max+margin").
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    threshold = threshold_at_quantile(values, quantile)
+    if len(values) >= images_to_resolve(quantile):
+        return threshold, "quantile"
+    top, middle = float(values.max()), float(np.median(values))
+    return top + margin * (top - middle), "max+margin"
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A threshold measured on good parts, with everything it depends on."""
@@ -57,14 +83,24 @@ class Calibration:
     prompt_digest: str
     settings: dict[str, Any]  # Engine.scoring_settings(class_word) when measured
     measured_at: str = field(default_factory=now_iso)
+    rule: str = "quantile"  # "quantile" or "max+margin" (too few images to resolve the quantile)
+    margin: float = 0.0
+    false_reject_rate: float | None = None  # share of the calibration images the threshold rejects
 
     @classmethod
     def from_scores(
-        cls, scores: np.ndarray, quantile: float, prompt_version: str, prompt_digest: str, settings: dict[str, Any]
+        cls,
+        scores: np.ndarray,
+        quantile: float,
+        prompt_version: str,
+        prompt_digest: str,
+        settings: dict[str, Any],
+        margin: float = 0.0,
     ) -> Calibration:
         values = np.asarray(scores, dtype=np.float64)
+        threshold, rule = threshold_from_good(values, quantile, margin)
         return cls(
-            threshold=threshold_at_quantile(values, quantile),
+            threshold=threshold,
             quantile=quantile,
             images=len(values),
             score_min=float(values.min()),
@@ -74,7 +110,32 @@ class Calibration:
             prompt_version=prompt_version,
             prompt_digest=prompt_digest,
             settings=dict(settings),
+            rule=rule,
+            margin=margin if rule == "max+margin" else 0.0,
+            false_reject_rate=float(np.mean(values >= threshold)),
         )
+
+    @property
+    def images_needed(self) -> int:
+        """Good images the quantile needs to be measured (`images_to_resolve`)."""
+        return images_to_resolve(self.quantile)
+
+    def describe(self) -> str:
+        """One line for people: images, distribution, the rule, and what it rejects of them."""
+        spread = (
+            f"{self.images} good image(s): min {self.score_min:.4f}, median {self.score_median:.4f}, "
+            f"p95 {self.score_p95:.4f}, max {self.score_max:.4f}"
+        )
+        if self.rule == "quantile":
+            how = f"threshold {self.threshold:.4f} at quantile {self.quantile}"
+        else:
+            how = (
+                f"quantile {self.quantile} needs {self.images_needed} images, {self.images} resolve at most "
+                f"{resolvable_quantile(self.images):.3f}: threshold {self.threshold:.4f} = max + "
+                f"{self.margin:g} x (max - median)"
+            )
+        rate = "" if self.false_reject_rate is None else f"; rejects {self.false_reject_rate:.1%} of these images"
+        return f"{spread}; {how}{rate}"
 
     def stale_because(self, prompt_digest: str, settings: dict[str, Any]) -> str | None:
         """Why this calibration does not hold for the running engine, or None when it does."""
@@ -113,12 +174,20 @@ class ClassProfile:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     def save(self, path: Path) -> Path:
-        """Write atomically (temporary file, then rename), readable by the service user."""
+        """Write atomically (temporary file, then rename), readable by the service user; a different
+        profile already there is first copied to `history/<class>/` (see `archive_profile`)."""
         from model.checkpoint import write_atomic
 
+        path = Path(path)
         text = json.dumps(self.as_dict(), indent=2, allow_nan=False) + "\n"
-        write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), mode=0o644)
-        return Path(path)
+        try:
+            previous = path.read_text(encoding="utf-8")
+        except (FileNotFoundError, UnicodeDecodeError):
+            previous = None
+        if previous is not None and previous != text:
+            archive_profile(path)
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), mode=0o644)
+        return path
 
     @classmethod
     def load(cls, path: Path) -> ClassProfile:
@@ -152,6 +221,27 @@ class ClassProfile:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProfileError(f"{path}: profile field missing or of the wrong type ({exc})") from None
+
+
+HISTORY_KEEP = 50
+"""Earlier profiles kept per class in `<profile_dir>/history/<class>/`, newest last."""
+
+
+def archive_profile(path: Path) -> Path:
+    """Copy a profile file into `history/<stem>/<UTC time>.json` beside it, keeping the newest HISTORY_KEEP."""
+    folder = Path(path).parent / "history" / Path(path).stem
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}.json"
+    shutil.copy2(path, target)
+    for old in sorted(folder.glob("*.json"))[:-HISTORY_KEEP]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def profile_history(directory: Path, product_class: str) -> list[Path]:
+    """The archived profiles of a class, oldest first."""
+    folder = Path(directory) / "history" / profile_path(directory, product_class).stem
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 
 def profile_path(directory: Path, product_class: str) -> Path:

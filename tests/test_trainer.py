@@ -59,7 +59,7 @@ def without_masks(source: Path, target: Path) -> Path:
 
 
 def quick_settings(**overrides) -> TrainerConfig:
-    values = {"epochs": 5, "batch_size": 8, "workers": 0, "val_fraction": 0.1, "defect_loss_weight": 0.25}
+    values = {"epochs": 5, "batch_size": 8, "workers": 0, "defect_loss_weight": 0.25}
     return TrainerConfig(**(values | overrides))
 
 
@@ -135,10 +135,11 @@ def test_train_cli_survives_a_corrupt_image_and_names_it(small_set, tmp_path):
         app,
         [
             *("train", "--data", f"synthetic:{small_set}@all", "--out", str(out)),
-            *("--epochs", "1", "--workers", "0", "--val-fraction", "0.2", "--no-progress"),
+            *("--epochs", "1", "--workers", "0", "--no-progress"),
         ],
     )
     assert result.exit_code == 0, result.output
+    assert "selection: best = last epoch: the data has 1 product class(es)" in result.output
     assert "skipped 1 unreadable file(s)" in result.output and "corrupt.png" in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["skipped"]) == 1 and "corrupt.png" in summary["skipped"][0]
@@ -154,9 +155,13 @@ def test_trained_checkpoint_loads_in_engine_and_score(small_set, tmp_path):
     checkpoint = out / "best.safetensors"
     meta = read_metadata(checkpoint)
     assert meta["training_data"] == [f"synthetic:{small_set}@all"] and meta["epoch"] == 1
-    assert "metrics" in meta and set(meta["defect_vocabulary"]) <= {"scratch", "crack", "hole", "stain", "dent"} | {
-        "missing part"
-    }
+    assert meta["selection"]["rule"] == "last epoch" and set(meta["defect_vocabulary"]) <= {
+        "scratch",
+        "crack",
+        "hole",
+        "stain",
+        "dent",
+    } | {"missing part"}
     engine = Engine(tiny_config(checkpoint=checkpoint))
     assert engine.prompt_version.startswith("best@")
     image = next((small_set / "woven" / "test" / "good").glob("*.png"))
@@ -194,7 +199,7 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint_and_resume_continues(small_set, 
     resumed = PromptTrainer(tiny_config(), quick_settings(epochs=3), spec, out, resume=True, show_progress=False).run()
     assert not resumed.interrupted and resumed.epochs_done == 3
     epochs = [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2, 3]  # the interrupted epoch 2 is done again, nothing before it
+    assert epochs == [1, 2, 3]  # the interrupted epoch 2 is done again (one class: no validation epoch 0)
 
 
 def test_publish_writes_the_best_checkpoint_atomically(small_set, tmp_path):
@@ -218,7 +223,9 @@ class RecordingTrainer:
 
     calls: ClassVar[list[dict]] = []
 
-    def __init__(self, model_cfg, settings, data, run_dir, *, publish_dir=None, resume=False, show_progress=True):
+    def __init__(
+        self, model_cfg, settings, data, run_dir, *, publish_dir=None, resume=False, force=False, show_progress=True
+    ):
         self.call = {"data": list(data), "run_dir": Path(run_dir), "publish_dir": publish_dir, "resume": resume}
 
     def run(self) -> SimpleNamespace:
@@ -229,6 +236,9 @@ class RecordingTrainer:
             best_metrics=None,
             interrupted=False,
             epochs_done=1,
+            best_epoch=1,
+            baseline=None,
+            selection="best = last epoch: test",
             train_images=1,
             val_images=0,
             seconds=0.0,
@@ -353,6 +363,7 @@ def test_calibrate_cli_prints_toml_and_writes_the_profile(tmp_path):
     write_good_images("leather", tmp_path / "good", 8, seed=5, size=96)
     (tmp_path / "good" / "broken.png").write_bytes(b"nope")
     args = ["calibrate", "--checkpoint", str(checkpoint), "--class", "leather", "--good", str(tmp_path / "good")]
+    args += ["--min-images", "8"]
     result = runner.invoke(app, [*args, "--profiles", str(tmp_path / "profiles")])
     assert result.exit_code == 1, result.output  # one unreadable image is reported
     assert "broken.png" in result.output and '"leather" = ' in result.output

@@ -46,6 +46,23 @@ def default_run_dir(out_dir: Path, now: datetime | None = None) -> Path:
     return run_dir
 
 
+def validation_line(metrics: dict[str, Any]) -> str:
+    """'image AUROC 0.712 [0.61, 0.80], pixel AUROC ... on N images (g good, d defective)'."""
+    mean = metrics["results"]["mean"]
+    interval = metrics.get("interval") or {}
+    parts = []
+    for key, title in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")):
+        value = mean.get(key)
+        if value is None or value != value:
+            continue
+        low_high = interval.get(key)
+        parts.append(f"{title} {value:.3f}" + (f" [95 % {low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else ""))
+    counts = interval.get("counts") or {}
+    good = sum(c["good"] for c in counts.values())
+    bad = sum(c["defective"] for c in counts.values())
+    return ", ".join(parts) + f" on {metrics.get('images', good + bad)} held-out images ({good} good, {bad} defective)"
+
+
 def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> None:
     """Add the trainer verbs to the root CLI; `load_config` turns --config into the validated tree
     (and sets logging up, as the root does for every verb)."""
@@ -67,9 +84,19 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         seed: Annotated[int | None, typer.Option(help="Default: [trainer].seed.")] = None,
         image_size: Annotated[int | None, typer.Option("--image-size", help="Default: [model].image_size.")] = None,
         workers: Annotated[int | None, typer.Option(min=0, help="Data loader processes.")] = None,
-        val_fraction: Annotated[float | None, typer.Option("--val-fraction", min=0.0, max=0.9)] = None,
+        holdout_classes: Annotated[
+            int | None,
+            typer.Option("--holdout-classes", min=0, help="Classes held out to validate on; 0 = keep the last epoch."),
+        ] = None,
+        holdout: Annotated[
+            list[str] | None,
+            typer.Option("--holdout", help="Hold out this class for validation (repeatable); see [trainer]."),
+        ] = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N; default: [model].device.")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
+        force: Annotated[
+            bool, typer.Option("--force", help="Start over in a used --out folder (deletes its run files).")
+        ] = False,
         publish: Annotated[
             Path | None, typer.Option("--publish", help="Folder the agent watches; the best checkpoint goes there.")
         ] = None,
@@ -80,7 +107,7 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
 
         from model import BackboneError, CheckpointError
         from trainer.datasets import DatasetError
-        from trainer.training import PromptTrainer
+        from trainer.training import PromptTrainer, check_run_folder
 
         cfg = load_config(config)
         overrides = {
@@ -92,7 +119,8 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
                 "seed": seed,
                 "image_size": image_size,
                 "workers": workers,
-                "val_fraction": val_fraction,
+                "holdout_classes": holdout_classes,
+                "holdout_class_names": holdout,
             }.items()
             if v is not None
         }
@@ -101,7 +129,13 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             fail("no training data: give --data KIND:PATH[@split] (repeatable) or set [trainer].data in the config")
         if resume and out is None:
             fail("--resume needs --out: the run folder to continue")
+        if resume and force:
+            fail("--resume and --force contradict each other: continue the run, or start it over")
         run_dir = out if out is not None else default_run_dir(cfg.trainer.out_dir)
+        try:
+            check_run_folder(run_dir, resume=resume, force=force)
+        except ValueError as exc:
+            fail(str(exc))
         typer.echo(f"run folder: {run_dir}")
         try:
             settings = cfg.trainer.model_copy(update=overrides)
@@ -114,21 +148,31 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
                 run_dir,
                 publish_dir=publish or settings.publish_dir,
                 resume=resume,
+                force=force,
                 show_progress=progress,
             )
             summary = trainer.run()
         except (DatasetError, BackboneError, CheckpointError, ValidationError, ValueError) as exc:
             fail(str(exc))
-        best = summary.best_metrics["results"]["mean"] if summary.best_metrics else {}
         typer.echo(
             f"{'interrupted' if summary.interrupted else 'done'}: {summary.epochs_done} epoch(s), "
             f"{summary.train_images} train / {summary.val_images} validation images, {summary.seconds:.0f} s"
         )
-        if best:
-            typer.echo(
-                f"best epoch {summary.best_epoch}: image AUROC {best.get('image_auroc', float('nan')):.3f}, "
-                f"pixel AUROC {best.get('pixel_auroc', float('nan')):.3f}"
-            )
+        typer.echo(f"selection: {summary.selection}")
+        if summary.best_metrics:
+            typer.echo(f"best epoch {summary.best_epoch}: {validation_line(summary.best_metrics)}")
+        elif summary.best_epoch is not None:
+            typer.echo(f"best epoch {summary.best_epoch} (the last)")
+        if summary.baseline and summary.best_metrics:
+            from trainer.evaluate import headline
+
+            untrained = headline(summary.baseline["results"])
+            if untrained >= summary.best_score:
+                typer.echo(
+                    f"warning: no epoch beat the untrained prompts on the held-out classes "
+                    f"({summary.best_score:.3f} <= {untrained:.3f}): more or more varied training data may help",
+                    err=True,
+                )
         typer.echo(f"checkpoints: {summary.best or summary.last}  (log: {summary.run_dir / 'log.jsonl'})")
         if summary.published:
             typer.echo(f"published: {summary.published}")
@@ -162,49 +206,83 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
     @app.command("calibrate")
     def calibrate(
         product_class: Annotated[str, typer.Option("--class", help="Product class of the good images.")],
-        good: Annotated[Path, typer.Option(help="Folder of images of good parts (searched recursively).")],
+        good: Annotated[
+            Path,
+            typer.Option(
+                help="Folder of images of good parts of this class only (an MVTec root or class folder: its "
+                "train/good). Subfolders only with --recursive."
+            ),
+        ],
         checkpoint: Annotated[
             Path | None, typer.Option(help="Prompts to calibrate for; default [model].checkpoint.")
         ] = None,
         profiles: Annotated[
             Path | None, typer.Option(help="Folder for class profiles; default [model].profile_dir.")
         ] = None,
-        quantile: Annotated[float, typer.Option(min=0.5, max=0.9999, help="Share of good parts to pass.")] = 0.995,
+        quantile: Annotated[
+            float | None,
+            typer.Option(
+                min=0.5, max=0.9999, help="Share of good parts to pass; default [model].calibration_quantile."
+            ),
+        ] = None,
+        min_images: Annotated[
+            int | None, typer.Option("--min-images", min=1, help="Default: [trainer].calibrate_min_images.")
+        ] = None,
+        recursive: Annotated[bool, typer.Option("--recursive", help="Also read images in subfolders.")] = False,
         config: ConfigOption = None,
         print_only: Annotated[bool, typer.Option("--print-only", help="Print the result; write no profile.")] = False,
     ) -> None:
-        """Decide a class's word and threshold from good parts; write its profile (<profiles>/<class>.json)."""
+        """Decide a class's word and threshold from good parts; write its profile (<profiles>/<class>.json).
+
+        An earlier profile of the class is kept in <profiles>/history/<class>/ and the change is printed.
+        """
         from model import ClassSetupError
-        from model.profile import profile_path
+        from model.profile import ClassProfile, ProfileError, profile_path
+        from trainer.calibrate import CalibrationInputError, describe_change, good_folder, good_images
         from trainer.calibrate import calibrate as run_calibration
-        from trainer.calibrate import good_images
 
         cfg = load_config(config)
         folder = profiles or cfg.model.profile_dir
         if folder is None and not print_only:
             fail("no profile folder: give --profiles DIR or set [model].profile_dir (or use --print-only)")
+        q = quantile if quantile is not None else cfg.model.calibration_quantile
+        needed = min_images if min_images is not None else cfg.trainer.calibrate_min_images
         try:
-            paths = good_images(good)
-        except FileNotFoundError as exc:
+            source = good_folder(good, product_class)
+            paths = good_images(good, product_class, recursive=recursive)
+        except CalibrationInputError as exc:
             fail(str(exc))
-        if not paths:
-            fail(f"no images in {good}")
+        if len(paths) < needed:
+            fail(
+                f"class '{product_class}': {len(paths)} image file(s) in {source}"
+                + ("" if recursive else " (subfolders not searched; --recursive)")
+                + f"; calibration needs at least {needed} good images ([trainer].calibrate_min_images, --min-images)"
+            )
         engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size)
         try:
-            result = run_calibration(engine, product_class, paths, quantile)
+            result = run_calibration(engine, product_class, paths, q, min_images=needed)
         except (ClassSetupError, ValueError) as exc:
             fail(str(exc), 1)
         for line in result.skipped:
             typer.echo(f"skipped {line}", err=True)
         c = result.profile.calibration
         assert c is not None
-        written = None if print_only else result.profile.save(profile_path(folder, result.profile.product_class))
+        typer.echo(f"# {product_class} from {source}: {c.describe()}")
         typer.echo(
-            f"# {c.images} good image(s), scores min {c.score_min:.4f} median {c.score_median:.4f} "
-            f"p95 {c.score_p95:.4f} max {c.score_max:.4f}; threshold at quantile {quantile}; "
-            f"class word '{result.profile.class_word}' ({result.profile.class_word_source}); "
-            f"prompts {c.prompt_version}" + (f"; profile {written}" if written else "")
+            f"# class word '{result.profile.class_word}' ({result.profile.class_word_source}); "
+            f"prompts {c.prompt_version}"
         )
+        if not print_only:
+            target = profile_path(folder, result.profile.product_class)
+            try:
+                previous = ClassProfile.load(target) if target.is_file() else None
+            except ProfileError:
+                previous = None
+            change = describe_change(previous, result.profile)
+            result.profile.save(target)
+            typer.echo(
+                f"# profile {target}" + (f"; {change} (old one kept in {target.parent / 'history'})" if change else "")
+            )
         typer.echo(f"[thresholds]\n{json.dumps(result.profile.product_class)} = {c.threshold:.6f}")
         if result.skipped:
             raise typer.Exit(1)

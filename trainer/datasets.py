@@ -239,6 +239,11 @@ def open_dataset(spec: str) -> list[Sample]:
         path_text = rest  # no split suffix (an '@' inside the path is kept)
     path = Path(os.path.expanduser(path_text))
     if not path.exists():
+        before = Path(os.path.expanduser(rest.rpartition("@")[0]))
+        if at and "/" not in maybe_split and before.exists():
+            raise DatasetError(
+                f"data set spec {spec!r}: unknown split {maybe_split!r}; allowed splits: {', '.join(SPLITS)}"
+            )
         raise DatasetError(f"data set spec {spec!r}: path {path} does not exist")
     if kind == "visa":
         if path.is_file():

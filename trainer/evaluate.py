@@ -22,6 +22,7 @@ from trainer.metrics import Evaluator
 from trainer.report import write_report, write_sample_grid
 
 GridRow = tuple[np.ndarray, np.ndarray | None, np.ndarray]
+ImageHook = Callable[[str, int, float, np.ndarray, "np.ndarray | None"], None]
 
 
 @dataclass
@@ -44,8 +45,12 @@ def evaluate(
     workers: int = 0,
     examples_per_class: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    on_image: ImageHook | None = None,
 ) -> EvalOutcome:
-    """Score every sample with `engine` and compute image and pixel metrics per product class."""
+    """Score every sample with `engine` and compute image and pixel metrics per product class.
+
+    `on_image(class, label, score, anomaly_map, mask or None)` sees every scored image (the
+    trainer's bootstrap keeps what it needs from them)."""
     started = time.perf_counter()
     for name in dict.fromkeys(s.product_class for s in samples):
         if engine.profile(name) is None:
@@ -63,7 +68,7 @@ def evaluate(
         skipped.extend(batch["skipped"])
         done += len(batch["path"]) + len(batch["skipped"])
         if len(batch["path"]):
-            skipped.extend(_score_batch(engine, batch, evaluator, examples, scores, examples_per_class))
+            skipped.extend(_score_batch(engine, batch, evaluator, examples, scores, examples_per_class, on_image))
         if progress:
             progress(done, len(dataset))
     results = evaluator.compute()
@@ -84,6 +89,7 @@ def _score_batch(
     examples: dict[str, list[GridRow]],
     scores: dict[str, list[tuple[float, int]]],
     examples_per_class: int,
+    on_image: ImageHook | None = None,
 ) -> list[SkippedSample]:
     """Score one batch into the evaluator; returns the frames the engine could not score."""
     frames = [np.ascontiguousarray(img.permute(1, 2, 0).numpy()) for img in batch["image"]]
@@ -105,6 +111,10 @@ def _score_batch(
             maps = np.stack([predictions[i].anomaly_map for i in group]) if with_masks else None
             evaluator.update(name, group_scores, labels[group], maps, masks[group] if with_masks else None)
         scores.setdefault(name, []).extend((predictions[i].score, int(labels[i])) for i in indices)
+        if on_image is not None:
+            for i in indices:
+                mask = masks[i] if masks[i].min() >= 0 else None
+                on_image(name, int(labels[i]), predictions[i].score, predictions[i].anomaly_map, mask)
         shown = examples.setdefault(name, [])
         for i in indices:
             if len(shown) >= examples_per_class:

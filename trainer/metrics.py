@@ -139,6 +139,11 @@ def auroc(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     return _auroc_from_counts(*_counts_from_scores(s, _as_labels(labels, s.size)))
 
 
+def auroc_from_histograms(pos_hist: npt.ArrayLike, neg_hist: npt.ArrayLike) -> float:
+    """Pixel AUROC from per-bin counts of defective and good pixels (NaN without both)."""
+    return _auroc_from_counts(*_counts_from_histograms(np.asarray(pos_hist), np.asarray(neg_hist)))
+
+
 def average_precision(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     """Step-wise AP as sklearn's average_precision_score; NaN without positives."""
     s = _as_scores(scores)

@@ -1,10 +1,12 @@
 """The training loop: learned prompts and adapters from auxiliary data, validated every epoch.
 
-Writes into a run folder:
+Writes into a run folder (one run per folder: a used folder is refused unless the
+run is resumed or `force`d):
   last.safetensors   the newest prompts (after every epoch, and on Ctrl-C)
-  best.safetensors   the prompts with the best validation score so far
+  best.safetensors   the prompts chosen so far (see trainer/validation.py for the rule)
   state.safetensors  optimiser state and progress, for --resume
-  log.jsonl          one line per epoch: losses, validation metrics, skipped files
+  log.jsonl          one line per epoch: losses, validation metrics with intervals, skipped files
+  summary.json       what the run did, including the rule that chose `best`
 Validation runs through the same Engine the agent uses, with the epoch's
 checkpoint hot-swapped in, so its numbers are what the line will see.
 """
@@ -43,12 +45,39 @@ from model.engine import Engine
 from model.genclip import GenClip
 from model.preprocess import Preprocessor
 from trainer.config import TrainerConfig
-from trainer.datasets import InspectionDataset, Sample, collate_inspection, open_dataset, split_holdout
+from trainer.datasets import InspectionDataset, Sample, collate_inspection, open_dataset
 from trainer.evaluate import evaluate, headline
 from trainer.losses import defect_type_loss, image_loss, pixel_loss, top_patch_loss
 from trainer.report import jsonable
+from trainer.validation import ValidationPlan, ValidationRecords, bootstrap_interval, plan_validation
 
 log = structlog.stdlib.get_logger("trainer")
+
+RUN_FILES = ("last.safetensors", "best.safetensors", "state.safetensors", "log.jsonl", "summary.json")
+"""What a run writes into its folder; `force` removes exactly these."""
+
+
+class RunFolderError(ValueError):
+    """The run folder holds an earlier run that this one would overwrite."""
+
+
+def check_run_folder(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to train into a used folder unless resuming it, or (force) clear the earlier run's files."""
+    run_dir = Path(run_dir)
+    if resume or not run_dir.is_dir():
+        return
+    used = sorted(p.name for p in run_dir.iterdir())
+    if not used:
+        return
+    if not force:
+        raise RunFolderError(
+            f"run folder {run_dir} is not empty ({', '.join(used[:4])}{', ...' if len(used) > 4 else ''}): "
+            "continue that run with --resume, start over in it with --force (its checkpoints and log are "
+            "deleted), or give another --out"
+        )
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    log.warning("--force: earlier run's files removed", run_dir=str(run_dir), files=list(RUN_FILES))
 
 
 @dataclass
@@ -66,6 +95,8 @@ class TrainSummary:
     best_metrics: dict[str, Any] | None
     train_images: int
     val_images: int
+    selection: str = ""
+    validation: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
@@ -83,6 +114,7 @@ class PromptTrainer:
         *,
         publish_dir: Path | None = None,
         resume: bool = False,
+        force: bool = False,
         show_progress: bool = True,
     ) -> None:
         if not data:
@@ -92,18 +124,19 @@ class PromptTrainer:
         self.run_dir = Path(run_dir)
         self.publish_dir = publish_dir
         self.resume = resume
+        self.force = force
         self.show_progress = show_progress
         self.image_size = settings.image_size or model_config.image_size
         self.model_config = model_config.model_copy(update={"image_size": self.image_size, "checkpoint": None})
         self.skipped: list[str] = []
 
     # --- set-up --------------------------------------------------------------------------------
-    def _samples(self) -> tuple[list[Sample], list[Sample]]:
+    def _plan(self) -> ValidationPlan:
         samples = [s for spec in self.data for s in open_dataset(spec)]
-        train, val = split_holdout(samples, self.settings.val_fraction, self.settings.seed)
-        if not train:
-            raise ValueError("no training images left after holding out the validation part")
-        return train, val
+        plan = plan_validation(samples, self.settings)
+        if not plan.train:
+            raise ValueError("no training images left after holding out the validation classes")
+        return plan
 
     @staticmethod
     def _vocabulary(samples: list[Sample], fallback: list[str]) -> list[str]:
@@ -119,8 +152,16 @@ class PromptTrainer:
     # --- the run -------------------------------------------------------------------------------
     def run(self) -> TrainSummary:
         started = time.perf_counter()
+        check_run_folder(self.run_dir, resume=self.resume, force=self.force)
         self._seed()
-        train, val = self._samples()
+        plan = self._plan()
+        train, val = plan.train, plan.val
+        if plan.rule == "last epoch":
+            log.warning("no validation; the last epoch will be kept", reason=plan.reason)
+        else:
+            log.info(
+                "validation on held-out classes", classes=list(plan.held_out), good=plan.good, defective=plan.defective
+            )
         vocabulary = self._vocabulary(train, self.model_config.defect_types)
         cfg = self.model_config
         engine = Engine(cfg)  # validation runs the agent's own inference path
@@ -145,28 +186,41 @@ class PromptTrainer:
             image_size=self.image_size,
             device=str(device),
             start_epoch=start_epoch,
+            selection=plan.describe(),
         )
         meta_base = {
             "training_data": self.data,
             "defect_vocabulary": vocabulary,
             "trainer": json.loads(self.settings.model_dump_json()),
+            "selection": plan.as_dict(),
         }
-        if start_epoch == 1 and val:
-            baseline = self._validate(engine, None, val)
-            self._log_epoch({"epoch": 0, "note": "untrained prompts", "val": baseline})
+        self._progress = RunProgress(
+            self.show_progress,
+            epochs=self.settings.epochs,
+            first_epoch=start_epoch,
+            train_steps=-(-len(train) // self.settings.batch_size),
+            val_steps=-(-len(val) // self.settings.batch_size),
+        )
         epoch = start_epoch - 1
         interrupted = False
         try:
-            for epoch in range(start_epoch, self.settings.epochs + 1):
-                losses = self._train_epoch(model, optimizer, prep, train, vocabulary, epoch)
-                metrics = self._save_and_validate(model, backbone, engine, optimizer, last, epoch, meta_base, val)
-                score = headline(metrics["results"]) if metrics else -float(losses["loss"])
-                improved = score > self.best_score
-                if improved:
-                    self.best_score, self.best_epoch, best_metrics = score, epoch, metrics
-                    _copy_atomic(last, best)
-                self._save_state(optimizer, epoch)
-                self._log_epoch({"epoch": epoch, **losses, "val": metrics, "best": improved})
+            with self._progress:
+                if start_epoch == 1 and val:
+                    baseline = self._validate(engine, None, val)
+                    self._log_epoch({"epoch": 0, "note": "untrained prompts", "val": baseline})
+                for epoch in range(start_epoch, self.settings.epochs + 1):
+                    losses = self._train_epoch(model, optimizer, prep, train, vocabulary, epoch)
+                    metrics = self._save_and_validate(model, backbone, engine, optimizer, last, epoch, meta_base, val)
+                    if plan.rule == "last epoch":
+                        score, improved = -float(losses["loss"]), True
+                    else:
+                        score = headline(metrics["results"]) if metrics else float("nan")
+                        improved = bool(score > self.best_score) or self.best_epoch is None
+                    if improved:
+                        self.best_score, self.best_epoch, best_metrics = score, epoch, metrics
+                        _copy_atomic(last, best)
+                    self._save_state(optimizer, epoch)
+                    self._log_epoch({"epoch": epoch, **losses, "val": metrics, "best": improved})
         except KeyboardInterrupt:
             interrupted = True
             save_model(last, model, backbone, self.image_size, {**meta_base, "epoch": epoch, "interrupted": True})
@@ -187,6 +241,8 @@ class PromptTrainer:
             best_metrics=best_metrics,
             train_images=len(train),
             val_images=len(val),
+            selection=plan.describe(),
+            validation=plan.as_dict(),
             skipped=sorted(set(self.skipped)),
             interrupted=interrupted,
             seconds=time.perf_counter() - started,
@@ -200,21 +256,9 @@ class PromptTrainer:
         return nullcontext()
 
     def _batches(self, loader: DataLoader, epoch: int) -> Iterator[dict[str, Any]]:
-        if not self.show_progress:
-            yield from loader
-            return
-        columns = [
-            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeRemainingColumn(),
-        ]
-        with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-            task = bar.add_task("train", total=len(loader), epoch=epoch, epochs=self.settings.epochs, loss="-")
-            for batch in loader:
-                yield batch
-                bar.update(task, advance=1, loss=f"{self._running_loss:.4f}")
+        for batch in loader:
+            yield batch
+            self._progress.step(epoch, f"loss {self._running_loss:.4f}")
 
     def _train_epoch(
         self,
@@ -327,12 +371,28 @@ class PromptTrainer:
         return metrics
 
     def _validate(self, engine: Engine, checkpoint: Path | None, val: list[Sample]) -> dict[str, Any]:
+        """Metrics on the held-out classes, with their image counts and bootstrap 95 % intervals."""
         if checkpoint is not None:
-            engine.load_prompts(checkpoint)
-        outcome = evaluate(engine, val, batch_size=self.settings.batch_size)
+            engine.load_prompts(checkpoint, announce=False)
+        records = ValidationRecords()
+        batch_size = self.settings.batch_size
+        progress = self._progress
+        outcome = evaluate(
+            engine,
+            val,
+            batch_size=batch_size,
+            on_image=records.add,
+            progress=lambda done, total: progress.validation(done, batch_size, total),
+        )
         for skipped in outcome.skipped:
             self.skipped.append(f"{skipped.path}: {skipped.reason}")
-        return {"results": outcome.results, "images": outcome.images, "seconds": round(outcome.seconds, 2)}
+        interval = bootstrap_interval(records, self.settings.bootstrap_rounds, self.settings.seed)
+        return {
+            "results": outcome.results,
+            "images": outcome.images,
+            "interval": interval,
+            "seconds": round(outcome.seconds, 2),
+        }
 
     def _save_state(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
         """Optimiser moments and progress as tensors + JSON (safetensors, nothing pickled)."""
@@ -376,13 +436,68 @@ class PromptTrainer:
             fh.write(json.dumps(jsonable(record)) + "\n")
         val = record.get("val") or {}
         mean = (val.get("results") or {}).get("mean", {})
+        interval = val.get("interval") or {}
         log.info(
             "epoch done",
             epoch=record["epoch"],
             loss=record.get("loss"),
-            image_auroc=mean.get("image_auroc"),
-            pixel_auroc=mean.get("pixel_auroc"),
+            val_images=val.get("images"),
+            image_auroc=_rounded(mean.get("image_auroc")),
+            image_auroc_95=interval.get("image_auroc"),
+            pixel_auroc=_rounded(mean.get("pixel_auroc")),
+            pixel_auroc_95=interval.get("pixel_auroc"),
+            best=record.get("best"),
         )
+
+
+def _rounded(value: Any) -> Any:
+    return round(float(value), 4) if isinstance(value, float) and value == value else value
+
+
+class RunProgress:
+    """One progress bar over the whole run (training and validation batches), so its ETA is the run's."""
+
+    def __init__(self, show: bool, *, epochs: int, first_epoch: int, train_steps: int, val_steps: int) -> None:
+        self.epochs = epochs
+        self.val_steps = val_steps
+        self._val_done = 0
+        self._bar: Progress | None = None
+        if not show:
+            return
+        epochs_left = max(epochs - first_epoch + 1, 0)
+        total = epochs_left * (train_steps + val_steps) + (val_steps if first_epoch == 1 else 0)
+        self._bar = Progress(
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TextColumn("run ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self._task = self._bar.add_task("run", total=total, epoch=first_epoch, epochs=epochs, note="")
+
+    def __enter__(self) -> RunProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def step(self, epoch: int, note: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, epoch=epoch, note=note)
+
+    def validation(self, images_done: int, batch_size: int, images_total: int) -> None:
+        """Advance by validation batches (evaluate reports images); resets when a validation ends."""
+        if self._bar is None:
+            return
+        done = -(-images_done // batch_size)
+        self._bar.update(self._task, advance=max(done - self._val_done, 0), note="validating")
+        self._val_done = 0 if images_done >= images_total else done
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
