@@ -437,17 +437,16 @@ class PromptTrainer:
         val = record.get("val") or {}
         mean = (val.get("results") or {}).get("mean", {})
         interval = val.get("interval") or {}
-        log.info(
-            "epoch done",
-            epoch=record["epoch"],
-            loss=record.get("loss"),
-            val_images=val.get("images"),
-            image_auroc=_rounded(mean.get("image_auroc")),
-            image_auroc_95=interval.get("image_auroc"),
-            pixel_auroc=_rounded(mean.get("pixel_auroc")),
-            pixel_auroc_95=interval.get("pixel_auroc"),
-            best=record.get("best"),
-        )
+        fields = {
+            "loss": record.get("loss"),
+            "val_images": val.get("images"),
+            "image_auroc": _rounded(mean.get("image_auroc")),
+            "image_auroc_95": interval.get("image_auroc"),
+            "pixel_auroc": _rounded(mean.get("pixel_auroc")),
+            "pixel_auroc_95": interval.get("pixel_auroc"),
+            "best": record.get("best"),
+        }
+        log.info("epoch done", epoch=record["epoch"], **{k: v for k, v in fields.items() if v is not None})
 
 
 def _rounded(value: Any) -> Any:
