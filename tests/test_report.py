@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from trainer.metrics import COLUMNS, Evaluator
-from trainer.report import TITLE_HEIGHT, format_percent, write_report, write_sample_grid
+from trainer.report import SCALE_WIDTH, TITLE_HEIGHT, format_percent, write_report, write_sample_grid
 
 
 @pytest.fixture
@@ -103,13 +103,13 @@ def test_write_sample_grid(tmp_path: Path) -> None:
     ]
     path = write_sample_grid(tmp_path / "grids" / "bottle.png", rows, "bottle: 3 samples")
     image = cv2.imread(str(path))
-    assert image.shape == (TITLE_HEIGHT + 3 * 192, 3 * 192, 3)
+    assert image.shape == (TITLE_HEIGHT + 3 * 192, 3 * 192 + SCALE_WIDTH, 3)
     second_truth = image[TITLE_HEIGHT + 192 + 20 :, 192:384][:150]
     assert second_truth.max() == 0  # no mask: black tile
     third_truth = image[TITLE_HEIGHT + 2 * 192 + 20 : TITLE_HEIGHT + 3 * 192, 192:384]
     assert third_truth.min() == 255  # all-defective mask: white tile
 
     small = write_sample_grid(tmp_path / "small.png", rows[:1], "one", tile=64)
-    assert cv2.imread(str(small)).shape == (TITLE_HEIGHT + 64, 3 * 64, 3)
+    assert cv2.imread(str(small)).shape == (TITLE_HEIGHT + 64, 3 * 64 + SCALE_WIDTH, 3)
     with pytest.raises(ValueError, match="no rows"):
         write_sample_grid(tmp_path / "none.png", [], "empty")

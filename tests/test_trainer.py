@@ -374,7 +374,9 @@ def test_calibrate_cli_prints_toml_and_writes_the_profile(tmp_path):
 
 def test_eval_cli_writes_reports_and_pictures(data, tmp_path):
     out = tmp_path / "report"
-    result = runner.invoke(app, ["eval", "--data", f"synthetic:{data['unseen']}", "--out", str(out), "--samples", "2"])
+    result = runner.invoke(
+        app, ["eval", "--data", f"synthetic:{data['unseen']}", "--out", str(out), "--grid-good", "1"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert set(report["classes"]) == set(UNSEEN_FAMILIES) and report["mean"]["pixel_aupro"] is not None

@@ -295,7 +295,12 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             Path | None, typer.Option(help="Prompts to evaluate; default [model].checkpoint.")
         ] = None,
         config: ConfigOption = None,
-        samples: Annotated[int, typer.Option(min=0, help="Examples per class in the picture grid.")] = 6,
+        grid_good: Annotated[
+            int, typer.Option("--grid-good", min=0, help="Good parts per class in its picture (spread evenly).")
+        ] = 2,
+        grid_per_kind: Annotated[
+            int, typer.Option("--grid-per-kind", min=0, help="Images of each defect kind per class in its picture.")
+        ] = 1,
         batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
     ) -> None:
         """Image and pixel AUROC/AP/F1-max and AUPRO per class, like the zero-shot papers."""
@@ -308,7 +313,13 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         except DatasetError as exc:
             fail(str(exc))
         engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size)
-        outcome = evaluate(engine, items, batch_size=batch_size or cfg.engine.batch_size, examples_per_class=samples)
+        outcome = evaluate(
+            engine,
+            items,
+            batch_size=batch_size or cfg.engine.batch_size,
+            grid_good=grid_good,
+            grid_per_kind=grid_per_kind,
+        )
         meta = {"checkpoint": str(checkpoint or cfg.model.checkpoint or "untrained"), "data": data}
         written = write_evaluation(out, outcome, meta)
         mean = outcome.results["mean"]

@@ -19,15 +19,15 @@ from torch.utils.data import DataLoader
 from model.engine import Engine
 from trainer.datasets import InspectionDataset, Sample, SkippedSample, collate_inspection
 from trainer.metrics import Evaluator
-from trainer.report import write_report, write_sample_grid
+from trainer.report import GridExample, write_report, write_sample_grid
 
-GridRow = tuple[np.ndarray, np.ndarray | None, np.ndarray]
+GridRow = GridExample
 ImageHook = Callable[[str, int, float, np.ndarray, "np.ndarray | None"], None]
 
 
 @dataclass
 class EvalOutcome:
-    """Metrics per class and mean, what was skipped, and a few examples per class for the picture."""
+    """Metrics per class and mean, what was skipped, and examples per class for the picture."""
 
     results: dict[str, Any]
     images: int
@@ -43,7 +43,8 @@ def evaluate(
     *,
     batch_size: int = 8,
     workers: int = 0,
-    examples_per_class: int = 0,
+    grid_good: int = 0,
+    grid_per_kind: int = 0,
     progress: Callable[[int, int], None] | None = None,
     on_image: ImageHook | None = None,
 ) -> EvalOutcome:
@@ -63,12 +64,13 @@ def evaluate(
     skipped: list[SkippedSample] = []
     examples: dict[str, list[GridRow]] = {}
     scores: dict[str, list[tuple[float, int]]] = {}
+    shown = grid_choice(samples, grid_good, grid_per_kind)
     done = 0
     for batch in loader:
         skipped.extend(batch["skipped"])
         done += len(batch["path"]) + len(batch["skipped"])
         if len(batch["path"]):
-            skipped.extend(_score_batch(engine, batch, evaluator, examples, scores, examples_per_class, on_image))
+            skipped.extend(_score_batch(engine, batch, evaluator, examples, scores, shown, on_image))
         if progress:
             progress(done, len(dataset))
     results = evaluator.compute()
@@ -77,7 +79,7 @@ def evaluate(
         images=sum(c["images"] for c in results["counts"].values()),
         skipped=skipped,
         seconds=time.perf_counter() - started,
-        examples=examples,
+        examples={name: sorted(rows, key=lambda r: (r.kind != "good", r.kind)) for name, rows in examples.items()},
         scores=scores,
     )
 
@@ -88,7 +90,7 @@ def _score_batch(
     evaluator: Evaluator,
     examples: dict[str, list[GridRow]],
     scores: dict[str, list[tuple[float, int]]],
-    examples_per_class: int,
+    shown: dict[str, str],
     on_image: ImageHook | None = None,
 ) -> list[SkippedSample]:
     """Score one batch into the evaluator; returns the frames the engine could not score."""
@@ -115,14 +117,41 @@ def _score_batch(
             for i in indices:
                 mask = masks[i] if masks[i].min() >= 0 else None
                 on_image(name, int(labels[i]), predictions[i].score, predictions[i].anomaly_map, mask)
-        shown = examples.setdefault(name, [])
+        threshold = engine.threshold(name)[0]
         for i in indices:
-            if len(shown) >= examples_per_class:
-                break
-            if labels[i] == 1 or len(shown) < examples_per_class // 2:
+            kind = shown.get(str(batch["path"][i]))
+            if kind is not None:
                 mask = masks[i] if masks[i].min() >= 0 else None
-                shown.append((frames[i], mask, predictions[i].anomaly_map))
+                examples.setdefault(name, []).append(
+                    GridExample(
+                        frames[i],
+                        mask,
+                        predictions[i].anomaly_map,
+                        kind,
+                        predictions[i].score,
+                        threshold,
+                        int(labels[i]),
+                    )
+                )
     return failed
+
+
+def grid_choice(samples: list[Sample], good: int, per_kind: int) -> dict[str, str]:
+    """Which images the class pictures show: `good` good parts and `per_kind` of each defect kind per
+    class, spread evenly over each group in path order (not the first few); image path -> kind."""
+    groups: dict[tuple[str, str], list[Sample]] = {}
+    for sample in samples:
+        kind = "good" if sample.label == 0 else (sample.defect_type or "defect")
+        groups.setdefault((sample.product_class, kind), []).append(sample)
+    chosen: dict[str, str] = {}
+    for (_, kind), members in groups.items():
+        want = good if kind == "good" else per_kind
+        if want <= 0:
+            continue
+        members.sort(key=lambda s: str(s.image_path))
+        picks = np.unique(np.linspace(0, len(members) - 1, min(want, len(members))).round().astype(int))
+        chosen.update({str(members[i].image_path): kind for i in picks})
+    return chosen
 
 
 def write_evaluation(out_dir: Path, outcome: EvalOutcome, meta: dict[str, Any]) -> list[Path]:

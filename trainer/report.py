@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,40 +142,102 @@ def _escape(text: str) -> str:
 
 # --- sample grid ---------------------------------------------------------------------------
 
+SCALE_WIDTH = 64
+OK_COLOUR, WRONG_COLOUR = (60, 180, 60), (40, 40, 230)  # BGR: green, red
+
+
+@dataclass(frozen=True)
+class GridExample:
+    """One row of a class's picture: the image, its ground truth, the map, and how it was judged."""
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    anomaly_map: np.ndarray
+    kind: str = ""  # "good" or the defect kind
+    score: float | None = None
+    threshold: float | None = None
+    label: int | None = None  # 0 good, 1 defective (the truth)
+
+    @property
+    def verdict(self) -> str | None:
+        if self.score is None or self.threshold is None:
+            return None
+        return "NG" if self.score >= self.threshold else "OK"
+
+    @property
+    def correct(self) -> bool | None:
+        if self.verdict is None or self.label is None:
+            return None
+        return (self.verdict == "NG") == (self.label == 1)
+
+    def caption(self) -> str:
+        """'hole: 0.612 >= 0.550 NG' / 'good: 0.612 >= 0.550 NG (false reject)' / 'hole: ... OK (miss)'."""
+        head = self.kind or ("good" if self.label == 0 else "defect")
+        if self.verdict is None:
+            return head
+        sign = ">=" if self.verdict == "NG" else "<"
+        text = f"{head}: {self.score:.3f} {sign} {self.threshold:.3f} {self.verdict}"
+        if self.correct is False:
+            text += " (false reject)" if self.label == 0 else " (miss)"
+        return text
+
 
 def write_sample_grid(
     path: Path,
-    rows: Sequence[tuple[np.ndarray, np.ndarray | None, np.ndarray]],
+    rows: Sequence[GridExample | tuple[np.ndarray, np.ndarray | None, np.ndarray]],
     title: str,
     tile: int = TILE,
 ) -> Path:
-    """One PNG: per row, image | ground truth (black if none) | anomaly map over the image.
+    """One PNG: per row, image | ground truth (black if none) | anomaly map over the image, and a
+    colour scale bar on the right.
 
     Every tile is resized to `tile` x `tile`. The heat map shows the map's absolute value in
-    [0, 1] (not normalised per image), so rows can be compared; its maximum is printed on it.
-    The PNG is 3 * tile wide and TITLE_HEIGHT + len(rows) * tile high.
+    [0, 1] (not normalised per image), so rows can be compared; the scale bar gives its colours.
+    A row with a verdict is captioned with the kind, score, threshold and verdict, framed green
+    when the verdict is right and red when it is a false reject or a miss.
+    The PNG is 3 * tile + SCALE_WIDTH wide and TITLE_HEIGHT + len(rows) * tile high.
     """
     if not rows:
         raise ValueError("no rows to draw")
+    examples = [r if isinstance(r, GridExample) else GridExample(*r) for r in rows]
     banner = np.zeros((TITLE_HEIGHT, 3 * tile, 3), np.uint8)
     _label(banner, title, (6, TITLE_HEIGHT - 9), scale=0.55)
     bands = [banner]
-    for i, (image, mask, anomaly_map) in enumerate(rows):
+    for i, example in enumerate(examples):
         labels = ("image", "ground truth", "anomaly map") if i == 0 else ("", "", "")
-        tiles = _row_tiles(image, mask, anomaly_map, tile)
+        tiles = _row_tiles(example.image, example.mask, example.anomaly_map, tile)
         for t, text in zip(tiles, labels, strict=True):
             if text:
                 _label(t, text, (4, 14))
+        if example.verdict is not None:
+            _label(tiles[0], example.caption(), (4, tile - 8), scale=0.36)
+            colour = OK_COLOUR if example.correct is not False else WRONG_COLOUR
+            cv2.rectangle(tiles[0], (0, 0), (tile - 1, tile - 1), colour, 3)
         band = np.hstack(tiles)
         if i > 0:
             band[0] = 96  # thin grey line between rows
         bands.append(band)
     grid = np.vstack(bands)
+    grid = np.hstack([grid, scale_bar(grid.shape[0], TITLE_HEIGHT)])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), grid):
         raise OSError(f"could not write {path}")
     return path
+
+
+def scale_bar(height: int, top: int, width: int = SCALE_WIDTH) -> np.ndarray:
+    """The heat map's colours from 1.0 (top) to 0.0 (bottom), labelled, as a column `width` wide."""
+    column = np.zeros((height, width, 3), np.uint8)
+    span = max(height - top - 16, 2)
+    values = np.linspace(1.0, 0.0, span)
+    colours = cv2.applyColorMap((values * 255).astype(np.uint8)[:, None], cv2.COLORMAP_JET)  # [span, 1, 3]
+    column[top + 8 : top + 8 + span, 6:22] = colours
+    for value in (1.0, 0.75, 0.5, 0.25, 0.0):
+        y = top + 8 + round((1.0 - value) * (span - 1))
+        _label(column, f"{value:.2f}", (25, min(max(y + 4, 10), height - 2)), scale=0.35)
+    _label(column, "map", (6, top - 6 if top > 12 else 12), scale=0.4)
+    return column
 
 
 def _row_tiles(image: np.ndarray, mask: np.ndarray | None, anomaly_map: np.ndarray, tile: int) -> list[np.ndarray]:
@@ -196,6 +259,11 @@ def _row_tiles(image: np.ndarray, mask: np.ndarray | None, anomaly_map: np.ndarr
     scores = np.clip(cv2.resize(np.nan_to_num(raw, nan=0.0), size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
     heat = cv2.applyColorMap((scores * 255).astype(np.uint8), cv2.COLORMAP_JET)
     overlay = cv2.addWeighted(picture, 0.5, heat, 0.5, 0.0)
+    if mask is not None:  # the true defect's outline over the map, to compare where it points
+        contours, _ = cv2.findContours(
+            cv2.resize(defect, size, interpolation=cv2.INTER_NEAREST), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+        )
+        cv2.drawContours(overlay, contours, -1, (255, 255, 255), 1)
     _label(overlay, f"max {peak:.2f}", (4, tile - 6))
     return [picture, truth, overlay]
 
