@@ -1,9 +1,9 @@
 """`genclip`: the one command line for a production line's inspection agent.
 
 Verbs: `config check|show` (here), `score` and `export` (the engine, from
-`agent.score_command`), and the trainer's `train`, `synth`, `calibrate`, `eval`
-(from `trainer.cli`). Heavy imports (torch) happen inside the verbs that need
-them, so `genclip config check` stays quick.
+`agent.score_command`), the trainer's `train`, `synth`, `calibrate`, `eval`
+(from `trainer.cli`), and `bench engine|agent` (from `bench.cli`). Heavy imports
+(torch) happen inside the verbs that need them, so `genclip config check` stays quick.
 """
 
 from __future__ import annotations
@@ -120,10 +120,12 @@ def load_for_verb(path: Path | None) -> InspectConfig:
 
 def _register_verbs() -> None:
     from agent import score_command
+    from bench import cli as bench_cli
     from trainer import cli as trainer_cli
 
     score_command.register(app, load_for_verb)
     trainer_cli.register(app, load_for_verb)
+    bench_cli.register(app, load_for_verb)
 
 
 def main() -> None:

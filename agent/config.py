@@ -55,6 +55,8 @@ class BatchConfig(Section):
 
     batch_size: int = Field(8, ge=1, le=256, description="Largest batch sent to the engine.")
     max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="Longest a frame waits for its batch to fill.")
+    threads: int = Field(0, ge=0, le=512, description="torch intra-op CPU threads; 0 = torch's default (one per core).")
+    interop_threads: int = Field(0, ge=0, le=64, description="torch inter-op CPU threads; 0 = torch's default.")
 
 
 class AgentConfig(Section):

@@ -252,7 +252,10 @@ class InspectionService:
 
     def _build_engine(self) -> Any:
         from model import Engine
+        from model.threads import set_torch_threads
 
+        threads = set_torch_threads(self.config.engine.threads, self.config.engine.interop_threads)
+        log.info("torch threads", **threads)
         model = self.config.model
         prompt_dir = self.config.agent.prompt_dir
         if prompt_dir is not None and prompt_dir.is_dir() and latest_checkpoint(prompt_dir) is not None:

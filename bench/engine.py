@@ -1,132 +1,261 @@
-"""Engine throughput and latency: images/s and ms per batch, per backbone, batch size and branch mode.
+"""`genclip bench engine`: how fast the engine scores frames, against the naive loop, measured fairly.
 
-    python bench/engine.py                      # genclip-tiny and ViT-B-16 (random weights), batch 1, 8, 32
-    python bench/engine.py --json               # machine-readable
-    python bench/engine.py --backbone ViT-L-14-336 --image-size 518 --precision bf16 --device cuda
-
-Each measurement is `Engine.predict` on camera-sized uint8 frames, end to end:
-upload, resize, both branches (or query-only), fusion, blur, frame-size maps,
-defect regions. Random weights score meaninglessly but cost exactly what real
-ones cost. Figures go to stdout; nothing is asserted.
+Each point (backbone, image size, branch mode) gets one engine and K = the largest
+batch size camera frames. A round times every variant once on the same K frames
+(the naive loop, then the engine at each batch size), and rounds are interleaved
+(A, B, C, A, B, C, ...), so a disturbance hits all variants alike; ratios are taken
+per round and reported as the median with their min and max. The first batch of a
+new product class (its text built once) is timed separately from the steady state.
+Random weights score meaninglessly but cost exactly what real ones cost.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
 import os
 import platform
+import resource
 import statistics
-import sys
+import subprocess
 import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model import Engine, EngineConfig
+CLASSES = ("bottle", "metal nut")
 
 
-def machine() -> dict:
+@dataclass
+class Timings:
+    """Seconds per round for each variant, and per-call latencies (ms) for each batch size."""
+
+    rounds: dict[str, list[float]] = field(default_factory=dict)
+    calls_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, variant: str, seconds: float, calls: list[float] | None = None) -> None:
+        self.rounds.setdefault(variant, []).append(seconds)
+        self.calls_ms.setdefault(variant, []).extend(calls or [])
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine, versions and date a figure belongs to."""
+    import open_clip
+    import torch
+
+    from agent import __version__
+
     cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    gpu = driver = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+        try:
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            driver = None
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "gpu": gpu,
+        "gpu_driver": driver,
         "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "genclip_inspect": __version__,
+        "load_average": list(os.getloadavg()),
     }
-    return info
 
 
-def measure(engine: Engine, batch: int, frames: list[np.ndarray], repeats: int, classes: list[str]) -> dict:
-    inputs = (frames * (batch // len(frames) + 1))[:batch]
-    names = (classes * (batch // len(classes) + 1))[:batch]
-    engine.predict(inputs, names)  # warm: class text, allocator, kernels
-    times = []
-    for _ in range(repeats):
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        engine.predict(inputs, names)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    median = statistics.median(times)
+def _percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+def _ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """Per-round ratios numerator/denominator: median, min, max."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True) if b > 0]
     return {
-        "batch": batch,
-        "images_per_s": round(batch / median, 2),
-        "ms_per_batch_median": round(median * 1000, 2),
-        "ms_per_batch_min": round(min(times) * 1000, 2),
-        "ms_per_batch_max": round(max(times) * 1000, 2),
-        "ms_per_image": round(median * 1000 / batch, 2),
-        "repeats": repeats,
+        "median": round(statistics.median(ratios), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", action="append", help="repeatable; default genclip-tiny and ViT-B-16")
-    parser.add_argument("--batch", type=int, action="append", help="repeatable; default 1, 8, 32")
-    parser.add_argument("--image-size", type=int, help="default: the backbone's native size")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--frame", default="640x480", help="camera frame WxH fed to the engine")
-    parser.add_argument("--repeats", type=int, help="timed batches per point (default 5, 3 for big backbones)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the image path")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
-    args = parser.parse_args()
+def _synchronise(device: Any) -> None:
+    import torch
 
-    backbones = args.backbone or ["genclip-tiny", "ViT-B-16"]
-    batches = args.batch or [1, 8, 32]
-    width, height = (int(v) for v in args.frame.lower().split("x"))
-    rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(4)]
-    classes = ["bottle", "metal nut"]
-    results = []
-    for name in backbones:
-        base = EngineConfig(
-            backbone=name, pretrained="random", device=args.device, precision=args.precision, compile=args.compile
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def bench_point(
+    backbone: str,
+    image_size: int | None,
+    mode: str,
+    batches: list[int],
+    *,
+    precision: str = "fp32",
+    device: str = "auto",
+    rounds: int = 5,
+    frame_size: tuple[int, int] = (480, 640),
+    naive: bool = True,
+    compile_model: bool = False,
+    backbone_cache: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Measure one (backbone, size, mode): engine at each batch size vs the naive loop, interleaved."""
+    import torch
+
+    from bench.naive import NaiveLoop
+    from model import Engine, EngineConfig
+
+    cache = backbone_cache if backbone_cache is not None else {}
+    base = EngineConfig(
+        backbone=backbone,
+        pretrained="random",
+        device=device,
+        precision=precision,
+        compile=compile_model,
+        branch_weight=0.5 if mode == "dual-branch" else 0.0,
+    )
+    if image_size is not None:
+        base = base.model_copy(update={"image_size": image_size})
+    largest = max(batches)
+    engine = Engine(base, backbone=cache.get(backbone), max_batch=largest)
+    cache[backbone] = engine.backbone
+    if image_size is None:
+        engine = Engine(
+            base.model_copy(update={"image_size": engine.backbone.native_image_size}),
+            backbone=engine.backbone,
+            max_batch=largest,
         )
-        engine = Engine(base)
-        size = args.image_size or engine.backbone.native_image_size
-        for mode, weight in (("dual-branch", 0.5), ("query-only", 0.0)):
-            cfg = base.model_copy(update={"image_size": size, "branch_weight": weight})
-            engine = Engine(cfg, backbone=engine.backbone, max_batch=max(batches))
-            for class_name in classes:
-                engine.register_class(class_name)
-            warm = engine.warmup()
-            repeats = args.repeats or (5 if engine.backbone.vision_width < 512 else 3)
-            for batch in batches:
-                point = measure(engine, batch, frames, repeats, classes)
-                point.update(backbone=name, image_size=size, mode=mode, device=str(engine.device))
-                point["precision"] = engine.info()["precision"]
-                point["warmup_s"] = round(warm, 2)
-                results.append(point)
-                if not args.json:
-                    print(
-                        f"{name:14s} {size:4d}px {mode:12s} batch {batch:3d}: {point['images_per_s']:8.2f} img/s, "
-                        f"{point['ms_per_batch_median']:9.1f} ms/batch ({point['ms_per_image']:.1f} ms/img)",
-                        flush=True,
-                    )
-    report = {"machine": machine(), "frame": args.frame, "results": results}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        m = report["machine"]
-        threads = m["torch_threads"]
-        print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({threads} threads), gpu {m['gpu']}")
+    size = engine.config.image_size
+    for name in CLASSES:
+        engine.register_class(name)
+    warmup_s = engine.warmup()
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (*frame_size, 3), dtype=np.uint8) for _ in range(largest)]
+    classes = [CLASSES[i % len(CLASSES)] for i in range(largest)]
+    loop = NaiveLoop(engine) if naive else None
+
+    check = None
+    if loop is not None:  # the naive loop must compute what the engine computes
+        engine_out = engine.predict(frames, classes)
+        naive_out = loop.predict(frames, classes)
+        check = {
+            "max_score_diff": float(max(abs(p.score - n[0]) for p, n in zip(engine_out, naive_out, strict=True))),
+            "max_map_diff": float(
+                max(np.abs(p.anomaly_map - n[1]).max() for p, n in zip(engine_out, naive_out, strict=True))
+            ),
+        }
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    timings = Timings()
+    new_class_ms: list[float] = []
+    for r in range(rounds):
+        if loop is not None:
+            _synchronise(engine.device)
+            began = time.perf_counter()
+            loop.predict(frames, classes)
+            timings.add("naive", time.perf_counter() - began)
+        for batch in batches:
+            calls = []
+            _synchronise(engine.device)
+            began = time.perf_counter()
+            for start in range(0, largest, batch):
+                t0 = time.perf_counter()
+                engine.predict(frames[start : start + batch], classes[start : start + batch])
+                _synchronise(engine.device)
+                calls.append((time.perf_counter() - t0) * 1000)
+            timings.add(f"batch {batch}", time.perf_counter() - began, calls)
+        fresh = f"new class {r}"
+        began = time.perf_counter()
+        engine.register_class(fresh)
+        engine.predict(frames[:1], [fresh])
+        _synchronise(engine.device)
+        new_class_ms.append((time.perf_counter() - began) * 1000)
+
+    variants = []
+    for batch in batches:
+        key = f"batch {batch}"
+        per_round = timings.rounds[key]
+        entry: dict[str, Any] = {
+            "batch": batch,
+            "images_per_s": round(largest / statistics.median(per_round), 2),
+            "batch_ms_p50": _percentile(timings.calls_ms[key], 50),
+            "batch_ms_p99": _percentile(timings.calls_ms[key], 99),
+            "vs_batch_1": _ratio(timings.rounds["batch 1"], per_round) if "batch 1" in timings.rounds else None,
+        }
+        if loop is not None:
+            entry["vs_naive"] = _ratio(timings.rounds["naive"], per_round)
+        variants.append(entry)
+    result: dict[str, Any] = {
+        "backbone": backbone,
+        "image_size": size,
+        "mode": mode,
+        "precision": engine.precision,
+        "device": str(engine.device),
+        "frame": f"{frame_size[1]}x{frame_size[0]}",
+        "images_per_round": largest,
+        "rounds": rounds,
+        "warmup_s": round(warmup_s, 2),
+        "engine": variants,
+        "new_class_first_batch_ms": {
+            "median": round(statistics.median(new_class_ms), 2),
+            "min": round(min(new_class_ms), 2),
+            "max": round(max(new_class_ms), 2),
+        },
+        "peak_rss_mib": _peak_rss_mib(),
+        "device_max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if engine.device.type == "cuda"
+        else None,
+    }
+    if loop is not None:
+        result["naive"] = {
+            "images_per_s": round(largest / statistics.median(timings.rounds["naive"]), 2),
+            "equality": check,
+        }
+    return result
 
 
-if __name__ == "__main__":
-    main()
+def run_bench(
+    backbones: list[str],
+    image_sizes: list[int | None],
+    modes: list[str],
+    batches: list[int],
+    *,
+    threads: int = 1,
+    interop_threads: int = 1,
+    **options: Any,
+) -> dict[str, Any]:
+    """Every combination, with the machine it ran on."""
+    from model.threads import set_torch_threads
+
+    applied = set_torch_threads(threads, interop_threads)
+    cache: dict[str, Any] = {}
+    points = [
+        bench_point(backbone, size, mode, batches, backbone_cache=cache, **options)
+        for backbone in backbones
+        for size in image_sizes
+        for mode in modes
+    ]
+    return {"machine": machine_info() | applied, "points": points}

@@ -1,0 +1,1 @@
+"""Benchmarks: `genclip bench engine` and `genclip bench agent` (see docs/benchmarks.md)."""
