@@ -123,7 +123,7 @@ def print_engine_table(report: dict[str, Any]) -> None:
                 _spread(v.get("vs_naive")),
                 _spread(v.get("vs_batch_1")),
             )
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     console.print(table)
     for p in report["points"]:
         eq = (p.get("naive") or {}).get("equality")
@@ -132,7 +132,8 @@ def print_engine_table(report: dict[str, Any]) -> None:
             f"{p['new_class_first_batch_ms']['median']:.1f} ms; peak RSS {p['peak_rss_mib']} MiB"
             + (f"; device max {p['device_max_allocated_mib']} MiB" if p["device_max_allocated_mib"] else "")
             + (
-                f"; naive = engine within {eq['max_score_diff']:.1e} (score), {eq['max_map_diff']:.1e} (map)"
+                f"; naive = engine within {eq['max_score_diff']:.1e} (score), {eq['max_map_diff']:.1e} (map), "
+                f"regions {'equal' if eq['same_regions'] else 'DIFFER'} ({eq['anomalous_frames']} NG frames)"
                 if eq
                 else ""
             )

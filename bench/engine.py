@@ -165,6 +165,11 @@ def bench_point(
             "max_map_diff": float(
                 max(np.abs(p.anomaly_map - n[1]).max() for p, n in zip(engine_out, naive_out, strict=True))
             ),
+            "same_regions": all(
+                [(d.type, d.bbox) for d in p.defects] == [(d.type, d.bbox) for d in n[2]]
+                for p, n in zip(engine_out, naive_out, strict=True)
+            ),
+            "anomalous_frames": sum(p.is_anomalous for p in engine_out),
         }
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -2,8 +2,9 @@
 
 One image at a time, the full 77-token context for every prompt of every image
 (the query prompts, the class's normal/abnormal prompts per layer, the defect-type
-prompts), nothing cached between images, fp32. Same weights, same prompts and same
-head as the engine, so its scores must equal the engine's: the bench checks that.
+prompts), nothing cached between images, fp32, then the same defect regions. Same
+weights, prompts, head and regions as the engine, so its output must equal the
+engine's: the bench checks scores, maps and regions.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 
 from model.engine import Engine, normalise_class_name
 from model.genclip import QUERY_CLASS_WORD, DefectGroup, GenClip, Suffix
+from model.regions import Defect, find_defects, region_threshold
 
 
 class NaiveLoop:
-    """Scores frames one by one with nothing reused; `predict` returns (score, map at model size) per frame."""
+    """Scores frames one by one with nothing reused; `predict` returns (score, map at model size, regions)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -28,7 +30,7 @@ class NaiveLoop:
         room = model.text.context_length - head
         return F.pad(padded, (0, 0, 0, room - padded.shape[1])), lengths
 
-    def predict_one(self, frame: np.ndarray, product_class: str) -> tuple[float, np.ndarray]:
+    def predict_one(self, frame: np.ndarray, product_class: str) -> tuple[float, np.ndarray, list[Defect]]:
         snapshot = self.engine.snapshot
         entry = snapshot.classes[normalise_class_name(product_class)]
         model = snapshot.prompts.model
@@ -50,7 +52,17 @@ class NaiveLoop:
             out = model.score(
                 images, query, class_suffix, class_length, self.engine.settings, groups, truncate_text=False
             )
-        return float(out.scores[0]), out.maps[0].float().cpu().numpy()
+        score, global_p = float(out.scores[0]), float(out.global_probability[0])
+        anomaly_map = out.maps[0].float().cpu().numpy()
+        types = out.type_probabilities[0][0].float().cpu().numpy() if groups else None
+        config = self.engine.config
+        is_ng = score >= entry.threshold
+        level = region_threshold(entry.threshold, global_p, config.score_alpha, float(anomaly_map.max()), is_ng)
+        names = list(entry.text.defect_names)
+        defects = find_defects(
+            anomaly_map, level, frame.shape[:2], types, names, config.min_defect_area, keep_peak=is_ng
+        )
+        return score, anomaly_map, defects
 
-    def predict(self, frames: list[np.ndarray], classes: list[str]) -> list[tuple[float, np.ndarray]]:
+    def predict(self, frames: list[np.ndarray], classes: list[str]) -> list[tuple[float, np.ndarray, list[Defect]]]:
         return [self.predict_one(f, c) for f, c in zip(frames, classes, strict=True)]
