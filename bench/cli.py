@@ -83,12 +83,9 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         else:
             print_engine_table(report)
 
-    try:
-        from bench import agent as agent_bench
-    except ImportError:  # pragma: no cover - the agent bench ships beside this module
-        agent_bench = None
-    if agent_bench is not None:
-        agent_bench.register(bench_app, load_config)
+    from bench import agent as agent_bench
+
+    agent_bench.register(bench_app, load_config)
     app.add_typer(bench_app, name="bench")
 
 

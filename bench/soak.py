@@ -4,7 +4,7 @@ Reports throughput, drops by reason, capture-to-result latency percentiles (meas
 subscriber on every result), and the agent's resident memory and open file descriptors after
 warm-up and at the end. Brokers must be up on the config's ports (`make services-up`).
 
-    .venv/bin/python bench/soak.py --minutes 30 --cameras 4 --fps 8 --out soak.json
+    .venv/bin/python -m bench.soak --minutes 30 --cameras 4 --fps 8 --out soak.json
 
 Exit 0 when the run ended cleanly, the accounting identity held, and memory and descriptors
 grew less than --max-growth (5 %) between the end of warm-up and the end.
@@ -16,80 +16,23 @@ import argparse
 import json
 import os
 import platform
-import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import tomllib
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import tomli_w
+
+from bench.agent import identity_holds, process_sample, scrape, stopped_frames, write_config
+from bench.brokers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = "soak"
-TEXTURES = ("metal", "woven", "tiles", "leather", "grain", "dots")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(base: Path, work: Path, cameras: int, fps: float, port: int) -> Path:
-    config = tomllib.loads(base.read_text())
-    config["line"] = {"id": LINE, "name": "Soak test"}
-    config["cameras"] = [
-        {
-            "id": f"cam-{i + 1}",
-            "source": f"synthetic:soak-{i + 1}",
-            "product_class": f"class{i % 2}",
-            "fps": fps,
-            "synthetic": {"texture": TEXTURES[i % len(TEXTURES)], "seed": i, "defect_rate": 0.2},
-        }
-        for i in range(cameras)
-    ]
-    config["references"] = {}
-    config["thresholds"] = {}
-    config["mqtt"]["result_qos"] = 0
-    config["agent"].update(health_port=port)
-    config["logging"] = {"level": "INFO", "format": "json"}
-    path = work / "soak.toml"
-    path.write_text(tomli_w.dumps(config))
-    return path
-
-
-def process_sample(pid: int) -> dict[str, float]:
-    """Resident memory (MiB) and open descriptors of the agent, from /proc."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    rss_kib = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-    threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-    return {"rss_mib": rss_kib / 1024, "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": threads}
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The counters of /metrics, summed over labels, plus dropped frames by reason."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        m = re.match(r"(genclip_[a-z_]+?)(?:_total)?(\{[^}]*\})? ([0-9.e+-]+)$", line)
-        if not m:
-            continue
-        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
-        if name == "genclip_frames_dropped":
-            reason = re.search(r'reason="([^"]+)"', labels).group(1)  # type: ignore[union-attr]
-            out[f"dropped.{reason}"] = out.get(f"dropped.{reason}", 0) + value
-        out[name] = out.get(name, 0) + value
-    return out
 
 
 class ResultListener:
@@ -143,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     health = free_port()
-    config = write_config(args.config, args.work, args.cameras, args.fps, health)
+    config = write_config(
+        args.config,
+        args.work,
+        cameras=args.cameras,
+        fps=args.fps,
+        health_port=health,
+        overrides={"mqtt": {"result_qos": 0}},
+        line=LINE,
+    )
     base = tomllib.loads(args.config.read_text())
     host, mport = base["mqtt"].get("host", "127.0.0.1"), int(base["mqtt"].get("port", 1883))
     listener = ResultListener(host, mport, base["mqtt"].get("topic_prefix", "genclip"))
@@ -192,15 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             agent.kill()
             agent.wait()
         listener.stop()
-    stopped = None
-    for line in log_path.read_text(errors="replace").splitlines():
-        if '"stopped"' in line:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("event") == "stopped":
-                stopped = record.get("frames")
+    stopped = stopped_frames(log_path.read_text(errors="replace"))
     return report(args, samples, baseline, final, stopped, agent.returncode)
 
 
@@ -213,9 +156,7 @@ def report(args, samples, baseline, final, frames, returncode) -> int:
     all_lat = [s["latency_ms"] for s in samples if s["t_s"] > baseline["t_s"]]
     rss_growth = final["rss_mib"] / baseline["rss_mib"] - 1
     fd_growth = final["fds"] / baseline["fds"] - 1
-    identity = frames is not None and frames["accepted"] == (
-        frames["published"] + sum(frames["dropped"].values()) + frames["expired"]
-    )
+    identity = identity_holds(frames)
     out = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
