@@ -50,10 +50,21 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         frame: Annotated[str, typer.Option(help="Camera frame WxH fed to the engine.")] = "640x480",
         naive: Annotated[bool, typer.Option("--naive/--no-naive", help="Run the naive-loop baseline.")] = True,
         compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the image path.")] = False,
+        winclip: Annotated[
+            bool,
+            typer.Option(
+                "--winclip", help="Also compare with anomalib's WinCLIP (ViT-B-16-plus-240, 240 px; extra 'bench')."
+            ),
+        ] = False,
         as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
     ) -> None:
         """Images/s, batch latency and memory per batch size, as ratios to the naive loop and to batch 1."""
         from bench.engine import run_bench
+        from bench.winclip import winclip_available, winclip_point
+
+        if winclip and not winclip_available():
+            typer.echo("error: --winclip needs anomalib: pip install -e '.[bench]'", err=True)
+            raise typer.Exit(2)
 
         _quiet_logs_to_stderr()
         modes = {"both": ["dual-branch", "query-only"]}.get(mode.lower(), [mode.lower()])
@@ -78,6 +89,8 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             naive=naive,
             compile_model=compile_model,
         )
+        if winclip:
+            report["winclip"] = winclip_point(batch=max(batch or [8]), rounds=rounds, frame_size=(height, width))
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:
@@ -134,6 +147,14 @@ def print_engine_table(report: dict[str, Any]) -> None:
                 if eq
                 else ""
             )
+        )
+    if "winclip" in report:
+        w = report["winclip"]
+        console.print(
+            f"WinCLIP (anomalib) on {w['backbone']} at {w['image_size']} px, batch {w['batch']}: engine "
+            f"{w['images_per_s']['engine']} img/s, WinCLIP {w['images_per_s']['winclip batch']} img/s batched, "
+            f"{w['images_per_s']['winclip one by one']} img/s one by one; engine is "
+            f"{_spread(w['engine_vs_winclip_batch'])} / {_spread(w['engine_vs_winclip_one_by_one'])} faster"
         )
     m = report["machine"]
     console.print(
