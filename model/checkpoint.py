@@ -50,7 +50,14 @@ class CheckpointError(ValueError):
 
 
 def _refuse_pickle(head: bytes, source: str) -> None:
-    """Name a pickle (torch.save's zip or legacy format, pickle.dump) for what it is; it is never loaded."""
+    """Name a pickle (torch.save's zip or legacy format, pickle.dump) for what it is; it is never loaded.
+
+    `head` is the first 9 bytes. A safetensors file starts with its header's length (8 bytes, little
+    endian) and then '{': a header of 2944 bytes starts with 0x80 like a pickle does, so the '{'
+    decides first.
+    """
+    if head[8:9] == b"{":
+        return
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         raise CheckpointError(
             f"{source}: not a readable safetensors file: it is a pickle (torch.save or pickle.dump), which is "
@@ -113,7 +120,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
             size_bytes = fh.read(8)
-            _refuse_pickle(size_bytes, str(path))
+            _refuse_pickle(size_bytes + fh.read(1), str(path))
+            fh.seek(8)
             if len(size_bytes) < 8:
                 raise CheckpointError(f"{path}: not a readable safetensors file (too short)")
             (size,) = struct.unpack("<Q", size_bytes)
@@ -128,7 +136,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _parse_header(data: bytes, source: str) -> dict[str, Any]:
-    _refuse_pickle(data[:8], source)
+    _refuse_pickle(data[:9], source)
     if len(data) < 8:
         raise CheckpointError(f"{source}: not a readable safetensors file (too short)")
     (size,) = struct.unpack("<Q", data[:8])

@@ -281,3 +281,26 @@ def test_calibration_counts_only_the_images_given_not_the_batch_padding():
     assert profile.calibration.images == 29
     assert profile.calibration.score_max == pytest.approx(max(scores), abs=1e-5)
     assert profile.calibration.score_min == pytest.approx(min(scores), abs=1e-5)
+
+
+def test_a_checkpoint_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """safetensors starts with its header length: 2944 bytes is 80 0b 00.. like a pickle's first byte.
+    Training metadata grew to that size and the run failed; the '{' after the length decides."""
+    import struct
+
+    import torch
+
+    from model.checkpoint import read_checkpoint, read_metadata, save_checkpoint
+
+    path = tmp_path / "p.safetensors"
+    for pad in range(0, 4000, 1):
+        save_checkpoint(path, {"x": torch.zeros(2)}, {"pad": "#" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    head = path.read_bytes()[:9]
+    assert head[0] == 0x80 and head[8:9] == b"{", struct.unpack("<Q", head[:8])
+    assert read_metadata(path)["pad"].startswith("#") and read_checkpoint(path).tensors["x"].shape == (2,)
+    pickled = tmp_path / "evil.safetensors"
+    pickled.write_bytes(b"\x80\x04\x95" + b"\x00" * 40)
+    with pytest.raises(Exception, match="it is a pickle"):
+        read_metadata(pickled)
