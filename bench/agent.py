@@ -147,6 +147,16 @@ class LatencyListener:
         self.client.disconnect()
 
 
+def stop_agent(agent: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGTERM, as systemd stops it (the agent drains and logs "stopped"); SIGKILL after `timeout`."""
+    agent.send_signal(signal.SIGTERM)
+    try:
+        agent.wait(timeout)
+    except subprocess.TimeoutExpired:
+        agent.kill()
+        agent.wait()
+
+
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p99": None, "max": None, "count": 0}
@@ -271,12 +281,7 @@ def run_agent_bench(
             last = {**scrape(health), **process_sample(agent.pid), "t": time.monotonic()}
             counted = dict(listener.counts)
         finally:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(60)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
+            stop_agent(agent)
             listener.stop()
         frames = stopped_frames(log_path.read_text(errors="replace"))
         span = last["t"] - first["t"]

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from bench.agent import identity_holds, process_sample, scrape, stopped_frames, write_config
+from bench.agent import identity_holds, process_sample, scrape, stop_agent, stopped_frames, write_config
 from bench.brokers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,12 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         final = samples[-1] if samples else None
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(60)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+        stop_agent(agent)
         listener.stop()
     stopped = stopped_frames(log_path.read_text(errors="replace"))
     return report(args, samples, baseline, final, stopped, agent.returncode)
