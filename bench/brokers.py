@@ -247,6 +247,10 @@ class RedisServer(BrokerServer):
             "",
             "--appendonly",
             "yes",
+            # 'always': an acknowledged XADD is on disk before the reply, so a SIGKILL loses nothing
+            # acknowledged ('everysec' may postpone the write while an fsync is pending and lose ~1 s).
+            "--appendfsync",
+            "always",
             "--daemonize",
             "no",
             "--logfile",
