@@ -90,7 +90,9 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             compile_model=compile_model,
         )
         if winclip:
-            report["winclip"] = winclip_point(batch=max(batch or [8]), rounds=rounds, frame_size=(height, width))
+            report["winclip"] = winclip_point(
+                batch=max(batch or [8]), rounds=rounds, frame_size=(height, width), precision=precision
+            )
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:
@@ -113,12 +115,22 @@ def print_engine_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="genclip bench engine (ratios: median of per-round ratios, min-max)")
-    for column in ("backbone", "size", "mode", "prec", "batch", "img/s", "p50 ms", "p99 ms", "vs naive", "vs b1"):
+    columns = ("backbone", "size", "mode", "prec", "batch", "img/s", "p50 ms", "p99 ms", "vs naive", "vs b1", "vs fp32")
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("backbone", "mode") else "left")
     for p in report["points"]:
         if "naive" in p:
             table.add_row(
                 p["backbone"], str(p["image_size"]), p["mode"], "fp32", "naive", f"{p['naive']['images_per_s']:.1f}"
+            )
+        if "fp32" in p:
+            table.add_row(
+                p["backbone"],
+                str(p["image_size"]),
+                p["mode"],
+                "fp32",
+                str(p["fp32"]["batch"]),
+                f"{p['fp32']['images_per_s']:.1f}",
             )
         for v in p["engine"]:
             table.add_row(
@@ -132,6 +144,7 @@ def print_engine_table(report: dict[str, Any]) -> None:
                 f"{v['batch_ms_p99']:.1f}",
                 _spread(v.get("vs_naive")),
                 _spread(v.get("vs_batch_1")),
+                _spread(v.get("vs_fp32")),
             )
     console = Console(width=max(Console().width, 150))
     console.print(table)
@@ -148,10 +161,18 @@ def print_engine_table(report: dict[str, Any]) -> None:
                 else ""
             )
         )
+        agree = (p.get("fp32") or {}).get("agreement")
+        if agree:
+            console.print(
+                f"  {p['precision']} vs fp32 on the same frames: scores within {agree['max_score_diff']:.1e}, maps "
+                f"within {agree['max_map_diff']:.1e} (correlation >= {agree['min_map_correlation']:.4f}), "
+                f"{agree['same_verdicts']}/{agree['frames']} verdicts equal"
+            )
     if "winclip" in report:
         w = report["winclip"]
         console.print(
-            f"WinCLIP (anomalib) on {w['backbone']} at {w['image_size']} px, batch {w['batch']}: engine "
+            f"WinCLIP (anomalib) on {w['backbone']} at {w['image_size']} px, {w['precision']}, "
+            f"batch {w['batch']}: engine "
             f"{w['images_per_s']['engine']} img/s, WinCLIP {w['images_per_s']['winclip batch']} img/s batched, "
             f"{w['images_per_s']['winclip one by one']} img/s one by one; engine is "
             f"{_spread(w['engine_vs_winclip_batch'])} / {_spread(w['engine_vs_winclip_one_by_one'])} faster"

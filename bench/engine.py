@@ -107,6 +107,19 @@ def _peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _precision_check(engine: Any, fp32: Any, frames: list[np.ndarray], classes: list[str]) -> dict[str, Any]:
+    """How far the low-precision engine's results are from fp32's on the same frames and weights."""
+    low, ref = engine.predict(frames, classes), fp32.predict(frames, classes)
+    maps = [(a.anomaly_map.ravel(), b.anomaly_map.ravel()) for a, b in zip(low, ref, strict=True)]
+    return {
+        "max_score_diff": float(max(abs(a.score - b.score) for a, b in zip(low, ref, strict=True))),
+        "max_map_diff": float(max(np.abs(a - b).max() for a, b in maps)),
+        "min_map_correlation": float(min(np.corrcoef(a, b)[0, 1] for a, b in maps)),
+        "same_verdicts": sum(a.is_anomalous == b.is_anomalous for a, b in zip(low, ref, strict=True)),
+        "frames": len(frames),
+    }
+
+
 def bench_point(
     backbone: str,
     image_size: int | None,
@@ -154,11 +167,21 @@ def bench_point(
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (*frame_size, 3), dtype=np.uint8) for _ in range(largest)]
     classes = [CLASSES[i % len(CLASSES)] for i in range(largest)]
-    loop = NaiveLoop(engine) if naive else None
+    # Under bf16/fp16 the same engine in fp32 runs beside it: the naive loop (fp32 by definition) is checked
+    # against that twin, the low-precision engine is timed against it and its results compared with it.
+    fp32 = engine
+    if engine.precision != "fp32":
+        twin = engine.config.model_copy(update={"precision": "fp32"})
+        fp32 = Engine(twin, backbone=engine.backbone, max_batch=largest)
+        for name in CLASSES:
+            fp32.register_class(name)
+        fp32.warmup()
+    loop = NaiveLoop(fp32) if naive else None
+    precision_check = _precision_check(engine, fp32, frames, classes) if fp32 is not engine else None
 
     check = None
     if loop is not None:  # the naive loop must compute what the engine computes
-        engine_out = engine.predict(frames, classes)
+        engine_out = fp32.predict(frames, classes)
         naive_out = loop.predict(frames, classes)
         check = {
             "max_score_diff": float(max(abs(p.score - n[0]) for p, n in zip(engine_out, naive_out, strict=True))),
@@ -192,6 +215,12 @@ def bench_point(
                 _synchronise(engine.device)
                 calls.append((time.perf_counter() - t0) * 1000)
             timings.add(f"batch {batch}", time.perf_counter() - began, calls)
+        if fp32 is not engine:
+            _synchronise(engine.device)
+            began = time.perf_counter()
+            fp32.predict(frames, classes)  # at the largest batch size
+            _synchronise(engine.device)
+            timings.add("fp32", time.perf_counter() - began)
         fresh = f"new class {r}"
         began = time.perf_counter()
         engine.register_class(fresh)
@@ -212,6 +241,8 @@ def bench_point(
         }
         if loop is not None:
             entry["vs_naive"] = _ratio(timings.rounds["naive"], per_round)
+        if fp32 is not engine and batch == largest:
+            entry["vs_fp32"] = _ratio(timings.rounds["fp32"], per_round)
         variants.append(entry)
     result: dict[str, Any] = {
         "backbone": backbone,
@@ -234,6 +265,12 @@ def bench_point(
         if engine.device.type == "cuda"
         else None,
     }
+    if precision_check is not None:
+        result["fp32"] = {
+            "images_per_s": round(largest / statistics.median(timings.rounds["fp32"]), 2),
+            "batch": largest,
+            "agreement": precision_check,
+        }
     if loop is not None:
         result["naive"] = {
             "images_per_s": round(largest / statistics.median(timings.rounds["naive"]), 2),

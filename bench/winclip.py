@@ -27,8 +27,13 @@ def winclip_available() -> bool:
     return True
 
 
-def winclip_point(*, batch: int = 8, rounds: int = 3, frame_size: tuple[int, int] = (480, 640)) -> dict[str, Any]:
-    """Interleaved rounds: engine at `batch`, WinCLIP at `batch`, WinCLIP one image at a time."""
+def winclip_point(
+    *, batch: int = 8, rounds: int = 3, frame_size: tuple[int, int] = (480, 640), precision: str = "fp32"
+) -> dict[str, Any]:
+    """Interleaved rounds: engine at `batch`, WinCLIP at `batch`, WinCLIP one image at a time.
+
+    Both sides run their towers in the engine's effective precision (WinCLIP under the same autocast).
+    """
     import anomalib.models.image.winclip.torch_model as winclip
     import torch
 
@@ -37,8 +42,10 @@ def winclip_point(*, batch: int = 8, rounds: int = 3, frame_size: tuple[int, int
     winclip.PRETRAINED = None
     reference = winclip.WinClipModel(class_name="bottle").eval()
     engine = Engine(
-        EngineConfig(backbone=BACKBONE, pretrained="random", device="cpu", image_size=SIZE), max_batch=batch
+        EngineConfig(backbone=BACKBONE, pretrained="random", device="cpu", image_size=SIZE, precision=precision),
+        max_batch=batch,
     )
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine.precision)
     engine.register_class("bottle")
     engine.warmup()
     rng = np.random.default_rng(0)
@@ -51,7 +58,7 @@ def winclip_point(*, batch: int = 8, rounds: int = 3, frame_size: tuple[int, int
         work()
         times[key].append(time.perf_counter() - began)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
         reference(tensors[:1])  # warm
         for _ in range(rounds):
             timed("engine", lambda: engine.predict(frames, ["bottle"] * batch))
@@ -69,6 +76,7 @@ def winclip_point(*, batch: int = 8, rounds: int = 3, frame_size: tuple[int, int
     return {
         "backbone": BACKBONE,
         "image_size": SIZE,
+        "precision": engine.precision,
         "batch": batch,
         "rounds": rounds,
         "images_per_s": {k: round(batch / statistics.median(v), 2) for k, v in times.items()},

@@ -19,12 +19,11 @@ from model.config import EngineConfig
 from model.prompts import PatchAdapters, PromptLearner, PromptShape, Suffix
 from model.scoring import (
     abnormal_probability,
-    gaussian_blur,
     global_abnormal_probability,
-    grid_to_image,
     image_score,
     scaled_sigma,
     state_logits,
+    upsample_and_blur,
 )
 from model.text import TextEncoder
 from model.vision import PatchEncoder, VisionOutput, default_layers
@@ -249,7 +248,7 @@ class GenClip(nn.Module):
             if enhanced_text is not None:
                 enhanced = self.layer_maps(feats, enhanced_text.float()).mean(dim=1)
                 fused = settings.branch_weight * enhanced + (1.0 - settings.branch_weight) * fused
-            maps = gaussian_blur(grid_to_image(fused, settings.image_size), settings.sigma)
+            maps = upsample_and_blur(fused, settings.image_size, settings.sigma)
             global_p = global_abnormal_probability(feats.global_embedding, query_text, self.temperature)
             scores = image_score(global_p, maps, settings.score_alpha)
             types = []

@@ -4,11 +4,14 @@ With two prompts, the per-patch softmax gives p_abn = 1 - p_norm, so the layer m
 (p_abn + 1 - p_norm) / 2 of AnomalyCLIP and AdaCLIP is p_abn itself: computed here as
 sigmoid((cos_abn - cos_norm) / tau). Bilinear upsampling is linear, so combining
 layers and branches on the patch grid and upsampling once gives the same map as
-upsampling every layer first, as the reference code does.
+upsampling every layer first, as the reference code does. The blur is linear and
+separable too, so upsampling and blur together are one [S, g] matrix per axis:
+map = U G U^T, about 100x cheaper than blurring the full-size map (`upsample_and_blur`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -87,3 +90,28 @@ def grid_to_image(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tens
 def image_score(global_probability: torch.Tensor, maps: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha * global + (1 - alpha) * max(map), per image."""
     return alpha * global_probability + (1.0 - alpha) * maps.flatten(1).amax(dim=1)
+
+
+@functools.lru_cache(maxsize=32)
+def upsample_blur_operator(grid: int, size: int, sigma: float, device: str = "cpu") -> torch.Tensor:
+    """U [size, grid]: bilinear upsampling (align_corners=False) then the scipy-style Gaussian, along one axis.
+
+    Built in float64 from the same functions the full-size path uses, so U G U^T equals
+    gaussian_blur(grid_to_image(G)) to float rounding. A plain tensor even when first built
+    under inference mode, so the trainer can backpropagate through it.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        basis = torch.eye(grid, dtype=torch.float64).view(grid, 1, 1, grid)  # each patch column alone
+        rows = F.interpolate(basis, size=(1, size), mode="bilinear", align_corners=False)  # [g, 1, 1, S]
+        if sigma > 0:
+            kernel = gaussian_kernel(sigma).to(torch.float64)
+            radius = (kernel.numel() - 1) // 2
+            rows = F.conv2d(_symmetric_pad(rows, radius, dim=3), kernel.view(1, 1, 1, -1))
+        return rows.view(grid, size).t().contiguous().float().to(device)
+
+
+def upsample_and_blur(maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """[B, HW] square patch maps -> [B, size, size]: gaussian_blur(grid_to_image(maps, size), sigma), as U G U^T."""
+    side = math.isqrt(maps.shape[1])
+    op = upsample_blur_operator(side, size, float(sigma), str(maps.device))
+    return op @ maps.float().view(-1, side, side) @ op.t()
