@@ -301,6 +301,7 @@ def run_agent_bench(
                 "brokers": brokers,
                 "overrides": overrides or {},
                 "backbone": tomllib.loads(config.read_text())["model"]["backbone"],
+                "precision": tomllib.loads(config.read_text())["model"].get("precision", "fp32"),
             },
             "offered_fps": round(cameras * fps, 2),
             "captured_fps": rate("genclip_frames_captured"),
@@ -339,6 +340,7 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
         batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="[engine].batch_size.")] = None,
         device: Annotated[str | None, typer.Option(help="[model].device (auto, cpu, cuda).")] = None,
         backbone: Annotated[str | None, typer.Option(help="[model].backbone; default the config's.")] = None,
+        precision: Annotated[str | None, typer.Option(help="[model].precision (fp32, bf16, fp16).")] = None,
         defect_rate: Annotated[float, typer.Option("--defect-rate", min=0, max=1)] = 0.2,
         brokers: Annotated[
             str, typer.Option(help="start: own Mosquitto and Redis on free ports; config: the config's brokers.")
@@ -359,6 +361,8 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
             overrides.setdefault("model", {})["device"] = device
         if backbone:
             overrides.setdefault("model", {})["backbone"] = backbone
+        if precision:
+            overrides.setdefault("model", {})["precision"] = precision
         report = run_agent_bench(
             cameras=cameras,
             fps=fps,
@@ -383,7 +387,8 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
 def print_agent_report(r: dict[str, Any]) -> None:
     s = r["settings"]
     lines = [
-        f"{s['cameras']} camera(s) x {s['fps_per_camera']:g} fps ({s['backbone']}, threads {s['threads']}), "
+        f"{s['cameras']} camera(s) x {s['fps_per_camera']:g} fps ({s['backbone']}, {s.get('precision', 'fp32')}, "
+        f"threads {s['threads']}), "
         f"{s['seconds']:g} s measured",
         f"frames/s: offered {r['offered_fps']}, captured {r['captured_fps']}, inspected {r['inspected_fps']}, "
         f"results {r['results_per_s']}, rejects {r['rejects_per_s']}",

@@ -53,7 +53,11 @@ class EngineConfig(BaseModel):
     checkpoint: Path | None = Field(None, description="Learned prompts (.safetensors) from `genclip train`.")
     image_size: int = Field(224, ge=32, le=1536, description="Model input size in pixels (square).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision on CUDA.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Autocast precision of the towers (the head stays fp32): bf16 on CUDA and on CPUs with native "
+        "bf16 (AMX, AVX512-BF16), fp16 on CUDA; fp32 with a warning where the device lacks it.",
+    )
     compile: bool = Field(False, description="torch.compile the image path (CUDA graphs on CUDA).")
     layers: list[int] | None = Field(
         None, description="Transformer blocks (1-based) whose patch tokens are used; default depth/4 .. depth."

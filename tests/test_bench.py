@@ -121,3 +121,21 @@ def test_bench_agent_reports_latencies_and_the_identity(tmp_path):
     latency = report["latency_ms"]["result"]
     assert latency["count"] > 0 and latency["p50"] <= latency["p99"] <= latency["max"]
     assert report["redis_stream_entries"] > 0 and report["agent"]["rss_mib"] > 0
+
+
+def test_bench_point_in_bf16_runs_an_fp32_twin_beside_it(monkeypatch):
+    """bf16 is timed against the same engine in fp32 and its results compared with it; the naive loop
+    (fp32 by definition) is checked against the twin. Forced bf16 so it runs on any CPU."""
+    import model.engine as engine_module
+    from bench.engine import bench_point
+
+    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: True)
+    point = bench_point("genclip-tiny", 96, "dual-branch", [1, 2], precision="bf16", device="cpu", rounds=2)
+    assert point["precision"] == "bf16"
+    agreement = point["fp32"]["agreement"]
+    assert 0 < agreement["max_score_diff"] < 0.02 and agreement["min_map_correlation"] > 0.98
+    assert agreement["frames"] == 2 and 0 <= agreement["same_verdicts"] <= 2
+    assert point["naive"]["equality"]["max_score_diff"] < 1e-4 and point["naive"]["equality"]["same_regions"]
+    largest = point["engine"][-1]
+    assert largest["batch"] == 2 and largest["vs_fp32"]["min"] <= largest["vs_fp32"]["median"]
+    assert "vs_fp32" not in point["engine"][0]
