@@ -139,3 +139,20 @@ def test_bench_point_in_bf16_runs_an_fp32_twin_beside_it(monkeypatch):
     largest = point["engine"][-1]
     assert largest["batch"] == 2 and largest["vs_fp32"]["min"] <= largest["vs_fp32"]["median"]
     assert "vs_fp32" not in point["engine"][0]
+
+
+def test_stage_profile_and_map_head_bench_run():
+    stages = subprocess.run(
+        [sys.executable, "-m", "bench.stages", "--backbone", "genclip-tiny", "--image-size", "96", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert stages.returncode == 0, stages.stderr
+    for stage in ("preprocess", "tower", "adapters", "text", "head", "regions"):
+        assert stage in stages.stdout
+    assert "batch 8, tower per image: total" in stages.stdout and "everything else" in stages.stdout
+    maps = subprocess.run([sys.executable, "-m", "bench.stages", "--maps"], capture_output=True, text=True, timeout=300)
+    assert maps.returncode == 0, maps.stderr
+    differences = [float(line.rsplit(" ", 1)[1]) for line in maps.stdout.splitlines() if "max difference" in line]
+    assert len(differences) == 6 and max(differences) < 2e-6
