@@ -218,19 +218,25 @@ class GenClip(nn.Module):
         *,
         vision: Callable[[torch.Tensor], VisionOutput] | None = None,
         truncate_text: bool = True,
+        text_in_fp32: bool = False,
     ) -> Scores:
         """Normalised images [B, 3, S, S] -> scores and maps.
 
         suffixes [B, T, W] / suffix_lengths [B]: each image's class words (see `pad_suffixes`).
         The towers run under whatever autocast the caller set; the head always in fp32.
-        `vision` replaces the image tower (a torch.compile'd copy).
+        `vision` replaces the image tower (a torch.compile'd or low-precision copy); `text_in_fp32` runs the
+        per-image text outside the caller's autocast.
         """
         out = (vision if vision is not None else self.vision)(images)
         with head_precision(images.device.type):
             feats = self.image_features(out)
         enhanced = None
         if settings.branch_weight > 0:
-            enhanced = self.state_text_padded(suffixes, suffix_lengths, feats.vision_prompts, truncate=truncate_text)
+            fp32 = torch.autocast(images.device.type, enabled=False) if text_in_fp32 else contextlib.nullcontext()
+            with fp32:
+                enhanced = self.state_text_padded(
+                    suffixes, suffix_lengths, feats.vision_prompts, truncate=truncate_text
+                )
         return self.head(feats, query_text, enhanced, settings, defect_groups)
 
     def head(
