@@ -217,3 +217,18 @@ def test_cuda_bf16_maps_stay_close_to_fp32():
     batch = frames(4, seed=3)
     for a, b in zip(fp32.predict(batch, ["part"] * 4), bf16.predict(batch, ["part"] * 4), strict=True):
         assert abs(a.score - b.score) < 0.02
+
+
+@pytest.mark.gpu
+def test_cuda_engine_equals_the_cpu_engine_through_one_pinned_copy():
+    """Mixed classes in one batch (two defect groups, padded to 8): every output of the CUDA engine comes
+    back in one pinned copy and lands on the right frame."""
+    cpu, gpu = Engine(tiny_config()), Engine(tiny_config(device="cuda"))
+    for engine in (cpu, gpu):
+        engine.register_class("part")
+        engine.register_class("bolt")
+    batch, classes = frames(5, seed=6), ["part", "bolt", "part", "bolt", "part"]
+    for a, b in zip(cpu.predict(batch, classes), gpu.predict(batch, classes), strict=True):
+        assert a.product_class == b.product_class and abs(a.score - b.score) < 1e-3
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-2
+        assert [d.type for d in a.defects][:1] == [d.type for d in b.defects][:1]
