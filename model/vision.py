@@ -100,6 +100,21 @@ class PatchEncoder(nn.Module):
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     @staticmethod
+    def sdpa_block_with_vv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sdpa_block(block, x)` and the V-V stream's update `ls_1(value_value_attention(block, ln_1(x)))`,
+        sharing one ln_1 and one qkv projection: the V-V stream's v is the CLIP stream's v."""
+        attn = block.attn
+        b, t, width = x.shape
+        heads = attn.num_heads
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(b, t, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, width)
+        vv = F.scaled_dot_product_attention(v, v, v).transpose(1, 2).reshape(b, t, width)
+        update = block.ls_1(attn.out_proj(vv))
+        x = x + block.ls_1(attn.out_proj(out))
+        return x + block.ls_2(block.mlp(block.ln_2(x))), update
+
+    @staticmethod
     def value_value_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """softmax(v v^T / sqrt(d)) v per head, with the block's own v projection and out_proj."""
         attn = block.attn
@@ -124,10 +139,16 @@ class PatchEncoder(nn.Module):
         vv: torch.Tensor | None = None
         taken: list[torch.Tensor] = []
         for index, block in enumerate(visual.transformer.resblocks, start=1):
-            if self.vv_from is not None and index >= self.vv_from:
+            if self.vv_from is None or index < self.vv_from:
+                x = self._block(block, x)
+            elif self.batch_first and _standard_block(block):
+                x_in = x
+                x, update = self.sdpa_block_with_vv(block, x)
+                vv = (x_in if vv is None else vv) + update
+            else:
                 update = block.ls_1(self.value_value_attention(block, block.ln_1(x)))
                 vv = (x if vv is None else vv) + update
-            x = self._block(block, x)
+                x = self._block(block, x)
             if index in self.layers:
                 taken.append(vv if vv is not None else x)
         global_embedding = visual.ln_post(x[:, 0])
