@@ -56,6 +56,9 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
                 "--winclip", help="Also compare with anomalib's WinCLIP (ViT-B-16-plus-240, 240 px; extra 'bench')."
             ),
         ] = False,
+        winclip_precision: Annotated[
+            str | None, typer.Option("--winclip-precision", help="WinCLIP's precision; default the engine's.")
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
     ) -> None:
         """Images/s, batch latency and memory per batch size, as ratios to the naive loop and to batch 1."""
@@ -91,7 +94,11 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         )
         if winclip:
             report["winclip"] = winclip_point(
-                batch=max(batch or [8]), rounds=rounds, frame_size=(height, width), precision=precision
+                batch=max(batch or [8]),
+                rounds=rounds,
+                frame_size=(height, width),
+                precision=precision,
+                winclip_precision=winclip_precision,
             )
         if as_json:
             typer.echo(json.dumps(report, indent=2))
@@ -171,8 +178,8 @@ def print_engine_table(report: dict[str, Any]) -> None:
     if "winclip" in report:
         w = report["winclip"]
         console.print(
-            f"WinCLIP (anomalib) on {w['backbone']} at {w['image_size']} px, {w['precision']}, "
-            f"batch {w['batch']}: engine "
+            f"WinCLIP (anomalib) on {w['backbone']} at {w['image_size']} px, engine {w['precision']}, WinCLIP "
+            f"{w['winclip_precision']}, batch {w['batch']}: engine "
             f"{w['images_per_s']['engine']} img/s, WinCLIP {w['images_per_s']['winclip batch']} img/s batched, "
             f"{w['images_per_s']['winclip one by one']} img/s one by one; engine is "
             f"{_spread(w['engine_vs_winclip_batch'])} / {_spread(w['engine_vs_winclip_one_by_one'])} faster"
