@@ -25,6 +25,12 @@ class VisionOutput:
     grid: int  # patches per side
 
 
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, heads, T, head width] -> [B, T, width]."""
+    b, heads, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, heads * d)
+
+
 def default_layers(depth: int) -> list[int]:
     """depth/4, depth/2, 3*depth/4, depth (1-based), as in AnomalyCLIP's 6, 12, 18, 24 for 24 blocks."""
     return sorted({max(1, round(depth * k / 4)) for k in (1, 2, 3, 4)})
@@ -90,29 +96,26 @@ class PatchEncoder(nn.Module):
         that nn.MultiheadAttention's fast path builds: at 512 px (1025 tokens) that matrix made a
         batch of 8 slower per image than a batch of 1 on the CPU.
         """
-        attn = block.attn
-        b, t, width = x.shape
-        heads = attn.num_heads
-        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(b, t, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, width)
-        x = x + block.ls_1(attn.out_proj(out))
+        q, k, v = PatchEncoder._qkv(block, x)
+        x = x + block.ls_1(block.attn.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v))))
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     @staticmethod
     def sdpa_block_with_vv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`sdpa_block(block, x)` and the V-V stream's update `ls_1(value_value_attention(block, ln_1(x)))`,
         sharing one ln_1 and one qkv projection: the V-V stream's v is the CLIP stream's v."""
-        attn = block.attn
-        b, t, width = x.shape
-        heads = attn.num_heads
-        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(b, t, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, width)
-        vv = F.scaled_dot_product_attention(v, v, v).transpose(1, 2).reshape(b, t, width)
-        update = block.ls_1(attn.out_proj(vv))
-        x = x + block.ls_1(attn.out_proj(out))
+        q, k, v = PatchEncoder._qkv(block, x)
+        update = block.ls_1(block.attn.out_proj(_merge_heads(F.scaled_dot_product_attention(v, v, v))))
+        x = x + block.ls_1(block.attn.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v))))
         return x + block.ls_2(block.mlp(block.ln_2(x))), update
+
+    @staticmethod
+    def _qkv(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """q, k, v stacked as [3, B, heads, T, head width], from ln_1(x) and the block's in-projection."""
+        b, t, width = x.shape
+        heads = block.attn.num_heads
+        qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
+        return qkv.view(b, t, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
 
     @staticmethod
     def value_value_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +128,7 @@ class PatchEncoder(nn.Module):
         v = F.linear(x, weight, bias)
         b, t, _ = v.shape
         v = v.view(b, t, heads, width // heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(v, v, v)
-        out = out.transpose(1, 2).reshape(b, t, width)
-        return attn.out_proj(out)
+        return attn.out_proj(_merge_heads(F.scaled_dot_product_attention(v, v, v)))
 
     def forward(self, images: torch.Tensor) -> VisionOutput:
         visual = self.visual
