@@ -36,7 +36,7 @@ from agent.results import Inspection, build_inspection, iso
 from agent.sources import open_source
 from agent.sources.base import FrameSource
 from agent.systemd import SystemdNotifier
-from agent.worker import InferenceWorker
+from agent.worker import InferenceWorker, ScoredBatch
 
 log = get_logger("agent.service")
 MAX_REFERENCE_IMAGES = 64
@@ -69,14 +69,14 @@ class ResultStage:
 
     def __init__(self, service: InspectionService, capacity: int) -> None:
         self.service = service
-        self._queue: queue.Queue[tuple[list[Frame], list[Any]] | None] = queue.Queue(capacity)
+        self._queue: queue.Queue[ScoredBatch | None] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._run, name="results", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, frames: list[Frame], outcomes: list[Any]) -> None:
-        self._queue.put((frames, outcomes))  # blocks the worker only if publishing fell far behind
+    def put(self, scored: ScoredBatch) -> None:
+        self._queue.put(scored)  # blocks the worker only if publishing fell far behind
 
     def depth(self) -> int:
         return self._queue.qsize()
@@ -89,10 +89,14 @@ class ResultStage:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            scored = self._queue.get()
+            if scored is None:
                 return
-            for frame, outcome in zip(*item, strict=True):
+            outcomes = scored.outcomes()  # maps and regions, while the worker scores the next batch
+            self.service.metrics.batch_size.observe(len(scored.frames))
+            if scored.seconds is not None:
+                self.service.metrics.inference_seconds.observe(scored.seconds)
+            for frame, outcome in zip(scored.frames, outcomes, strict=True):
                 try:
                     self.service.publish(frame, outcome)
                 except Exception:  # never lose the thread; the frame is still accounted for
@@ -125,7 +129,9 @@ class InspectionService:
             self.ledger, config.engine.batch_size, config.engine.max_wait_ms, on_drop=self._count_drop
         )
         self.results = ResultStage(self, config.agent.publish_queue)
-        self.worker = InferenceWorker(self._build_engine, self._setup_classes, self.batcher, self._deliver)
+        self.worker = InferenceWorker(
+            self._build_engine, self._setup_classes, self.batcher, self.results.put, pipeline=config.engine.pipeline
+        )
         self.sources: dict[str, FrameSource] = {}
         self.watcher: CheckpointWatcher | None = None
         self._model_info: dict[str, Any] = {}
@@ -293,11 +299,6 @@ class InspectionService:
 
     def _count_drop(self, camera: str, reason: str) -> None:
         self.metrics.frames_dropped.labels(camera=camera, reason=reason).inc()
-
-    def _deliver(self, frames: list[Frame], outcomes: list[Any], seconds: float) -> None:
-        self.metrics.batch_size.observe(len(frames))
-        self.metrics.inference_seconds.observe(seconds)
-        self.results.put(frames, outcomes)
 
     def publish(self, frame: Frame, outcome: Any) -> Inspection:
         """Build one frame's Inspection and hand it to both publishers (which never block)."""

@@ -2,7 +2,9 @@
 
 It builds the engine, sets the line's classes up and warms every batch shape on
 its own thread (CUDA graphs are per thread), then loops: take a batch from the
-`FrameBatcher`, score it, hand the results on. Work that must touch the device
+`FrameBatcher`, launch it on the engine, hand it on. The result thread builds a
+batch's results (maps, defect regions) while this thread launches the next one;
+at most two batches are queued on the device at once. Work that must touch the device
 (installing new prompts, recalibrating) is queued with `submit` and runs between
 batches, so a batch never sees a half-applied change. Each loop iteration is a
 heartbeat: a hung device stops it, and the service stops the systemd watchdog.
@@ -22,7 +24,43 @@ from agent.frames import Frame
 from agent.logs import get_logger
 
 log = get_logger("agent.worker")
-Outcomes = Callable[[list[Frame], list[Any], float], None]
+
+
+class ScoredBatch:
+    """A launched batch handed on by the worker: its frames and, once built, one outcome per frame."""
+
+    def __init__(self, frames: list[Frame], pending: Any = None, error: str | None = None) -> None:
+        self.frames = frames
+        self._pending = pending
+        self._error = error
+
+    def wait(self) -> None:
+        """Until the device has finished it; a device fault becomes every frame's error."""
+        if self._pending is not None and self._error is None:
+            try:
+                self._pending.wait()
+            except Exception as exc:
+                log.exception("batch failed on the device", frames=len(self.frames))
+                self._error = f"engine failure: {exc}"
+
+    def outcomes(self) -> list[Any]:
+        """One outcome per frame; never raises (a failed batch gives every frame the failure)."""
+        self.wait()
+        if self._error is None:
+            try:
+                return self._pending.outcomes()
+            except Exception as exc:
+                log.exception("batch failed", frames=len(self.frames))
+                self._error = f"engine failure: {exc}"
+        return [_BatchError(f.product_class, self._error) for f in self.frames]
+
+    @property
+    def seconds(self) -> float | None:
+        """Launch to results on the host (None for a batch that failed to launch)."""
+        return None if self._pending is None else self._pending.seconds
+
+
+Deliver = Callable[[ScoredBatch], None]
 
 
 class InferenceWorker:
@@ -33,12 +71,16 @@ class InferenceWorker:
         build: Callable[[], Any],
         setup: Callable[[Any], None],
         batcher: FrameBatcher,
-        deliver: Outcomes,
+        deliver: Deliver,
+        *,
+        pipeline: bool = True,
     ) -> None:
         self._build = build
         self._setup = setup
         self.batcher = batcher
         self._deliver = deliver
+        self.pipeline = pipeline
+        self._in_flight: ScoredBatch | None = None
         self._tasks: queue.SimpleQueue[tuple[Callable[[Any], Any], Future]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._drain_until: float | None = None
@@ -113,15 +155,22 @@ class InferenceWorker:
                 self.busy_since = None
 
     def _score(self, batch: list[Frame]) -> None:
-        self.busy_since = started = time.monotonic()
+        self.busy_since = time.monotonic()
         try:
-            outcomes = self.engine.predict([f.image for f in batch], [f.product_class for f in batch])
-        except Exception as exc:  # a device fault: every frame of the batch gets the error, none is lost
-            log.exception("batch failed", frames=len(batch))
-            outcomes = [_BatchError(f.product_class, f"engine failure: {exc}") for f in batch]
+            try:
+                pending = self.engine.launch([f.image for f in batch], [f.product_class for f in batch])
+                scored = ScoredBatch(batch, pending)
+            except Exception as exc:  # a device fault: every frame of the batch gets the error, none is lost
+                log.exception("batch failed", frames=len(batch))
+                scored = ScoredBatch(batch, error=f"engine failure: {exc}")
+            previous, self._in_flight = self._in_flight, scored
+            if previous is not None:
+                previous.wait()  # at most two batches queued on the device: frames age in the batcher, not there
+            if not self.pipeline:
+                scored.outcomes()  # results built here, before the next batch starts
         finally:
             self.busy_since = None
-        self._deliver(batch, outcomes, time.monotonic() - started)
+        self._deliver(scored)
 
 
 class _BatchError:

@@ -302,6 +302,7 @@ def run_agent_bench(
                 "overrides": overrides or {},
                 "backbone": tomllib.loads(config.read_text())["model"]["backbone"],
                 "precision": tomllib.loads(config.read_text())["model"].get("precision", "fp32"),
+                "pipeline": tomllib.loads(config.read_text())["engine"].get("pipeline", True),
             },
             "offered_fps": round(cameras * fps, 2),
             "captured_fps": rate("genclip_frames_captured"),
@@ -342,6 +343,9 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
         backbone: Annotated[str | None, typer.Option(help="[model].backbone; default the config's.")] = None,
         precision: Annotated[str | None, typer.Option(help="[model].precision (fp32, bf16, fp16).")] = None,
         defect_rate: Annotated[float, typer.Option("--defect-rate", min=0, max=1)] = 0.2,
+        pipeline: Annotated[
+            bool | None, typer.Option("--pipeline/--no-pipeline", help="[engine].pipeline; default the config's.")
+        ] = None,
         brokers: Annotated[
             str, typer.Option(help="start: own Mosquitto and Redis on free ports; config: the config's brokers.")
         ] = "start",
@@ -363,6 +367,8 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
             overrides.setdefault("model", {})["backbone"] = backbone
         if precision:
             overrides.setdefault("model", {})["precision"] = precision
+        if pipeline is not None:
+            overrides.setdefault("engine", {})["pipeline"] = pipeline
         report = run_agent_bench(
             cameras=cameras,
             fps=fps,
@@ -388,7 +394,7 @@ def print_agent_report(r: dict[str, Any]) -> None:
     s = r["settings"]
     lines = [
         f"{s['cameras']} camera(s) x {s['fps_per_camera']:g} fps ({s['backbone']}, {s.get('precision', 'fp32')}, "
-        f"threads {s['threads']}), "
+        f"threads {s['threads']}, pipeline {'on' if s.get('pipeline', True) else 'off'}), "
         f"{s['seconds']:g} s measured",
         f"frames/s: offered {r['offered_fps']}, captured {r['captured_fps']}, inspected {r['inspected_fps']}, "
         f"results {r['results_per_s']}, rejects {r['rejects_per_s']}",

@@ -5,7 +5,9 @@ Threading contract. One thread (the device thread) calls `predict`, `warmup`,
 (prompts, text features, class profiles, thresholds) sits in one immutable
 `Snapshot` that `predict` takes once at its start; every change builds a new
 snapshot and publishes it with one reference assignment, so a batch in flight
-finishes on the state it started with. `prepare_prompts` (reading, hashing and
+finishes on the state it started with. `predict` is `launch` (the device part)
+then `outcomes()` (the host part: maps, regions), which may run on another thread
+while the device thread launches the next batch. `prepare_prompts` (reading, hashing and
 validating a checkpoint, on the CPU) may run on any thread; `set_thresholds`
 too. With CUDA graphs (compile on CUDA), call `warmup` on the device thread:
 graphs are recorded per thread.
@@ -673,10 +675,20 @@ class Engine:
 
         One result per frame, in order: a Prediction, or a FrameError naming the problem.
         """
+        return self.launch(frames, classes).outcomes()
+
+    def launch(self, frames: Sequence[object], classes: Sequence[object]) -> PendingBatch:
+        """Queue a batch on the device and return at once; `outcomes()` of the result gives `predict`'s list.
+
+        The host part of a result (copying the map, finding defect regions) waits for `outcomes()`, which
+        may run on another thread: the agent builds one batch's results while the device scores the next.
+        On a GPU the device work itself is queued asynchronously; on a CPU it is done when this returns.
+        """
         if len(frames) != len(classes):
             raise ValueError(f"{len(frames)} frames but {len(classes)} class names")
+        started = time.perf_counter()
         snap = self._snapshot
-        results: list[Prediction | FrameError | None] = [None] * len(frames)
+        pending = PendingBatch(self, snap, len(frames), started)
         good: list[tuple[int, np.ndarray, str]] = []
         for i, (frame, raw_name) in enumerate(zip(frames, classes, strict=True)):
             label = raw_name if isinstance(raw_name, str) else repr(raw_name)
@@ -694,45 +706,39 @@ class Engine:
                     )
                 good.append((i, checked, name))
             except InvalidFrameError as exc:
-                results[i] = FrameError(i, label, exc.reason)
+                pending.fail(FrameError(i, label, exc.reason))
             except ValueError as exc:
-                results[i] = FrameError(i, label, str(exc))
-        started = time.perf_counter()
+                pending.fail(FrameError(i, label, str(exc)))
         step = self.batch_sizes[-1]
         for start in range(0, len(good), step):
-            self._run(snap, good[start : start + step], results)
+            self._run(snap, good[start : start + step], pending)
         self.stats.batches += 1
         self.stats.frames += len(frames)
-        self.stats.frame_errors += sum(1 for r in results if isinstance(r, FrameError))
-        self.stats.last_batch_ms = (time.perf_counter() - started) * 1000
-        return results  # type: ignore[return-value]
+        self.stats.frame_errors += pending.errors
+        return pending
 
-    def _run(
-        self, snap: Snapshot, items: list[tuple[int, np.ndarray, str]], results: list[Prediction | FrameError | None]
-    ) -> None:
-        """Score a sub-batch; on out-of-memory, free the cache and retry in halves."""
+    def _run(self, snap: Snapshot, items: list[tuple[int, np.ndarray, str]], pending: PendingBatch) -> None:
+        """Queue a sub-batch; on out-of-memory, free the cache and retry in halves."""
         try:
             if self.fault_hook is not None:
                 self.fault_hook(len(items))
             with torch.inference_mode(), self._autocast():
                 texts = [snap.classes[name].text for _, _, name in items]
-                host = _to_host(*self._score(snap.prompts, texts, [frame for _, frame, _ in items]), len(items))
+                out, groups = self._score(snap.prompts, texts, [frame for _, frame, _ in items])
+                pending.add(items, HostTransfer(out, groups, len(items)))
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(items) == 1:
                 index, _, name = items[0]
                 log.error("out of device memory on a single frame", index=index)
-                results[index] = FrameError(index, name, "out of device memory")
+                pending.fail(FrameError(index, name, "out of device memory"))
                 return
             self.stats.oom_splits += 1
             log.warning("out of device memory; retrying the batch in halves", frames=len(items))
             half = len(items) // 2
-            self._run(snap, items[:half], results)
-            self._run(snap, items[half:], results)
-            return
-        for j, (index, frame, name) in enumerate(items):
-            results[index] = self._assemble(snap, snap.classes[name], frame, host, j)
+            self._run(snap, items[:half], pending)
+            self._run(snap, items[half:], pending)
 
     def _score(
         self, prompts: PromptState, texts: list[ClassText], frames: list[np.ndarray]
@@ -830,7 +836,7 @@ class Engine:
         frame = np.zeros((size, size, 3), np.uint8)
         for batch in self.batch_sizes:
             with torch.inference_mode(), self._autocast():
-                _to_host(*self._score(prompts, [text] * batch, [frame] * batch), batch)
+                HostTransfer(*self._score(prompts, [text] * batch, [frame] * batch), batch).result()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._warm_thread = threading.get_ident()
@@ -849,27 +855,92 @@ class Engine:
         return model, replace(prompts, model=model, query_text=prompts.query_text.detach().to("cpu").float())
 
 
-def _to_host(out: Scores, groups: list[list[int]], n: int) -> dict[str, Any]:
-    """The real (unpadded) rows of every output in one device-to-host copy: one sync per batch on a GPU."""
-    types_rows = [[(k, i) for k, i in enumerate(indices) if i < n] for indices in groups]
-    parts = [out.scores[:n], out.global_probability[:n], out.maps[:n]]
-    for rows, probs in zip(types_rows, out.type_probabilities, strict=True):
-        parts.append(probs[[k for k, _ in rows]] if len(rows) < probs.shape[0] else probs)
-    if parts[0].device.type == "cuda":
-        flat = torch.cat([p.float().reshape(-1) for p in parts])
-        staging = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)  # from torch's pinned-block cache
-        staging.copy_(flat, non_blocking=True)
-        torch.cuda.current_stream(flat.device).synchronize()
-        values = staging.numpy()
-        pieces, start = [], 0
-        for p in parts:
-            pieces.append(values[start : start + p.numel()].reshape(p.shape))
-            start += p.numel()
-    else:  # already in host memory: views, no copy
-        pieces = [p.float().numpy() for p in parts]
-    scores, global_p, maps, *type_blocks = pieces
-    types: dict[int, np.ndarray] = {}
-    for rows, block in zip(types_rows, type_blocks, strict=True):
-        for j, (_, i) in enumerate(rows):
-            types[i] = block[j]
-    return {"scores": scores, "global": global_p, "maps": maps, "types": types}
+class HostTransfer:
+    """The real (unpadded) rows of every output of a sub-batch, on their way to host memory.
+
+    On a GPU: one asynchronous device-to-host copy into pinned memory, with an event to wait on, so
+    nothing syncs until the results are wanted (one sync per batch). On a CPU: views, no copy.
+    """
+
+    def __init__(self, out: Scores, groups: list[list[int]], n: int) -> None:
+        self._types_rows = [[(k, i) for k, i in enumerate(indices) if i < n] for indices in groups]
+        parts = [out.scores[:n], out.global_probability[:n], out.maps[:n]]
+        for rows, probs in zip(self._types_rows, out.type_probabilities, strict=True):
+            parts.append(probs[[k for k, _ in rows]] if len(rows) < probs.shape[0] else probs)
+        self._shapes = [tuple(p.shape) for p in parts]
+        self._event: torch.cuda.Event | None = None
+        self._pieces: list[np.ndarray] | None = None
+        if parts[0].device.type == "cuda":
+            flat = torch.cat([p.float().reshape(-1) for p in parts])
+            self._staging = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)  # torch's pinned-block cache
+            self._staging.copy_(flat, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(flat.device))
+        else:  # already in host memory
+            self._pieces = [p.float().numpy() for p in parts]
+
+    def wait(self) -> None:
+        """Block until the copy has landed (the device has finished this sub-batch)."""
+        if self._event is not None:
+            self._event.synchronize()
+
+    def result(self) -> dict[str, Any]:
+        if self._pieces is None:
+            self.wait()
+            values = self._staging.numpy()
+            pieces, start = [], 0
+            for shape in self._shapes:
+                size = int(np.prod(shape))
+                pieces.append(values[start : start + size].reshape(shape))
+                start += size
+            self._pieces = pieces
+        scores, global_p, maps, *type_blocks = self._pieces
+        types: dict[int, np.ndarray] = {}
+        for rows, block in zip(self._types_rows, type_blocks, strict=True):
+            for j, (_, i) in enumerate(rows):
+                types[i] = block[j]
+        return {"scores": scores, "global": global_p, "maps": maps, "types": types}
+
+
+class PendingBatch:
+    """A launched batch: its device work queued, its results built on the first `outcomes()` call."""
+
+    def __init__(self, engine: Engine, snap: Snapshot, size: int, started: float) -> None:
+        self._engine = engine
+        self._snap = snap
+        self._started = started
+        self._results: list[Prediction | FrameError | None] = [None] * size
+        self._parts: list[tuple[list[tuple[int, np.ndarray, str]], HostTransfer]] = []
+        self._lock = threading.Lock()
+        self._built = False
+        self.errors = 0
+        self.seconds: float | None = None  # launch to results on the host, once known
+
+    def fail(self, error: FrameError) -> None:
+        self._results[error.index] = error
+        self.errors += 1
+
+    def add(self, items: list[tuple[int, np.ndarray, str]], transfer: HostTransfer) -> None:
+        self._parts.append((items, transfer))
+
+    def wait(self) -> None:
+        """Block until the device has finished this batch (not the host part)."""
+        for _, transfer in self._parts:
+            transfer.wait()
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self._started
+
+    def outcomes(self) -> list[Prediction | FrameError]:
+        """One result per frame, in order; safe to call from any thread, more than once."""
+        with self._lock:
+            if not self._built:
+                self.wait()
+                snap = self._snap
+                for items, transfer in self._parts:
+                    host = transfer.result()
+                    for j, (index, frame, name) in enumerate(items):
+                        self._results[index] = self._engine._assemble(snap, snap.classes[name], frame, host, j)
+                self._parts = []  # the device outputs and frames are no longer needed
+                self._built = True
+                self._engine.stats.last_batch_ms = (time.perf_counter() - self._started) * 1000
+        return list(self._results)  # type: ignore[arg-type]

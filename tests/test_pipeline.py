@@ -1,0 +1,177 @@
+"""A batch's results are built while the engine scores the next one, and nothing is lost on the way."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from agent.batcher import FrameBatcher
+from agent.frames import Frame
+from agent.ledger import FrameLedger
+from agent.worker import InferenceWorker, ScoredBatch
+from model import Engine
+from model.backbone import load_backbone
+from model.engine import FrameError, Prediction
+from tests.factories import frames, tiny_config
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = Engine(tiny_config(), backbone=load_backbone("genclip-tiny", "random"))
+    engine.register_class("bottle")
+    engine.register_class("tile")
+    return engine
+
+
+def same(a: Prediction | FrameError, b: Prediction | FrameError) -> None:
+    assert type(a) is type(b)
+    if isinstance(a, FrameError):
+        assert (a.index, a.reason) == (b.index, b.reason)
+        return
+    assert (a.score, a.threshold, a.is_anomalous, a.defects) == (b.score, b.threshold, b.is_anomalous, b.defects)
+    np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_launch_then_outcomes_on_another_thread_equals_predict(engine):
+    batch = frames(5, seed=4)
+    batch[2] = np.zeros((3, 3), np.uint8)  # a bad frame keeps its place
+    classes = ["bottle", "tile", "bottle", "nope", "tile"]
+    expected = engine.predict(batch, classes)
+    first = engine.launch(batch, classes)
+    second = engine.launch(frames(3, seed=5), ["tile"] * 3)  # launched before the first one's results exist
+    built: list = []
+    thread = threading.Thread(target=lambda: built.append(first.outcomes()))
+    thread.start()
+    thread.join(60)
+    assert len(built) == 1
+    for a, b in zip(built[0], expected, strict=True):
+        same(a, b)
+    assert "too small" in built[0][2].reason and "unknown product class 'nope'" in built[0][3].reason
+    assert first.outcomes() == built[0]  # built once; asking again gives the same objects
+    assert all(isinstance(p, Prediction) for p in second.outcomes())
+    assert first.seconds is not None and first.seconds > 0
+
+
+def test_results_keep_the_snapshot_they_were_launched_with(engine):
+    pending = engine.launch(frames(2, seed=6), ["bottle"] * 2)
+    before = engine.threshold("bottle")
+    engine.set_thresholds({"bottle": 0.123})
+    try:
+        built = pending.outcomes()
+        assert {p.threshold for p in built} == {before[0]}
+        assert {p.threshold for p in engine.predict(frames(1), ["bottle"])} == {0.123}
+    finally:
+        engine.set_thresholds({})
+
+
+def make_frames(count: int, seed: int = 0) -> list[Frame]:
+    return [Frame("cam-1", i + 1, f"part-{i + 1}", "bottle", image) for i, image in enumerate(frames(count, seed))]
+
+
+def run_worker(engine: Engine, batch_frames: list[Frame], *, pipeline: bool, batch_size: int = 4) -> list[ScoredBatch]:
+    ledger = FrameLedger()
+    batcher = FrameBatcher(ledger, batch_size, max_wait_ms=5)
+    batcher.add_camera("cam-1", capacity=len(batch_frames), policy="block", max_age_ms=0)
+    for frame in batch_frames:
+        batcher.put("cam-1", frame)
+    delivered: list[ScoredBatch] = []
+    worker = InferenceWorker(lambda: engine, lambda e: None, batcher, delivered.append, pipeline=pipeline)
+    worker.start()
+    assert worker.ready.wait(60) and worker.error is None
+    batcher.close()
+    worker.stop(drain_s=60)
+    return delivered
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_worker_hands_on_every_frame_in_order_with_its_result(engine, pipeline):
+    sent = make_frames(10, seed=8)
+    delivered = run_worker(engine, sent, pipeline=pipeline)
+    got = [pair for scored in delivered for pair in zip(scored.frames, scored.outcomes(), strict=True)]
+    assert [f.seq for f, _ in got] == list(range(1, 11))
+    expected = [p for b in delivered for p in engine.predict([f.image for f in b.frames], ["bottle"] * len(b.frames))]
+    for (_, outcome), reference in zip(got, expected, strict=True):
+        same(outcome, reference)
+    assert all(scored.seconds is not None and scored.seconds > 0 for scored in delivered)
+
+
+def test_next_batch_is_launched_before_the_last_ones_regions_are_built(engine, monkeypatch):
+    """The overlap itself: building batch 1's results waits until batch 2 has been launched."""
+    second_launched = threading.Event()
+    overlapped: list[bool] = []
+    launches = 0
+    launch, assemble = engine.launch, engine._assemble
+
+    def counting_launch(images, classes):
+        nonlocal launches
+        launches += 1
+        if launches == 2:
+            second_launched.set()
+        return launch(images, classes)
+
+    def assemble_after_next_launch(*args):
+        if not overlapped:
+            overlapped.append(second_launched.wait(20))
+        return assemble(*args)
+
+    monkeypatch.setattr(engine, "launch", counting_launch)
+    monkeypatch.setattr(engine, "_assemble", assemble_after_next_launch)
+    delivered = [None]
+
+    def build_on_result_thread(scored: ScoredBatch) -> None:
+        if delivered[0] is None:
+            delivered[0] = threading.Thread(target=scored.outcomes)
+            delivered[0].start()
+
+    ledger = FrameLedger()
+    batcher = FrameBatcher(ledger, 4, max_wait_ms=5)
+    batcher.add_camera("cam-1", capacity=8, policy="block", max_age_ms=0)
+    for frame in make_frames(8, seed=9):
+        batcher.put("cam-1", frame)
+    worker = InferenceWorker(lambda: engine, lambda e: None, batcher, build_on_result_thread, pipeline=True)
+    worker.start()
+    assert worker.ready.wait(60) and worker.error is None
+    batcher.close()
+    worker.stop(drain_s=60)
+    delivered[0].join(30)
+    assert overlapped == [True]
+
+
+def test_a_batch_whose_results_cannot_be_built_fails_alone(engine, monkeypatch):
+    assemble = engine._assemble
+    calls = 0
+
+    def first_batch_breaks(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("device lost")
+        return assemble(*args)
+
+    monkeypatch.setattr(engine, "_assemble", first_batch_breaks)
+    delivered = run_worker(engine, make_frames(8, seed=10), pipeline=True)
+    first, second = delivered[0].outcomes(), delivered[1].outcomes()
+    assert [o.ok for o in first] == [False] * 4
+    assert {o.reason for o in first} == {"engine failure: device lost"}
+    assert all(isinstance(o, Prediction) for o in second)
+
+
+def test_a_batch_that_cannot_launch_fails_alone(engine, monkeypatch):
+    launch = engine.launch
+    calls = 0
+
+    def first_launch_breaks(images, classes):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return launch(images, classes)
+
+    monkeypatch.setattr(engine, "launch", first_launch_breaks)
+    delivered = run_worker(engine, make_frames(8, seed=11), pipeline=True)
+    assert [o.ok for o in delivered[0].outcomes()] == [False] * 4
+    assert delivered[0].seconds is None
+    assert "illegal memory access" in delivered[0].outcomes()[0].reason
+    assert all(isinstance(o, Prediction) for o in delivered[1].outcomes())
