@@ -797,14 +797,18 @@ class Engine:
         map_max = float(anomaly_map.max())
         is_ng = score >= entry.threshold
         map_t = region_threshold(entry.threshold, global_p, self.config.score_alpha, map_max, is_ng)
-        defects = find_defects(
-            anomaly_map,
-            map_t,
-            frame.shape[:2],
-            host["types"].get(j),
-            list(entry.text.defect_names),
-            self.config.min_defect_area,
-            keep_peak=is_ng,
+        defects = (  # an OK frame's map stays below map_t everywhere: no regions to look for
+            find_defects(
+                anomaly_map,
+                map_t,
+                frame.shape[:2],
+                host["types"].get(j),
+                list(entry.text.defect_names),
+                self.config.min_defect_area,
+                keep_peak=True,
+            )
+            if is_ng
+            else []
         )
         return Prediction(
             product_class=entry.profile.product_class,
