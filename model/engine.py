@@ -265,9 +265,11 @@ class Engine:
             tower = copy.deepcopy(tower).to(torch.bfloat16 if precision == "bf16" else torch.float16)
         self._vision: Callable[[torch.Tensor], VisionOutput] = tower
         if config.compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on the GPU
             torch._dynamo.config.recompile_limit = max(8, len(self.batch_sizes) + 2)
-            self._vision = torch.compile(tower, mode=mode, dynamic=False)
+            if self.device.type == "cuda":  # CUDA graphs over the fixed batch shapes
+                self._vision = torch.compile(tower, mode="reduce-overhead", dynamic=False)
+            else:  # the frozen tower's weights folded in as constants, pre-packed for the CPU's matrix kernels
+                self._vision = torch.compile(tower, dynamic=False, options={"freezing": True})
         checkpoint = ckpt.resolve_checkpoint(config.checkpoint) if config.checkpoint else None
         if config.checkpoint is not None and checkpoint is None:
             log.warning("no checkpoint in folder yet; running untrained prompts", folder=str(config.checkpoint))
@@ -872,32 +874,38 @@ class HostTransfer:
         for rows, probs in zip(self._types_rows, out.type_probabilities, strict=True):
             parts.append(probs[[k for k, _ in rows]] if len(rows) < probs.shape[0] else probs)
         self._shapes = [tuple(p.shape) for p in parts]
-        self._event: torch.cuda.Event | None = None
+        self._lock = threading.Lock()
         self._pieces: list[np.ndarray] | None = None
         if parts[0].device.type == "cuda":
             flat = torch.cat([p.float().reshape(-1) for p in parts])
-            self._staging = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)  # torch's pinned-block cache
-            self._staging.copy_(flat, non_blocking=True)
+            self._staging: torch.Tensor | None = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self._staging.copy_(flat, non_blocking=True)  # the pinned block comes from torch's cache
             self._event = torch.cuda.Event()
             self._event.record(torch.cuda.current_stream(flat.device))
         else:  # already in host memory
             self._pieces = [p.float().numpy() for p in parts]
 
     def wait(self) -> None:
-        """Block until the copy has landed (the device has finished this sub-batch)."""
-        if self._event is not None:
-            self._event.synchronize()
+        """Block until the copy has landed (the device has finished this sub-batch).
 
-    def result(self) -> dict[str, Any]:
-        if self._pieces is None:
-            self.wait()
-            values = self._staging.numpy()
+        Then the values move to ordinary memory and the pinned block goes back to torch's cache at once:
+        batches waiting for the result thread hold no pinned memory, which stays a few batches' worth.
+        """
+        with self._lock:
+            if self._pieces is not None:
+                return
+            self._event.synchronize()
+            values = self._staging.numpy().copy()
+            self._staging = None
             pieces, start = [], 0
             for shape in self._shapes:
                 size = int(np.prod(shape))
                 pieces.append(values[start : start + size].reshape(shape))
                 start += size
             self._pieces = pieces
+
+    def result(self) -> dict[str, Any]:
+        self.wait()
         scores, global_p, maps, *type_blocks = self._pieces
         types: dict[int, np.ndarray] = {}
         for rows, block in zip(self._types_rows, type_blocks, strict=True):

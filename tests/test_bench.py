@@ -156,3 +156,17 @@ def test_stage_profile_and_map_head_bench_run():
     assert maps.returncode == 0, maps.stderr
     differences = [float(line.rsplit(" ", 1)[1]) for line in maps.stdout.splitlines() if "max difference" in line]
     assert len(differences) == 6 and max(differences) < 2e-6
+
+
+def test_pipeline_bench_drains_every_frame_both_ways():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.pipeline", "--frames", "24", "--rounds", "1", "--image-size", "96", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert set(report["seconds"]) == {"on", "off"} and all(len(v) == 1 for v in report["seconds"].values())
+    assert report["settings"]["torch_threads"] == 1 and 0 <= report["ng_frames"] <= 24
+    assert report["off_over_on"]["min"] > 0
