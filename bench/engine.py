@@ -132,6 +132,7 @@ def bench_point(
     frame_size: tuple[int, int] = (480, 640),
     naive: bool = True,
     compile_model: bool = False,
+    pipelined: bool = False,
     backbone_cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure one (backbone, size, mode): engine at each batch size vs the naive loop, interleaved."""
@@ -199,6 +200,7 @@ def bench_point(
 
     timings = Timings()
     new_class_ms: list[float] = []
+    pipelined_batches = [b for b in batches if b < largest] if pipelined else []
     for r in range(rounds):
         if loop is not None:
             _synchronise(engine.device)
@@ -215,6 +217,17 @@ def bench_point(
                 _synchronise(engine.device)
                 calls.append((time.perf_counter() - t0) * 1000)
             timings.add(f"batch {batch}", time.perf_counter() - began, calls)
+        for batch in pipelined_batches:  # as the agent runs them: batch k+1 launched before k's results are built
+            _synchronise(engine.device)
+            began = time.perf_counter()
+            pending = None
+            for start in range(0, largest, batch):
+                launched = engine.launch(frames[start : start + batch], classes[start : start + batch])
+                if pending is not None:
+                    pending.outcomes()
+                pending = launched
+            pending.outcomes()
+            timings.add(f"batch {batch} pipelined", time.perf_counter() - began)
         if fp32 is not engine:
             _synchronise(engine.device)
             began = time.perf_counter()
@@ -243,6 +256,20 @@ def bench_point(
             entry["vs_naive"] = _ratio(timings.rounds["naive"], per_round)
         if fp32 is not engine and batch == largest:
             entry["vs_fp32"] = _ratio(timings.rounds["fp32"], per_round)
+        variants.append(entry)
+    for batch in pipelined_batches:
+        per_round = timings.rounds[f"batch {batch} pipelined"]
+        entry = {
+            "batch": batch,
+            "pipelined": True,
+            "images_per_s": round(largest / statistics.median(per_round), 2),
+            "batch_ms_p50": None,
+            "batch_ms_p99": None,
+            "vs_batch_1": _ratio(timings.rounds["batch 1"], per_round) if "batch 1" in timings.rounds else None,
+            "vs_unpipelined": _ratio(timings.rounds[f"batch {batch}"], per_round),
+        }
+        if loop is not None:
+            entry["vs_naive"] = _ratio(timings.rounds["naive"], per_round)
         variants.append(entry)
     result: dict[str, Any] = {
         "backbone": backbone,
