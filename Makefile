@@ -48,5 +48,10 @@ services-down:
 services-status:
 	bash deploy/services.sh status
 
+# Before a run on a lent GPU machine: the wheels and broker packages it lacks, into .whl/ (see bench/gpu_check.sh)
+.PHONY: gpu-wheels
+gpu-wheels:
+	bash bench/gpu_wheels.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

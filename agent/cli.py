@@ -140,3 +140,7 @@ def run(config: ConfigOption = None) -> None:
     from agent.service import InspectionService
 
     raise typer.Exit(InspectionService(cfg).run())
+
+
+if __name__ == "__main__":
+    main()

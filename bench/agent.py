@@ -11,6 +11,7 @@ accepted = published + dropped + expired.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -268,6 +269,12 @@ def run_agent_bench(
         try:
             while agent.poll() is None and time.monotonic() - started < warmup:
                 time.sleep(0.5)
+            ready_by = time.monotonic() + 600  # a large model (and compiling it) may need more than the warm-up
+            while agent.poll() is None and time.monotonic() < ready_by:
+                with contextlib.suppress(OSError):
+                    if scrape(health).get("genclip_frames_processed", 0) > 0:
+                        break
+                time.sleep(0.5)
             try:
                 first = {**scrape(health), **process_sample(agent.pid), "t": time.monotonic()}
             except OSError as exc:
@@ -303,6 +310,8 @@ def run_agent_bench(
                 "backbone": tomllib.loads(config.read_text())["model"]["backbone"],
                 "precision": tomllib.loads(config.read_text())["model"].get("precision", "fp32"),
                 "pipeline": tomllib.loads(config.read_text())["engine"].get("pipeline", True),
+                "image_size": tomllib.loads(config.read_text())["model"].get("image_size"),
+                "device": tomllib.loads(config.read_text())["model"].get("device", "auto"),
             },
             "offered_fps": round(cameras * fps, 2),
             "captured_fps": rate("genclip_frames_captured"),
@@ -342,6 +351,10 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
         device: Annotated[str | None, typer.Option(help="[model].device (auto, cpu, cuda).")] = None,
         backbone: Annotated[str | None, typer.Option(help="[model].backbone; default the config's.")] = None,
         precision: Annotated[str | None, typer.Option(help="[model].precision (fp32, bf16, fp16).")] = None,
+        image_size: Annotated[int | None, typer.Option("--image-size", min=16, help="[model].image_size.")] = None,
+        compile_model: Annotated[
+            bool | None, typer.Option("--compile/--no-compile", help="[model].compile; default the config's.")
+        ] = None,
         defect_rate: Annotated[float, typer.Option("--defect-rate", min=0, max=1)] = 0.2,
         pipeline: Annotated[
             bool | None, typer.Option("--pipeline/--no-pipeline", help="[engine].pipeline; default the config's.")
@@ -369,6 +382,10 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
             overrides.setdefault("model", {})["precision"] = precision
         if pipeline is not None:
             overrides.setdefault("engine", {})["pipeline"] = pipeline
+        if image_size:
+            overrides.setdefault("model", {})["image_size"] = image_size
+        if compile_model is not None:
+            overrides.setdefault("model", {})["compile"] = compile_model
         report = run_agent_bench(
             cameras=cameras,
             fps=fps,
@@ -393,7 +410,8 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
 def print_agent_report(r: dict[str, Any]) -> None:
     s = r["settings"]
     lines = [
-        f"{s['cameras']} camera(s) x {s['fps_per_camera']:g} fps ({s['backbone']}, {s.get('precision', 'fp32')}, "
+        f"{s['cameras']} camera(s) x {s['fps_per_camera']:g} fps ({s['backbone']} {s.get('image_size')} px, "
+        f"{s.get('precision', 'fp32')} on {s.get('device', 'auto')}, "
         f"threads {s['threads']}, pipeline {'on' if s.get('pipeline', True) else 'off'}), "
         f"{s['seconds']:g} s measured",
         f"frames/s: offered {r['offered_fps']}, captured {r['captured_fps']}, inspected {r['inspected_fps']}, "
