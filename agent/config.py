@@ -57,10 +57,10 @@ class BatchConfig(Section):
     max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="Longest a frame waits for its batch to fill.")
     threads: int = Field(0, ge=0, le=512, description="torch intra-op CPU threads; 0 = torch's default (one per core).")
     interop_threads: int = Field(0, ge=0, le=64, description="torch inter-op CPU threads; 0 = torch's default.")
-    pipeline: bool = Field(
-        True,
-        description="Build a batch's results (maps, defect regions) on the result thread while the engine "
-        "scores the next batch; false builds them on the engine thread first.",
+    pipeline: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="on: build a batch's results (maps, defect regions) on the result thread while the engine "
+        "scores the next batch; off: on the engine thread first; auto: on with a GPU, off on the CPU.",
     )
 
 

@@ -73,13 +73,14 @@ class InferenceWorker:
         batcher: FrameBatcher,
         deliver: Deliver,
         *,
-        pipeline: bool = True,
+        pipeline: str = "auto",
     ) -> None:
         self._build = build
         self._setup = setup
         self.batcher = batcher
         self._deliver = deliver
-        self.pipeline = pipeline
+        self._pipeline_setting = pipeline
+        self.pipeline = pipeline == "on"  # "auto" is decided once the engine's device is known
         self._in_flight: ScoredBatch | None = None
         self._tasks: queue.SimpleQueue[tuple[Callable[[Any], Any], Future]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -119,7 +120,11 @@ class InferenceWorker:
             self.engine = self._build()
             self._setup(self.engine)
             seconds = self.engine.warmup()
-            log.info("engine warm", seconds=round(seconds, 2), batch_sizes=self.engine.batch_sizes)
+            if self._pipeline_setting == "auto":
+                self.pipeline = self.engine.device.type == "cuda"
+            log.info(
+                "engine warm", seconds=round(seconds, 2), batch_sizes=self.engine.batch_sizes, pipeline=self.pipeline
+            )
         except BaseException as exc:  # reported by the service, which exits with the reason
             self.error = exc
             self.ready.set()

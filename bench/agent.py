@@ -309,7 +309,7 @@ def run_agent_bench(
                 "overrides": overrides or {},
                 "backbone": tomllib.loads(config.read_text())["model"]["backbone"],
                 "precision": tomllib.loads(config.read_text())["model"].get("precision", "fp32"),
-                "pipeline": tomllib.loads(config.read_text())["engine"].get("pipeline", True),
+                "pipeline": tomllib.loads(config.read_text())["engine"].get("pipeline", "auto"),
                 "image_size": tomllib.loads(config.read_text())["model"].get("image_size"),
                 "device": tomllib.loads(config.read_text())["model"].get("device", "auto"),
             },
@@ -381,7 +381,7 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
         if precision:
             overrides.setdefault("model", {})["precision"] = precision
         if pipeline is not None:
-            overrides.setdefault("engine", {})["pipeline"] = pipeline
+            overrides.setdefault("engine", {})["pipeline"] = "on" if pipeline else "off"
         if image_size:
             overrides.setdefault("model", {})["image_size"] = image_size
         if compile_model is not None:
@@ -412,7 +412,7 @@ def print_agent_report(r: dict[str, Any]) -> None:
     lines = [
         f"{s['cameras']} camera(s) x {s['fps_per_camera']:g} fps ({s['backbone']} {s.get('image_size')} px, "
         f"{s.get('precision', 'fp32')} on {s.get('device', 'auto')}, "
-        f"threads {s['threads']}, pipeline {'on' if s.get('pipeline', True) else 'off'}), "
+        f"threads {s['threads']}, pipeline {s.get('pipeline', 'auto')}), "
         f"{s['seconds']:g} s measured",
         f"frames/s: offered {r['offered_fps']}, captured {r['captured_fps']}, inspected {r['inspected_fps']}, "
         f"results {r['results_per_s']}, rejects {r['rejects_per_s']}",

@@ -65,7 +65,7 @@ def drain(engine: Any, images: list[np.ndarray], *, pipeline: bool, batch_size: 
                 )
                 verdicts.append(inspection.verdict)
 
-    worker = InferenceWorker(lambda: engine, lambda e: None, batcher, handed.put, pipeline=pipeline)
+    worker = InferenceWorker(lambda: engine, lambda e: None, batcher, handed.put, pipeline="on" if pipeline else "off")
     results = threading.Thread(target=result_stage, name="results")
     worker.start()
     worker.ready.wait()

@@ -70,7 +70,7 @@ def make_frames(count: int, seed: int = 0) -> list[Frame]:
     return [Frame("cam-1", i + 1, f"part-{i + 1}", "bottle", image) for i, image in enumerate(frames(count, seed))]
 
 
-def run_worker(engine: Engine, batch_frames: list[Frame], *, pipeline: bool, batch_size: int = 4) -> list[ScoredBatch]:
+def run_worker(engine: Engine, batch_frames: list[Frame], *, pipeline: str, batch_size: int = 4) -> list[ScoredBatch]:
     ledger = FrameLedger()
     batcher = FrameBatcher(ledger, batch_size, max_wait_ms=5)
     batcher.add_camera("cam-1", capacity=len(batch_frames), policy="block", max_age_ms=0)
@@ -78,6 +78,7 @@ def run_worker(engine: Engine, batch_frames: list[Frame], *, pipeline: bool, bat
         batcher.put("cam-1", frame)
     delivered: list[ScoredBatch] = []
     worker = InferenceWorker(lambda: engine, lambda e: None, batcher, delivered.append, pipeline=pipeline)
+    assert worker.pipeline == (pipeline == "on")
     worker.start()
     assert worker.ready.wait(60) and worker.error is None
     batcher.close()
@@ -85,7 +86,7 @@ def run_worker(engine: Engine, batch_frames: list[Frame], *, pipeline: bool, bat
     return delivered
 
 
-@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize("pipeline", ["on", "off"])
 def test_worker_hands_on_every_frame_in_order_with_its_result(engine, pipeline):
     sent = make_frames(10, seed=8)
     delivered = run_worker(engine, sent, pipeline=pipeline)
@@ -130,7 +131,7 @@ def test_next_batch_is_launched_before_the_last_ones_regions_are_built(engine, m
     batcher.add_camera("cam-1", capacity=8, policy="block", max_age_ms=0)
     for frame in make_frames(8, seed=9):
         batcher.put("cam-1", frame)
-    worker = InferenceWorker(lambda: engine, lambda e: None, batcher, build_on_result_thread, pipeline=True)
+    worker = InferenceWorker(lambda: engine, lambda e: None, batcher, build_on_result_thread, pipeline="on")
     worker.start()
     assert worker.ready.wait(60) and worker.error is None
     batcher.close()
@@ -151,7 +152,7 @@ def test_a_batch_whose_results_cannot_be_built_fails_alone(engine, monkeypatch):
         return assemble(*args)
 
     monkeypatch.setattr(engine, "_assemble", first_batch_breaks)
-    delivered = run_worker(engine, make_frames(8, seed=10), pipeline=True)
+    delivered = run_worker(engine, make_frames(8, seed=10), pipeline="on")
     first, second = delivered[0].outcomes(), delivered[1].outcomes()
     assert [o.ok for o in first] == [False] * 4
     assert {o.reason for o in first} == {"engine failure: device lost"}
@@ -170,7 +171,7 @@ def test_a_batch_that_cannot_launch_fails_alone(engine, monkeypatch):
         return launch(images, classes)
 
     monkeypatch.setattr(engine, "launch", first_launch_breaks)
-    delivered = run_worker(engine, make_frames(8, seed=11), pipeline=True)
+    delivered = run_worker(engine, make_frames(8, seed=11), pipeline="on")
     assert [o.ok for o in delivered[0].outcomes()] == [False] * 4
     assert delivered[0].seconds is None
     assert "illegal memory access" in delivered[0].outcomes()[0].reason
@@ -192,3 +193,20 @@ def test_cuda_batches_launched_back_to_back_keep_their_own_outputs(compiled):
     for pending, expected in zip((second, first), reversed(alone), strict=True):  # read back out of order
         for a, b in zip(pending.outcomes(), expected, strict=True):  # GPU kernels may differ in the last bits
             assert abs(a.score - b.score) < 1e-5 and np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-4
+
+
+def test_pipeline_auto_is_off_on_the_cpu_and_the_setting_is_checked(engine):
+    from pydantic import ValidationError
+
+    from agent.config import BatchConfig
+
+    batcher = FrameBatcher(FrameLedger(), 4, max_wait_ms=5)
+    worker = InferenceWorker(lambda: engine, lambda e: None, batcher, lambda scored: None, pipeline="auto")
+    worker.start()
+    assert worker.ready.wait(60) and worker.error is None
+    assert worker.pipeline is False  # a CPU engine: its cores are the result thread's too
+    batcher.close()
+    worker.stop(drain_s=10)
+    assert BatchConfig().pipeline == "auto"
+    with pytest.raises(ValidationError, match="'auto', 'on' or 'off'"):
+        BatchConfig(pipeline="yes")
