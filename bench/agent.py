@@ -253,7 +253,8 @@ def run_agent_bench(
             overrides=settings,
             defect_rate=defect_rate,
         )
-        prefix = tomllib.loads(config.read_text())["mqtt"].get("topic_prefix", "genclip")
+        written = tomllib.loads(config.read_text())
+        prefix = written["mqtt"].get("topic_prefix", "genclip")
         listener = LatencyListener(mqtt_host, mqtt_port, prefix)
         log_path = work / "agent.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -307,11 +308,11 @@ def run_agent_bench(
                 "threads": threads or "default",
                 "brokers": brokers,
                 "overrides": overrides or {},
-                "backbone": tomllib.loads(config.read_text())["model"]["backbone"],
-                "precision": tomllib.loads(config.read_text())["model"].get("precision", "fp32"),
-                "pipeline": tomllib.loads(config.read_text())["engine"].get("pipeline", "auto"),
-                "image_size": tomllib.loads(config.read_text())["model"].get("image_size"),
-                "device": tomllib.loads(config.read_text())["model"].get("device", "auto"),
+                "backbone": written["model"]["backbone"],
+                "precision": written["model"].get("precision", "fp32"),
+                "pipeline": written["engine"].get("pipeline", "auto"),
+                "image_size": written["model"].get("image_size"),
+                "device": written["model"].get("device", "auto"),
             },
             "offered_fps": round(cameras * fps, 2),
             "captured_fps": rate("genclip_frames_captured"),
