@@ -17,9 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.frames import Frame
-from agent.ledger import FrameLedger
-
-Policy = str  # "drop_oldest" | "block"
+from agent.ledger import DropReason, FrameLedger
+from agent.sources.config import QueuePolicy
 
 
 @dataclass
@@ -28,7 +27,7 @@ class CameraLane:
 
     camera: str
     capacity: int
-    policy: Policy
+    policy: QueuePolicy
     max_age_s: float  # 0: no limit
     frames: deque[Frame]
     paused: bool = False
@@ -42,19 +41,17 @@ class FrameBatcher:
         ledger: FrameLedger,
         batch_size: int,
         max_wait_ms: float,
-        on_drop: Callable[[str, str], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.batch_size = batch_size
         self.max_wait_s = max_wait_ms / 1000.0
-        self._on_drop = on_drop or (lambda camera, reason: None)
         self._lanes: dict[str, CameraLane] = {}
         self._order: list[str] = []
         self._next = 0
         self._cond = threading.Condition()
         self._closed = False
 
-    def add_camera(self, camera: str, capacity: int, policy: Policy, max_age_ms: float) -> None:
+    def add_camera(self, camera: str, capacity: int, policy: QueuePolicy, max_age_ms: float) -> None:
         with self._cond:
             self._lanes[camera] = CameraLane(camera, capacity, policy, max_age_ms / 1000.0, deque())
             self._order.append(camera)
@@ -108,9 +105,8 @@ class FrameBatcher:
             lane.frames.append(frame)
             self._cond.notify_all()
 
-    def _drop(self, frame: Frame, reason: str) -> None:
-        self.ledger.dropped(frame.camera, reason)  # type: ignore[arg-type]
-        self._on_drop(frame.camera, reason)
+    def _drop(self, frame: Frame, reason: DropReason) -> None:
+        self.ledger.dropped(frame, reason)
 
     def _take_one(self, now: float) -> Frame | None:
         """The next frame, cameras in turn; stale frames on the way are counted as expired."""
@@ -120,14 +116,14 @@ class FrameBatcher:
             while lane.frames:
                 frame = lane.frames.popleft()
                 if lane.max_age_s and frame.age_s(now) > lane.max_age_s:
-                    self.ledger.expired(frame.camera)
-                    self._on_drop(frame.camera, "stale")
+                    self.ledger.expired(frame)
                     continue
                 return frame
         return None
 
     def next_batch(self, timeout: float) -> list[Frame]:
-        """Up to batch_size frames, waiting at most `timeout` for the first and max_wait for the rest."""
+        """Up to batch_size frames, waiting at most `timeout` for the first, and for the rest until the first
+        is `max_wait_ms` old (a frame that already waited in its queue does not wait again for company)."""
         deadline = time.monotonic() + timeout
         batch: list[Frame] = []
         with self._cond:
@@ -139,7 +135,7 @@ class FrameBatcher:
                         break
                     batch.append(frame)
                     if len(batch) == 1:
-                        deadline = now + self.max_wait_s
+                        deadline = min(now, frame.captured_mono) + self.max_wait_s
                 self._cond.notify_all()  # room for blocked sources
                 if len(batch) >= self.batch_size or now >= deadline or (self._closed and not batch):
                     return batch

@@ -89,7 +89,7 @@ def check_model(cfg: InspectConfig) -> None:
 
     began = time.monotonic()
     try:
-        engine = Engine(cfg.model, max_batch=cfg.engine.batch_size)
+        engine = Engine(cfg.startup_model(), max_batch=cfg.engine.batch_size)
     except (BackboneError, CheckpointError, RuntimeError, ValueError, OSError) as exc:
         typer.echo(f"model NOT OK: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -137,9 +137,15 @@ def main() -> None:
 def run(config: ConfigOption = None) -> None:
     """Run the inspection service for one line until SIGTERM/SIGINT (SIGHUP reloads the prompts)."""
     cfg = load_for_verb(config)
-    from agent.service import InspectionService
+    from agent.logs import get_logger
+    from agent.service import InspectionService, StartupError
 
-    raise typer.Exit(InspectionService(cfg).run())
+    try:
+        service = InspectionService(cfg)
+    except StartupError as exc:
+        get_logger("agent.service").error("cannot start", reason=str(exc))
+        raise typer.Exit(1) from None
+    raise typer.Exit(service.run())
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.publish.config import MqttConfig, RedisConfig
 from agent.section import Section
 from agent.sources.config import CameraConfig
-from model.config import EngineConfig
+from model.checkpoint_files import newest_checkpoint
+from model.config import EngineConfig, normalise_class_name
 from trainer.config import TrainerConfig
 
 ENV_PREFIX = "GENCLIP_"
@@ -69,13 +70,27 @@ class AgentConfig(Section):
     health_port: int = Field(
         8321, ge=0, le=65535, description="HTTP port for /healthz and /metrics; 0 = any free port."
     )
-    publish_queue: int = Field(1024, ge=1, description="Results waiting for the publishers.")
+    publish_queue: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Scored frames waiting for their results to be built and published (whole batches, at least "
+        "two); when it is full the engine waits and frames wait, or expire, in their camera queues.",
+    )
     prompt_dir: Path | None = Field(None, description="Folder watched for new prompt checkpoints.")
     shutdown_timeout_s: float = Field(
-        10.0, ge=0, le=600, description="On stop: time to score what is queued and flush the brokers."
+        10.0,
+        ge=0,
+        le=60,
+        description="On stop: time to score and publish what is queued and flush the brokers (at most 60 s, so the "
+        "whole stop stays inside the unit's TimeoutStopSec=90s).",
     )
     stall_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="A batch running longer than this marks the worker stalled (health, watchdog)."
+        30.0,
+        gt=0,
+        le=3600,
+        description="A batch running longer than this, or no results published for this long while the engine "
+        "waits on them, marks the agent hung: /healthz fails and the systemd watchdog pings stop.",
     )
     reload_debounce_s: float = Field(
         0.5, ge=0, le=60, description="Quiet time after a checkpoint is published before it is loaded (bursts: once)."
@@ -143,6 +158,32 @@ class InspectConfig(BaseSettings):
             raise ValueError(f"camera ids must be unique; repeated: {', '.join(dupes)}")
         return value
 
+    @model_validator(mode="after")
+    def _classes_on_this_line(self) -> InspectConfig:
+        """A threshold or reference folder for a class no camera inspects is a typo until proven otherwise:
+        silently ignored, the line would run on the default threshold instead of the one meant."""
+        if not self.cameras:  # a config for `genclip score` or the trainer only
+            return self
+        classes = {normalise_class_name(c.product_class) for c in self.cameras}
+        problems = [
+            f"{section}.{name}: no camera on this line inspects class {name!r} "
+            f"(its cameras' classes: {', '.join(sorted(classes))})"
+            for section, keys in (("thresholds", self.thresholds), ("references", self.references))
+            for name in keys
+            if normalise_class_name(name) not in classes
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def startup_model(self) -> EngineConfig:
+        """The [model] section the engine starts with: the newest checkpoint in [agent].prompt_dir when it has one
+        (where the trainer publishes), else [model].checkpoint."""
+        prompt_dir = self.agent.prompt_dir
+        if prompt_dir is not None and newest_checkpoint(prompt_dir) is not None:
+            return self.model.model_copy(update={"checkpoint": prompt_dir})
+        return self.model
+
     def product_classes(self) -> list[str]:
         """Every product class this line inspects, in camera order."""
         return list(dict.fromkeys(c.product_class for c in self.cameras))
@@ -191,8 +232,11 @@ def format_errors(exc: ValidationError) -> list[str]:
     """pydantic's errors as 'section.key: message' lines a line engineer can act on."""
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        where = ".".join(str(p) for p in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
+        if not where:  # a check across sections: its message names the keys
+            lines.extend(message.split("; "))
+            continue
         if err["type"] == "extra_forbidden":
             message = "unknown key (misspelt, or not in this section)"
         elif err["type"] == "missing":

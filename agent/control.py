@@ -25,7 +25,7 @@ class _Args(BaseModel):
 
 
 class ReloadArgs(_Args):
-    """Reload the configuration and the prompt checkpoint."""
+    """Reload the prompt checkpoint (the newest one published); the configuration needs a restart."""
 
 
 class ThresholdArgs(_Args):

@@ -7,6 +7,7 @@ can always be traced back to its camera, sequence number and part.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -24,7 +25,17 @@ class Frame:
     image: np.ndarray
     captured_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # wall clock, UTC
     captured_mono: float = field(default_factory=time.monotonic)  # for latency and staleness
+    on_end: Callable[[str], None] | None = field(default=None, repr=False)  # see `end`
 
     def age_s(self, now: float | None = None) -> float:
         """Seconds since capture, on the monotonic clock."""
         return (time.monotonic() if now is None else now) - self.captured_mono
+
+    def end(self, how: str) -> None:
+        """Tell the frame's source how its frame ended: "published" or the drop reason.
+
+        The ledger calls it exactly once per accepted frame; a folder source clears a file away
+        only once its result is published, and keeps it for another try otherwise.
+        """
+        if self.on_end is not None:
+            self.on_end(how)

@@ -1,17 +1,27 @@
 """Frame accounting: every frame the agent accepts ends exactly once as published, dropped or expired.
 
 accepted = published + dropped (by reason) + expired + in_flight holds at every moment, and
-after a clean shutdown in_flight is 0. Tests check it after every scenario; /metrics exports it.
+after a clean shutdown in_flight is 0. Tests check it after every scenario; the agent logs it
+when it stops and /metrics exports the drops (`genclip_frames_dropped_total`, expired frames
+under the reason "stale"). Ending a frame here also tells its source how it ended
+(`Frame.end`), so a folder source clears a file away only once the file's result is out.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from agent.frames import Frame
+from agent.logs import get_logger
+
+log = get_logger(__name__)
+
 DropReason = Literal["queue_full", "shutdown", "paused", "invalid"]
+STALE = "stale"  # how an expired frame is reported to drop listeners (and to /metrics)
 
 
 @dataclass
@@ -36,10 +46,11 @@ class LedgerSnapshot:
 
 
 class FrameLedger:
-    """Thread-safe per-camera counts of where frames went."""
+    """Thread-safe per-camera counts of where frames went; `on_drop(camera, reason)` hears every drop."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_drop: Callable[[str, str], None] | None = None) -> None:
         self._lock = threading.Lock()
+        self._on_drop = on_drop
         self._accepted: Counter[str] = Counter()
         self._published: Counter[str] = Counter()
         self._expired: Counter[str] = Counter()
@@ -49,17 +60,33 @@ class FrameLedger:
         with self._lock:
             self._accepted[camera] += 1
 
-    def published(self, camera: str) -> None:
+    def published(self, frame: Frame) -> None:
         with self._lock:
-            self._published[camera] += 1
+            self._published[frame.camera] += 1
+        self._end(frame, "published")
 
-    def expired(self, camera: str) -> None:
+    def expired(self, frame: Frame) -> None:
         with self._lock:
-            self._expired[camera] += 1
+            self._expired[frame.camera] += 1
+        self._tell(frame.camera, STALE)
+        self._end(frame, STALE)
 
-    def dropped(self, camera: str, reason: DropReason) -> None:
+    def dropped(self, frame: Frame, reason: DropReason) -> None:
         with self._lock:
-            self._dropped[camera, reason] += 1
+            self._dropped[frame.camera, reason] += 1
+        self._tell(frame.camera, reason)
+        self._end(frame, reason)
+
+    def _tell(self, camera: str, reason: str) -> None:
+        if self._on_drop is not None:
+            self._on_drop(camera, reason)
+
+    @staticmethod
+    def _end(frame: Frame, how: str) -> None:
+        try:
+            frame.end(how)
+        except Exception:  # the source's bookkeeping must never break the count
+            log.exception("frame end hook failed", camera=frame.camera, seq=frame.seq, how=how)
 
     def snapshot(self, camera: str | None = None) -> LedgerSnapshot:
         with self._lock:

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.ledger import STALE, DropReason
 from agent.logs import get_logger
 
 log = get_logger(__name__)
 
 NAMESPACE = "genclip"
-DropReason = Literal["queue_full", "stale", "shutdown", "paused", "invalid"]
-DROP_REASONS: tuple[DropReason, ...] = ("queue_full", "stale", "shutdown", "paused", "invalid")
+DROP_REASONS: tuple[str, ...] = (*get_args(DropReason), STALE)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -133,8 +133,8 @@ class AgentMetrics:
             self.frames_dropped.labels(camera=camera, reason=reason)
         self.camera_up.labels(camera=camera).set(0)
 
-    def dropped(self, camera: str, reason: DropReason, n: int = 1) -> None:
-        """Count dropped frames; an unknown reason is a programming error, not a new label value."""
+    def dropped(self, camera: str, reason: str, n: int = 1) -> None:
+        """Count dropped frames (the ledger's listener); an unknown reason is a programming error."""
         if reason not in DROP_REASONS:
             raise ValueError(f"unknown drop reason {reason!r}; expected one of {', '.join(DROP_REASONS)}")
         self.frames_dropped.labels(camera=camera, reason=reason).inc(n)

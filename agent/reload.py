@@ -24,40 +24,24 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from agent.logs import get_logger
+from model.checkpoint_files import CHECKPOINT_SUFFIX, is_unpublished, newest_checkpoint, resolve_checkpoint
 
 log = get_logger(__name__)
 
-SUFFIX = ".safetensors"
-TEMP_SUFFIXES = (".tmp", ".part")
 # Events that can mean "a checkpoint is now in place"; deletions never trigger a load.
 TRIGGERS = ("created", "modified", "moved", "closed")
 # A stream of events never postpones a reload by more than this many debounce periods.
 MAX_WAIT_FACTOR = 5
 
 
-def is_temp(name: str) -> bool:
-    return name.startswith(".") or name.endswith(TEMP_SUFFIXES)
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest published `*.safetensors` in `directory` (by mtime, then name), or None."""
-    best: tuple[int, str] | None = None
+def checkpoint_signature(target: Path | None) -> tuple[Path, int, int] | None:
+    """(path, size, mtime) of the checkpoint `target` resolves to (a file, or a folder's newest), or None."""
+    path = resolve_checkpoint(target) if target is not None else None
     try:
-        entries = list(os.scandir(directory))
-    except (FileNotFoundError, NotADirectoryError):
+        st = path.stat() if path is not None else None
+    except OSError:
         return None
-    for entry in entries:
-        if is_temp(entry.name) or not entry.name.endswith(SUFFIX):
-            continue
-        try:
-            if not entry.is_file():
-                continue
-            key = (entry.stat().st_mtime_ns, entry.name)
-        except FileNotFoundError:  # removed while we looked
-            continue
-        if best is None or key > best:
-            best = key
-    return Path(directory) / best[1] if best else None
+    return (path, st.st_size, st.st_mtime_ns) if path is not None and st is not None else None
 
 
 class CheckpointWatcher:
@@ -67,12 +51,12 @@ class CheckpointWatcher:
     file is created, written or renamed into place. Otherwise it is a folder: fire with
     the newest checkpoint in it when one appears or is replaced. The same file
     (inode, size, mtime) is not reported twice in a row. Call start() before loading
-    `latest_checkpoint` at start-up, so nothing published in between is missed.
+    the newest checkpoint at start-up, so nothing published in between is missed.
     """
 
     def __init__(self, target: Path, on_change: Callable[[Path], None], debounce_s: float = 0.5) -> None:
         self.target = Path(target).absolute()
-        self.single_file = self.target.is_file() or self.target.suffix == SUFFIX
+        self.single_file = self.target.is_file() or self.target.suffix == CHECKPOINT_SUFFIX
         self.folder = self.target.parent if self.single_file else self.target
         self._on_change = on_change
         self._debounce_s = max(0.0, debounce_s)
@@ -131,7 +115,7 @@ class CheckpointWatcher:
     def _wanted(self, path: Path) -> bool:
         if self.single_file:
             return path == self.target
-        return path.parent == self.folder and path.name.endswith(SUFFIX) and not is_temp(path.name)
+        return path.parent == self.folder and path.name.endswith(CHECKPOINT_SUFFIX) and not is_unpublished(path.name)
 
     def _pending(self) -> None:
         with self._cond:
@@ -196,7 +180,7 @@ class CheckpointWatcher:
     def _resolve(self) -> Path | None:
         if self.single_file:
             return self.target if self.target.is_file() else None
-        return latest_checkpoint(self.folder)
+        return newest_checkpoint(self.folder)
 
     def _fire(self) -> None:
         path = self._resolve()

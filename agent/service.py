@@ -4,13 +4,13 @@ Start order: publishers (non-blocking: a broker that is down is retried in the
 background), health server, the engine worker (engine, classes, warm-up, on its
 own thread), then the cameras whose class could be set up, then the checkpoint
 watcher; systemd hears READY=1 only then. Stop order is the reverse: cameras stop,
-what is queued is scored within `[agent].shutdown_timeout_s` (the rest is dropped
-and counted), results are flushed to the brokers, `stopped` is published.
+what is queued is scored and published until `[agent].shutdown_timeout_s` has passed
+(the rest is dropped and counted), the brokers get what is left of that time (at least
+a few seconds) to take the last results, `stopped` is published.
 """
 
 from __future__ import annotations
 
-import queue
 import signal
 import threading
 import time
@@ -31,16 +31,23 @@ from agent.logs import get_logger
 from agent.metrics import AgentMetrics
 from agent.publish.mqtt import MqttPublisher
 from agent.publish.redis_streams import RedisStreamPublisher
-from agent.reload import CheckpointWatcher, latest_checkpoint
+from agent.reload import CheckpointWatcher, checkpoint_signature
+from agent.result_stage import ResultStage
 from agent.results import Inspection, build_inspection, iso
 from agent.sources import open_source
 from agent.sources.base import FrameSource
 from agent.systemd import SystemdNotifier
-from agent.worker import InferenceWorker, ScoredBatch
+from agent.worker import InferenceWorker
+from model.checkpoint_files import resolve_checkpoint
+from model.config import normalise_class_name
 
 log = get_logger("agent.service")
 MAX_REFERENCE_IMAGES = 64
 LINK_CHECK_S = 5.0  # how long start waits for the brokers' first answer before loading the engine
+SOURCES_STOP_S = 5.0  # how long stop waits for all cameras together to release their devices
+BATCH_GRACE_S = 15.0  # after the stop's time is up: the batch then on the device may still finish
+FLUSH_MIN_S = 2.0  # the brokers get at least this long to take the last results
+TASK_STALL_S = 300.0  # a prompt reload or recalibration on the worker may run this long before it counts as hung
 
 
 class StartupError(RuntimeError):
@@ -64,46 +71,6 @@ def reference_loader(folder: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
     return load
 
 
-class ResultStage:
-    """Off the engine thread: turns outcomes into Inspections (verdict, regions, map PNG) and publishes them."""
-
-    def __init__(self, service: InspectionService, capacity: int) -> None:
-        self.service = service
-        self._queue: queue.Queue[ScoredBatch | None] = queue.Queue(capacity)
-        self._thread = threading.Thread(target=self._run, name="results", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def put(self, scored: ScoredBatch) -> None:
-        self._queue.put(scored)  # blocks the worker only if publishing fell far behind
-
-    def depth(self) -> int:
-        return self._queue.qsize()
-
-    def stop(self, timeout: float) -> None:
-        if self._thread.ident is None:  # never started: start() failed before it
-            return
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            scored = self._queue.get()
-            if scored is None:
-                return
-            outcomes = scored.outcomes()  # maps and regions, while the worker scores the next batch
-            self.service.metrics.batch_size.observe(len(scored.frames))
-            if scored.seconds is not None:
-                self.service.metrics.inference_seconds.observe(scored.seconds)
-            for frame, outcome in zip(scored.frames, outcomes, strict=True):
-                try:
-                    self.service.publish(frame, outcome)
-                except Exception:  # never lose the thread; the frame is still accounted for
-                    log.exception("result could not be built", camera=frame.camera, seq=frame.seq)
-                    self.service.ledger.dropped(frame.camera, "invalid")
-
-
 class InspectionService:
     """One production line: its cameras, its engine, its publishers."""
 
@@ -111,7 +78,7 @@ class InspectionService:
         self.config = config
         self.line = config.line.id
         self.metrics = AgentMetrics()
-        self.ledger = FrameLedger()
+        self.ledger = FrameLedger(on_drop=self.metrics.dropped)
         self.notifier = SystemdNotifier()
         self.thresholds = dict(config.thresholds)
         self.class_errors: dict[str, str] = {}
@@ -119,22 +86,26 @@ class InspectionService:
         self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
+        self._signalled: int | None = None  # set by the signal handler, which must not take locks
         self._reload_lock = threading.Lock()
-        self.mqtt = MqttPublisher(config.mqtt, self.line, handler=self.handle_command)
+        try:
+            self.mqtt = MqttPublisher(config.mqtt, self.line, handler=self.handle_command)
+        except ValueError as exc:  # TLS files that cannot be loaded
+            raise StartupError(str(exc)) from None
         self.redis = RedisStreamPublisher(config.redis, self.line)
         self.health = HealthServer(
             config.agent.health_host, config.agent.health_port, self.metrics, self.health_reasons
         )
-        self.batcher = FrameBatcher(
-            self.ledger, config.engine.batch_size, config.engine.max_wait_ms, on_drop=self._count_drop
-        )
-        self.results = ResultStage(self, config.agent.publish_queue)
+        self.batcher = FrameBatcher(self.ledger, config.engine.batch_size, config.engine.max_wait_ms)
+        batches = max(2, -(-config.agent.publish_queue // config.engine.batch_size))
+        self.results = ResultStage(self.publish, self.ledger, self.metrics, capacity=batches)
         self.worker = InferenceWorker(
             self._build_engine, self._setup_classes, self.batcher, self.results.put, pipeline=config.engine.pipeline
         )
         self.sources: dict[str, FrameSource] = {}
         self.watcher: CheckpointWatcher | None = None
         self._model_info: dict[str, Any] = {}
+        self._loaded_checkpoint: tuple[Path, int, int] | None = None  # (path, size, mtime) the engine started on
 
     # --- start and stop -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -144,7 +115,8 @@ class InspectionService:
         self.metrics.add_stats_source("redis", self.redis.stats.counts)
         for camera in cfg.cameras:
             self.metrics.add_camera(camera.id)
-            self.batcher.add_camera(camera.id, camera.queue_size, camera.resolved_queue_policy, camera.max_age_ms)
+            policy, max_age_ms = camera.resolved_queue_policy, camera.resolved_max_age_ms
+            self.batcher.add_camera(camera.id, camera.queue_size, policy, max_age_ms)
             self.metrics.watch_queue(f"camera:{camera.id}", lambda c=camera.id: self.batcher.depth(c))
         self.metrics.watch_queue("results", self.results.depth)
         self.mqtt.start()
@@ -177,6 +149,7 @@ class InspectionService:
         if target is not None:
             self.watcher = CheckpointWatcher(target, self._on_checkpoint, cfg.agent.reload_debounce_s)
             self.watcher.start()
+            self._catch_up_on_checkpoints(target)
         self.publish_info()
         threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True).start()
         self.notifier.ready()
@@ -200,11 +173,10 @@ class InspectionService:
 
     def run(self) -> int:
         """start(), then serve until SIGTERM/SIGINT (SIGHUP reloads the prompts); returns the exit code."""
-        wake = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
-            (self._reload_requested if signum == signal.SIGHUP else self._stop).set()
-            wake.set()
+            # Runs between two bytecodes of the main thread, maybe inside a lock it holds: no locks here.
+            self._signalled = signum
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, on_signal)
@@ -214,17 +186,16 @@ class InspectionService:
             log.error("cannot start", reason=str(exc))
             self.shutdown()
             return 1
-        while True:
-            wake.wait(1.0)
-            wake.clear()
-            if self._reload_requested.is_set():
-                self._reload_requested.clear()
+        while not self._stop.is_set():
+            time.sleep(0.1)
+            signum, self._signalled = self._signalled, None
+            if signum == signal.SIGHUP:
                 try:
                     self.reload()
                 except Exception as exc:
                     log.warning("reload on SIGHUP refused; the running prompts keep serving", error=str(exc))
-            if self._stop.is_set():
-                break
+            elif signum is not None:
+                self._stop.set()
         self.shutdown()
         return 0
 
@@ -232,7 +203,12 @@ class InspectionService:
         self._stop.set()
 
     def shutdown(self) -> None:
-        """Stop capture, finish or drop (counted) what is queued, flush publishers, publish `stopped`."""
+        """Stop capture, finish or drop (counted) what is queued, flush publishers, publish `stopped`.
+
+        One budget for all of it, `[agent].shutdown_timeout_s`, plus at most SOURCES_STOP_S for the
+        cameras, BATCH_GRACE_S for a batch on the device when time is up and FLUSH_MIN_S per broker:
+        with the largest setting (60 s) that stays inside the unit's TimeoutStopSec (90 s).
+        """
         self._stop.set()
         self.notifier.stopping()
         drain_s = self.config.agent.shutdown_timeout_s
@@ -240,14 +216,18 @@ class InspectionService:
         if self.watcher is not None:
             self.watcher.stop()
         for source in self.sources.values():
-            source.stop(timeout=5.0)
+            source.request_stop()
+        sources_by = time.monotonic() + SOURCES_STOP_S
+        for source in self.sources.values():
+            source.stop(timeout=max(0.0, sources_by - time.monotonic()))
+        deadline = time.monotonic() + drain_s
         self.batcher.close()
         if self.worker.ready.is_set() and self.worker.error is None:
-            self.worker.stop(drain_s)
+            self.worker.stop(deadline, grace_s=BATCH_GRACE_S)
         dropped = self.batcher.drain("shutdown")
-        self.results.stop(timeout=30.0)
-        self.mqtt.stop(timeout=drain_s)
-        self.redis.stop(timeout=drain_s)
+        dropped += self.results.stop(max(deadline, time.monotonic() + FLUSH_MIN_S))
+        self.mqtt.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
+        self.redis.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
         self.health.stop()
         log.info("stopped", dropped_at_shutdown=dropped, frames=self.ledger.snapshot().as_dict())
 
@@ -262,11 +242,17 @@ class InspectionService:
 
         threads = set_torch_threads(self.config.engine.threads, self.config.engine.interop_threads)
         log.info("torch threads", **threads)
-        model = self.config.model
-        prompt_dir = self.config.agent.prompt_dir
-        if prompt_dir is not None and prompt_dir.is_dir() and latest_checkpoint(prompt_dir) is not None:
-            model = model.model_copy(update={"checkpoint": prompt_dir})
+        model = self.config.startup_model()
+        self._loaded_checkpoint = checkpoint_signature(model.checkpoint)  # before loading: see start()
         return Engine(model, max_batch=self.config.engine.batch_size)
+
+    def _catch_up_on_checkpoints(self, target: Path) -> None:
+        """A checkpoint published while the engine loaded (minutes, on a big model) came before the watcher
+        did: load it now, off the start-up path."""
+        newest = checkpoint_signature(target)
+        if newest is not None and newest != self._loaded_checkpoint:
+            log.info("a prompt checkpoint was published while the engine loaded", path=str(newest[0]))
+            threading.Thread(target=self._on_checkpoint, args=(newest[0],), name="catch-up", daemon=True).start()
 
     def _setup_classes(self, engine: Any) -> None:
         engine.set_thresholds(self.thresholds)
@@ -297,9 +283,6 @@ class InspectionService:
 
         return emit
 
-    def _count_drop(self, camera: str, reason: str) -> None:
-        self.metrics.frames_dropped.labels(camera=camera, reason=reason).inc()
-
     def publish(self, frame: Frame, outcome: Any) -> Inspection:
         """Build one frame's Inspection and hand it to both publishers (which never block)."""
         cfg = self.config
@@ -314,7 +297,6 @@ class InspectionService:
         )
         self.mqtt.publish_inspection(inspection)
         self.redis.publish_inspection(inspection)
-        self.ledger.published(frame.camera)
         self.metrics.frames_processed.labels(camera=frame.camera).inc()
         if not outcome.ok:
             self.metrics.frame_errors.labels(camera=frame.camera).inc()
@@ -324,6 +306,7 @@ class InspectionService:
         self.metrics.capture_to_publish_seconds.labels(kind="result").observe(latency)
         if inspection.rejects:
             self.metrics.capture_to_publish_seconds.labels(kind="reject").observe(latency)
+        self.ledger.published(frame)  # last: a failure above counts the frame as invalid, once
         return inspection
 
     def _prompt_version(self) -> str:
@@ -343,7 +326,6 @@ class InspectionService:
         A bad checkpoint raises with the reason; the running prompts keep serving.
         """
         from model import CheckpointError
-        from model.checkpoint import resolve_checkpoint
 
         with self._reload_lock:
             target = path or self._checkpoint_target()
@@ -352,7 +334,7 @@ class InspectionService:
                 raise CheckpointError(f"no checkpoint to load (looked in {target or '[model].checkpoint'})")
             self.notifier.reloading()
             try:
-                prepared = self.worker.engine.prepare_prompts(resolved)  # CPU work, on this thread
+                prepared = self.worker.engine.prepare_prompts(resolved)  # host work, on this thread
                 version = self.worker.submit(lambda engine: engine.install_prompts(prepared)).result(timeout)
             except Exception as exc:
                 self.last_reload_error = f"{resolved}: {exc}"
@@ -372,19 +354,25 @@ class InspectionService:
     def handle_command(self, command: Command) -> dict[str, Any]:
         """Run a validated MQTT command; the returned fields go into the response (errors raise)."""
         args: Any = command.args
+        if self.worker.engine is None:
+            raise ValueError("the engine is still loading; try again once the line reports online")
         if command.name == "reload":
             return {"prompt_version": self.reload()}
         if command.name == "threshold":
             engine = self.worker.engine
-            name = args.product_class
-            if engine is None or engine.profile(name) is None:
-                raise ValueError(f"unknown product class {name!r} on this line")
+            name = normalise_class_name(args.product_class)
+            if engine.profile(name) is None:
+                raise ValueError(f"unknown product class {args.product_class!r} on this line")
+            self.thresholds = {k: v for k, v in self.thresholds.items() if normalise_class_name(k) != name}
             self.thresholds[name] = args.value
             engine.set_thresholds(self.thresholds)
             log.info("threshold set by command", product_class=name, value=args.value)
             self.publish_info()
             return {"product_class": name, "threshold": args.value}
         if command.name in ("pause", "resume"):
+            if args.camera is not None and args.camera not in self.sources:
+                known = ", ".join(self.sources) or "none running"
+                raise ValueError(f"unknown camera {args.camera!r} on this line (cameras: {known})")
             cameras = self.batcher.set_paused(args.camera, command.name == "pause")
             log.info(f"cameras {command.name}d", cameras=cameras)
             self.publish_info()
@@ -446,11 +434,9 @@ class InspectionService:
             if not status.healthy:
                 reasons.append(f"camera {camera_id}: {status.state} ({status.detail})")
             self.metrics.camera_up.labels(camera=camera_id).set(1 if status.healthy else 0)
-        stalled = self.worker.stalled_for()
-        if stalled > self.config.agent.stall_timeout_s:
-            reasons.append(f"engine worker stalled: one batch has run for {stalled:.0f} s")
-        if self.worker.ready.is_set() and not self._stop.is_set() and not self.worker.alive:
-            reasons.append("engine worker stopped")
+        hang = self.hang_reason()
+        if hang is not None:
+            reasons.append(hang)
         for sink, publisher in (("mqtt", self.mqtt), ("redis", self.redis)):
             ok, why = publisher.health()
             self.metrics.broker_up.labels(sink=sink).set(1 if ok else 0)
@@ -468,12 +454,36 @@ class InspectionService:
                     totals[verdict] = totals.get(verdict, 0) + int(sample.value)
         return totals
 
+    def hang_reason(self) -> str | None:
+        """Why the engine or result thread looks hung (a hung device, a stuck publish), or None.
+
+        A batch may run `[agent].stall_timeout_s`; a prompt reload or recalibration TASK_STALL_S; the
+        worker may wait for room in the result queue as long as the result thread keeps finishing batches.
+        """
+        if not self.worker.ready.is_set() or self._stop.is_set():
+            return None
+        limit = self.config.agent.stall_timeout_s
+        if not self.worker.alive:
+            return "engine worker stopped"
+        if not self.results.alive:
+            return "result thread stopped"
+        what, seconds = self.worker.busy()
+        if what == "batch" and seconds > limit:
+            return f"engine worker stalled: one batch has run for {seconds:.0f} s"
+        if what == "task" and seconds > TASK_STALL_S:
+            return f"engine worker stalled: a prompt reload or recalibration has run for {seconds:.0f} s"
+        if what == "deliver" and seconds > limit and self.results.quiet_for() > limit:
+            return f"result thread stalled: no batch published for {self.results.quiet_for():.0f} s"
+        quiet = time.monotonic() - self.worker.heartbeat
+        if what is None and quiet > limit:
+            return f"engine worker stalled: its loop has not turned for {quiet:.0f} s"
+        return None
+
     def _watchdog_loop(self) -> None:
-        """WATCHDOG=1 while the worker's loop turns; a hung device stops the pings and systemd restarts us."""
+        """WATCHDOG=1 while nothing hangs; a hung device stops the pings and systemd restarts us."""
         interval = SystemdNotifier.watchdog_interval() or 5.0
         while not self._stop.wait(min(interval, 5.0)):
-            quiet = time.monotonic() - self.worker.heartbeat
-            if quiet < self.config.agent.stall_timeout_s:
+            if self.hang_reason() is None:
                 self.notifier.watchdog()
             self.health_reasons()  # keeps camera_up and broker_up current between scrapes
             snap = self.ledger.snapshot()

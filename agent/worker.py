@@ -6,8 +6,9 @@ its own thread (CUDA graphs are per thread), then loops: take a batch from the
 batch's results (maps, defect regions) while this thread launches the next one;
 at most two batches are queued on the device at once. Work that must touch the device
 (installing new prompts, recalibrating) is queued with `submit` and runs between
-batches, so a batch never sees a half-applied change. Each loop iteration is a
-heartbeat: a hung device stops it, and the service stops the systemd watchdog.
+batches, so a batch never sees a half-applied change. `busy()` says what the thread
+is doing and for how long (a batch, a device task, handing a batch on); the service
+judges from it whether the thread hangs and stops the systemd watchdog then.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from agent.logs import get_logger
 log = get_logger("agent.worker")
 
 
-class ScoredBatch:
+class LaunchedBatch:
     """A launched batch handed on by the worker: its frames and, once built, one outcome per frame."""
 
     def __init__(self, frames: list[Frame], pending: Any = None, error: str | None = None) -> None:
@@ -60,7 +61,7 @@ class ScoredBatch:
         return None if self._pending is None else self._pending.seconds
 
 
-Deliver = Callable[[ScoredBatch], None]
+Deliver = Callable[[LaunchedBatch], None]
 
 
 class InferenceWorker:
@@ -81,15 +82,16 @@ class InferenceWorker:
         self._deliver = deliver
         self._pipeline_setting = pipeline
         self.pipeline = pipeline == "on"  # "auto" is decided once the engine's device is known
-        self._in_flight: ScoredBatch | None = None
+        self._in_flight: LaunchedBatch | None = None
         self._tasks: queue.SimpleQueue[tuple[Callable[[Any], Any], Future]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._drain_until: float | None = None
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.engine: Any = None
-        self.heartbeat = time.monotonic()
+        self.heartbeat = time.monotonic()  # each turn of the loop
         self.busy_since: float | None = None
+        self.busy_with: str | None = None  # "batch", "task" (prompts, recalibration) or "deliver"
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
 
     def start(self) -> None:
@@ -101,19 +103,27 @@ class InferenceWorker:
         self._tasks.put((task, future))
         return future
 
-    def stop(self, drain_s: float) -> None:
-        """Finish what is queued within `drain_s` seconds, then stop."""
-        self._drain_until = time.monotonic() + drain_s
+    def stop(self, until: float, grace_s: float) -> None:
+        """Score what is queued until the monotonic time `until`, then stop; wait `grace_s` more for the
+        batch running then (a forward pass cannot be interrupted)."""
+        self._drain_until = until
         self._stop.set()
-        self._thread.join(drain_s + 30.0)
+        self._thread.join(max(0.0, until - time.monotonic()) + grace_s)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def stalled_for(self) -> float:
-        """Seconds the current batch or task has been running (0 when idle)."""
-        return 0.0 if self.busy_since is None else time.monotonic() - self.busy_since
+    def busy(self) -> tuple[str | None, float]:
+        """What the thread is doing ("batch", "task", "deliver" or None when between them) and for how long."""
+        what, since = self.busy_with, self.busy_since
+        return (what, time.monotonic() - since) if what is not None and since is not None else (None, 0.0)
+
+    def _busy(self, what: str | None) -> None:
+        now = time.monotonic()
+        self.heartbeat = now
+        self.busy_since = now if what is not None else None
+        self.busy_with = what
 
     def _run(self) -> None:
         try:
@@ -151,31 +161,32 @@ class InferenceWorker:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
-            self.busy_since = time.monotonic()
+            self._busy("task")
             try:
                 future.set_result(task(self.engine))
             except BaseException as exc:
                 future.set_exception(exc)
             finally:
-                self.busy_since = None
+                self._busy(None)
 
     def _score(self, batch: list[Frame]) -> None:
-        self.busy_since = time.monotonic()
+        self._busy("batch")
         try:
             try:
                 pending = self.engine.launch([f.image for f in batch], [f.product_class for f in batch])
-                scored = ScoredBatch(batch, pending)
+                scored = LaunchedBatch(batch, pending)
             except Exception as exc:  # a device fault: every frame of the batch gets the error, none is lost
                 log.exception("batch failed", frames=len(batch))
-                scored = ScoredBatch(batch, error=f"engine failure: {exc}")
+                scored = LaunchedBatch(batch, error=f"engine failure: {exc}")
             previous, self._in_flight = self._in_flight, scored
             if previous is not None:
                 previous.wait()  # at most two batches queued on the device: frames age in the batcher, not there
             if not self.pipeline:
                 scored.outcomes()  # results built here, before the next batch starts
+            self._busy("deliver")  # may wait for room in the result queue
+            self._deliver(scored)
         finally:
-            self.busy_since = None
-        self._deliver(scored)
+            self._busy(None)
 
 
 class _BatchError:

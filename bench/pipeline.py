@@ -48,13 +48,13 @@ def drain(engine: Any, images: list[np.ndarray], *, pipeline: bool, batch_size: 
     from agent.frames import Frame
     from agent.ledger import FrameLedger
     from agent.results import build_inspection
-    from agent.worker import InferenceWorker, ScoredBatch
+    from agent.worker import InferenceWorker, LaunchedBatch
 
     batcher = FrameBatcher(FrameLedger(), batch_size, max_wait_ms=0)
     batcher.add_camera("cam-1", capacity=len(images), policy="block", max_age_ms=0)
     for seq, image in enumerate(images, start=1):
         batcher.put("cam-1", Frame("cam-1", seq, f"part-{seq}", CLASSES[seq % 2], image))
-    handed: queue.Queue[ScoredBatch | None] = queue.Queue()
+    handed: queue.Queue[LaunchedBatch | None] = queue.Queue()
     verdicts: list[str] = []
 
     def result_stage() -> None:
@@ -72,7 +72,7 @@ def drain(engine: Any, images: list[np.ndarray], *, pipeline: bool, batch_size: 
     results.start()
     started = time.perf_counter()
     batcher.close()
-    worker.stop(drain_s=3600)
+    worker.stop(time.monotonic() + 3600, grace_s=30)
     handed.put(None)
     results.join()
     seconds = time.perf_counter() - started

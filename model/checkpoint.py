@@ -146,14 +146,17 @@ def _parse_header(data: bytes, source: str) -> dict[str, Any]:
         header = json.loads(data[8 : 8 + size])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{source}: not a readable safetensors file ({exc})") from None
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY) if isinstance(header, dict) else None
-    if raw is None:
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    raw = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(raw, str):
         raise CheckpointError(f"{source}: safetensors file without a GenCLIP header (not a prompt checkpoint)")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{source}: corrupt GenCLIP header ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: corrupt GenCLIP header (a JSON {type(meta).__name__}, not an object)")
+    if meta.get("format") != FORMAT:
         raise CheckpointError(f"{source}: header format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
@@ -186,15 +189,6 @@ def read_checkpoint(path: Path) -> CheckpointFile:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
     return parse_checkpoint(data, str(path))
-
-
-def resolve_checkpoint(path: Path) -> Path | None:
-    """A checkpoint file as given, or the newest *.safetensors in a folder of published ones (None if empty)."""
-    path = Path(os.path.expanduser(path))
-    if path.is_dir():
-        files = [p for p in path.glob("*.safetensors") if p.is_file() and not p.name.startswith(".")]
-        return max(files, key=lambda p: (p.stat().st_mtime, p.name)) if files else None
-    return path
 
 
 def check_compatible(meta: dict[str, Any], expected: dict[str, Any], source: str) -> None:

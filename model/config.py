@@ -24,6 +24,21 @@ DEFAULT_DEFECT_TYPES = (
     "deformation",
 )
 GENERIC_CLASS_NAMES = ("object", "part", "component", "product", "item")
+MAX_CLASS_NAME_CHARS = 64
+
+
+def normalise_class_name(name: object) -> str:
+    """'  metal   nut ' -> 'metal nut'; raises ValueError for what cannot be a class name."""
+    if not isinstance(name, str):
+        raise ValueError(f"product class must be a string, got {type(name).__name__}")
+    cleaned = " ".join(name.split())
+    if not cleaned:
+        raise ValueError("product class is empty")
+    if len(cleaned) > MAX_CLASS_NAME_CHARS:
+        raise ValueError(
+            f"product class name of {len(cleaned)} characters is too long (at most {MAX_CLASS_NAME_CHARS})"
+        )
+    return cleaned
 
 
 class EngineConfig(BaseModel):

@@ -36,8 +36,9 @@ import torch
 
 from model import checkpoint as ckpt
 from model.backbone import Backbone, load_backbone
+from model.checkpoint_files import resolve_checkpoint
 from model.cnf import TEMPLATE, CnfDecision, decide
-from model.config import EngineConfig
+from model.config import EngineConfig, normalise_class_name
 from model.digests import sha256_frames
 from model.genclip import DefectGroup, GenClip, Scores, ScoringSettings, prompt_shape
 from model.preprocess import InvalidFrameError, Preprocessor, check_frame
@@ -48,7 +49,6 @@ from model.vision import VisionOutput
 
 log = structlog.stdlib.get_logger("model.engine")
 UNTRAINED = "untrained"
-MAX_CLASS_NAME_CHARS = 64
 References = Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray]]
 
 
@@ -198,20 +198,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def normalise_class_name(name: object) -> str:
-    """'  metal   nut ' -> 'metal nut'; raises ValueError for what cannot be a class name."""
-    if not isinstance(name, str):
-        raise ValueError(f"product class must be a string, got {type(name).__name__}")
-    cleaned = " ".join(name.split())
-    if not cleaned:
-        raise ValueError("product class is empty")
-    if len(cleaned) > MAX_CLASS_NAME_CHARS:
-        raise ValueError(
-            f"product class name of {len(cleaned)} characters is too long (at most {MAX_CLASS_NAME_CHARS})"
-        )
-    return cleaned
-
-
 def batch_sizes_up_to(largest: int) -> list[int]:
     """Powers of two below `largest`, then `largest`: the only batch shapes the towers ever see."""
     sizes, size = [], 1
@@ -250,7 +236,6 @@ class Engine:
         self._write_lock = threading.RLock()
         self._references: dict[str, Callable[[], Sequence[np.ndarray]]] = {}
         self._stale_logged: set[tuple[str, str]] = set()
-        self._warm_thread: int | None = None
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.fault_hook: Callable[[int], None] | None = None  # tests: called with each sub-batch size
         self._precision, why = tower_precision(config.precision, self.device)
@@ -270,7 +255,7 @@ class Engine:
                 self._vision = torch.compile(tower, mode="reduce-overhead", dynamic=False)
             else:  # the frozen tower's weights folded in as constants, pre-packed for the CPU's matrix kernels
                 self._vision = torch.compile(tower, dynamic=False, options={"freezing": True})
-        checkpoint = ckpt.resolve_checkpoint(config.checkpoint) if config.checkpoint else None
+        checkpoint = resolve_checkpoint(config.checkpoint) if config.checkpoint else None
         if config.checkpoint is not None and checkpoint is None:
             log.warning("no checkpoint in folder yet; running untrained prompts", folder=str(config.checkpoint))
         prompts = self._untrained() if checkpoint is None else self._install_state(self.prepare_prompts(checkpoint))
@@ -314,7 +299,8 @@ class Engine:
         return replace(prompt_shape(self.backbone, self.config, len(self.layers)), **lengths)
 
     def prepare_prompts(self, path: Path) -> PreparedPrompts:
-        """Read a checkpoint once, validate it against this engine, load it into a CPU model. Any thread.
+        """Read a checkpoint once, validate it against this engine, build its prompt model. Any thread: the
+        only device work is looking up a few token embeddings; installing it is `install_prompts`'s job.
 
         Raises CheckpointError naming the problem; nothing of the running engine changes.
         """
@@ -791,12 +777,16 @@ class Engine:
         return tensor
 
     def _assemble(
-        self, snap: Snapshot, entry: ClassEntry, frame: np.ndarray, host: dict[str, Any], j: int
-    ) -> Prediction:
+        self, snap: Snapshot, entry: ClassEntry, frame: np.ndarray, host: dict[str, Any], j: int, index: int
+    ) -> Prediction | FrameError:
         score = float(host["scores"][j])
         global_p = float(host["global"][j])
         anomaly_map = host["maps"][j].copy()  # owned: holds no reference to the batch's buffer
         map_max = float(anomaly_map.max())
+        if not (np.isfinite(score) and np.isfinite(global_p) and np.isfinite(map_max)):
+            # NaN compares false with any threshold: it would pass a part as OK. Say so instead.
+            name = entry.profile.product_class
+            return FrameError(index, name, f"the engine produced a non-finite score ({score}, map max {map_max})")
         is_ng = score >= entry.threshold
         map_t = region_threshold(entry.threshold, global_p, self.config.score_alpha, map_max, is_ng)
         defects = (  # an OK frame's map stays below map_t everywhere: no regions to look for
@@ -845,7 +835,6 @@ class Engine:
                 HostTransfer(*self._score(prompts, [text] * batch, [frame] * batch), batch).result()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self._warm_thread = threading.get_ident()
         return time.perf_counter() - started
 
     def _placeholder_profile(self) -> ClassProfile:
@@ -951,7 +940,7 @@ class PendingBatch:
                 for items, transfer in self._parts:
                     host = transfer.result()
                     for j, (index, frame, name) in enumerate(items):
-                        self._results[index] = self._engine._assemble(snap, snap.classes[name], frame, host, j)
+                        self._results[index] = self._engine._assemble(snap, snap.classes[name], frame, host, j, index)
                 self._parts = []  # the device outputs and frames are no longer needed
                 self._built = True
                 self._engine.stats.last_batch_ms = (time.perf_counter() - self._started) * 1000

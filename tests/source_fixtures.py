@@ -11,12 +11,17 @@ from agent.sources import FrameSource
 
 
 class Collector:
-    """An `emit` that keeps every frame; `fail` makes chosen calls raise, like a broken pipeline."""
+    """An `emit` that keeps every frame; `fail` makes chosen calls raise, like a broken pipeline.
 
-    def __init__(self, fail: Callable[[Frame], bool] | None = None) -> None:
+    Each kept frame is ended at once as `end` says ("published": as if its result went out at once;
+    None: left in flight, for the test to end).
+    """
+
+    def __init__(self, fail: Callable[[Frame], bool] | None = None, end: str | None = "published") -> None:
         self.frames: list[Frame] = []
         self.calls = 0
         self.fail = fail
+        self.end = end
         self._lock = threading.Lock()
 
     def __call__(self, frame: Frame) -> None:
@@ -26,6 +31,8 @@ class Collector:
             raise RuntimeError("pipeline refused the frame")
         with self._lock:
             self.frames.append(frame)
+        if self.end is not None:
+            frame.end(self.end)
 
     def __len__(self) -> int:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -202,6 +203,35 @@ def test_hot_reload_without_restart_or_lost_frame(tmp_path, mosquitto, redis_ser
         assert seqs == list(range(1, len(seqs) + 1))
 
 
+def test_a_checkpoint_published_while_the_engine_loads_is_picked_up(tmp_path, mosquitto, redis_server):
+    """Loading a big model takes minutes; the watcher starts after it. What was published meanwhile is loaded."""
+    from model.backbone import load_backbone
+
+    line = "catch-up"
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    backbone = load_backbone("genclip-tiny", "random")
+    perturbed_checkpoint(prompts / "v1.safetensors", backbone, tiny_config(), seed=1)
+    os.utime(prompts / "v1.safetensors", (time.time() - 60, time.time() - 60))
+    service = InspectionService(line_config(tmp_path, mosquitto.port, redis_server.url, line, prompt_dir=str(prompts)))
+    build = service._build_engine
+
+    def build_then_publish() -> Any:
+        engine = build()  # chose and loaded v1
+        staging = tmp_path / "v2.part"
+        perturbed_checkpoint(staging, backbone, tiny_config(), seed=2)
+        staging.rename(prompts / "v2.safetensors")  # published while the engine warms up
+        return engine
+
+    service.worker._build = build_then_publish
+    try:
+        service.start()  # on v1; the watcher starts after the rename, so it never sees v2 arrive
+        loaded = service.worker.engine
+        wait_for(lambda: loaded.prompt_version.startswith("v2@"), 30, "the checkpoint published meanwhile")
+    finally:
+        service.shutdown()
+
+
 def test_broker_outage_rejects_delivered_or_counted(tmp_path, fresh_mosquitto, redis_server, running):
     line = "outage"
     watcher = Watcher(fresh_mosquitto.port, line)
@@ -256,6 +286,9 @@ def test_commands_answered_with_correlation(tmp_path, mosquitto, redis_server, r
         ("explode", {}),
         ("pause", "{not json"),
         ("pause", {"camera": "x" * 5000}),
+        ("threshold", {"class": " widget ", "value": 0.66}),  # the same class, spelt loosely
+        ("threshold", {"class": "widget", "value": 0.71}),  # ... and the last word wins
+        ("pause", {"camera": "nobody"}),
     ]
     for i, (name, body) in enumerate(sent):
         props = Properties(PacketTypes.PUBLISH)
@@ -278,8 +311,12 @@ def test_commands_answered_with_correlation(tmp_path, mosquitto, redis_server, r
         "req-7": False,
         "req-8": False,
         "req-9": False,
+        "req-10": True,
+        "req-11": True,
+        "req-12": False,
     }
-    assert service.worker.engine.threshold("widget") == (0.7, "config")
+    assert service.worker.engine.threshold("widget") == (0.71, "config")
+    assert answers["req-12"]["error"] == "ValueError: unknown camera 'nobody' on this line (cameras: cam-1, cam-2)"
     assert answers["req-3"]["cameras"] == ["cam-2"] and service.batcher.paused() == []
     assert "unknown command" in answers["req-7"]["error"]
     assert "no checkpoint" in answers["req-6"]["error"]

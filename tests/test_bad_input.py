@@ -468,6 +468,12 @@ def checkpoint(engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def header(value: Any) -> bytes:
+    """A safetensors file of only a JSON header (no tensors)."""
+    text = json.dumps(value).encode()
+    return struct.pack("<Q", len(text)) + text
+
+
 def test_empty_and_tiny_checkpoints_are_refused(engine: Any, tmp_path: Path) -> None:
     from model import CheckpointError
 
@@ -477,6 +483,11 @@ def test_empty_and_tiny_checkpoints_are_refused(engine: Any, tmp_path: Path) -> 
         (struct.pack("<Q", 2) + b"{}", "without a GenCLIP header"),
         (struct.pack("<Q", 4) + b"null", "without a GenCLIP header"),
         (struct.pack("<Q", 2**40) + b"{}", "not a readable safetensors file"),
+        (struct.pack("<Q", 2) + b"[]", "without a GenCLIP header"),
+        (header({"__metadata__": ["genclip"]}), "without a GenCLIP header"),
+        (header({"__metadata__": {"genclip": 7}}), "without a GenCLIP header"),
+        (header({"__metadata__": {"genclip": "[1, 2]"}}), "a JSON list, not an object"),
+        (header({"__metadata__": {"genclip": '"text"'}}), "a JSON str, not an object"),
     ]:
         path = tmp_path / "c.safetensors"
         path.write_bytes(data)

@@ -270,3 +270,20 @@ def test_installed_console_script_version_and_help():
         assert out.returncode == 0 and "Usage" in out.stdout, verb
     check = subprocess.run([exe, "config", "check", "--config", str(CONFIG)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def test_a_threshold_or_reference_for_a_class_no_camera_inspects_is_an_error(tmp_path):
+    """A misspelt class under [thresholds] would otherwise be ignored and the line run on the default."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    base = '[model]\npretrained = "random"\n[[cameras]]\nid = "a"\nsource = "0"\nproduct_class = "metal  nut"\n'
+    ok = base + f'[thresholds]\n" metal nut" = 0.5\n[references]\n"metal nut" = "{refs}"\n'
+    assert load_config(write(tmp_path, ok)).thresholds == {" metal nut": 0.5}  # names compared normalised
+    bad = base + f'[thresholds]\nmetal_nut = 0.5\n[references]\nbotle = "{refs}"\n'
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, bad))
+    assert err.value.errors == [
+        "thresholds.metal_nut: no camera on this line inspects class 'metal_nut' (its cameras' classes: metal nut)",
+        "references.botle: no camera on this line inspects class 'botle' (its cameras' classes: metal nut)",
+    ]
+    assert load_config(write(tmp_path, '[model]\npretrained = "random"\n[thresholds]\nx = 0.5\n')).thresholds

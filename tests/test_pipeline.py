@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from agent.batcher import FrameBatcher
 from agent.frames import Frame
 from agent.ledger import FrameLedger
-from agent.worker import InferenceWorker, ScoredBatch
+from agent.worker import InferenceWorker, LaunchedBatch
 from model import Engine
 from model.backbone import load_backbone
 from model.engine import FrameError, Prediction
@@ -70,19 +71,19 @@ def make_frames(count: int, seed: int = 0) -> list[Frame]:
     return [Frame("cam-1", i + 1, f"part-{i + 1}", "bottle", image) for i, image in enumerate(frames(count, seed))]
 
 
-def run_worker(engine: Engine, batch_frames: list[Frame], *, pipeline: str, batch_size: int = 4) -> list[ScoredBatch]:
+def run_worker(engine: Engine, batch_frames: list[Frame], *, pipeline: str, batch_size: int = 4) -> list[LaunchedBatch]:
     ledger = FrameLedger()
     batcher = FrameBatcher(ledger, batch_size, max_wait_ms=5)
     batcher.add_camera("cam-1", capacity=len(batch_frames), policy="block", max_age_ms=0)
     for frame in batch_frames:
         batcher.put("cam-1", frame)
-    delivered: list[ScoredBatch] = []
+    delivered: list[LaunchedBatch] = []
     worker = InferenceWorker(lambda: engine, lambda e: None, batcher, delivered.append, pipeline=pipeline)
     assert worker.pipeline == (pipeline == "on")
     worker.start()
     assert worker.ready.wait(60) and worker.error is None
     batcher.close()
-    worker.stop(drain_s=60)
+    worker.stop(time.monotonic() + 60, grace_s=30)
     return delivered
 
 
@@ -121,7 +122,7 @@ def test_next_batch_is_launched_before_the_last_ones_regions_are_built(engine, m
     monkeypatch.setattr(engine, "_assemble", assemble_after_next_launch)
     delivered = [None]
 
-    def build_on_result_thread(scored: ScoredBatch) -> None:
+    def build_on_result_thread(scored: LaunchedBatch) -> None:
         if delivered[0] is None:
             delivered[0] = threading.Thread(target=scored.outcomes)
             delivered[0].start()
@@ -135,7 +136,7 @@ def test_next_batch_is_launched_before_the_last_ones_regions_are_built(engine, m
     worker.start()
     assert worker.ready.wait(60) and worker.error is None
     batcher.close()
-    worker.stop(drain_s=60)
+    worker.stop(time.monotonic() + 60, grace_s=30)
     delivered[0].join(30)
     assert overlapped == [True]
 
@@ -206,7 +207,26 @@ def test_pipeline_auto_is_off_on_the_cpu_and_the_setting_is_checked(engine):
     assert worker.ready.wait(60) and worker.error is None
     assert worker.pipeline is False  # a CPU engine: its cores are the result thread's too
     batcher.close()
-    worker.stop(drain_s=10)
+    worker.stop(time.monotonic() + 10, grace_s=30)
     assert BatchConfig().pipeline == "auto"
     with pytest.raises(ValidationError, match="'auto', 'on' or 'off'"):
         BatchConfig(pipeline="yes")
+
+
+def test_a_non_finite_score_is_an_error_not_an_ok_part(engine, monkeypatch):
+    """NaN compares false with every threshold: left alone it would pass a part as OK to the PLC."""
+    import model.engine as engine_module
+
+    result = engine_module.HostTransfer.result
+
+    def poisoned(self):
+        host = result(self)
+        host["scores"] = host["scores"].copy()
+        host["scores"][1] = np.nan
+        return host
+
+    monkeypatch.setattr(engine_module.HostTransfer, "result", poisoned)
+    built = engine.predict(frames(3, seed=8), ["bottle"] * 3)
+    assert isinstance(built[0], Prediction) and isinstance(built[2], Prediction)
+    assert isinstance(built[1], FrameError) and built[1].index == 1
+    assert "non-finite score (nan" in built[1].reason

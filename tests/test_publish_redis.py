@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -142,3 +145,29 @@ def test_stop_flushes_then_counts_the_rest(
     down.stop(timeout=0.5)
     assert time.monotonic() - began < 2.0
     assert down.stats["result"].dropped == 1
+
+
+def test_stopping_while_redis_refuses_backs_off_instead_of_spinning(
+    publishers: list[RedisStreamPublisher], line: str
+) -> None:
+    """While the stop waits for a Redis that is down, retries keep their backoff (no connection storm)."""
+    attempts = []
+    with socket.socket() as server:  # accepts, then hangs up at once: every attempt fails
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        server.settimeout(0.1)
+        url = f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+        pub = start_publisher(publishers, url, line)  # backoff 0.05 s growing to 0.2 s
+        pub.publish_inspection(make_inspection(line, 1, "OK"))
+        stopper = threading.Thread(target=pub.stop, kwargs={"timeout": 2.0})
+        time.sleep(0.3)
+        stopper.start()
+        while stopper.is_alive():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = server.accept()
+                attempts.append(time.monotonic())
+                conn.close()
+        stopper.join()
+    assert pub.stats["result"].dropped == 1
+    # 2 s at a backoff growing to 0.2 s: a dozen tries or so (a spin made hundreds).
+    assert len(attempts) < 30, len(attempts)

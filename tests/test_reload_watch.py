@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.reload import CheckpointWatcher, latest_checkpoint
+from agent.reload import CheckpointWatcher
+from model.checkpoint_files import newest_checkpoint
 
 DEBOUNCE = 0.1
 QUIET = 0.5  # long enough for a stray second call to show up
@@ -194,12 +195,12 @@ def test_folder_removed_and_made_again(tmp_path, watch):
     assert calls.paths == [folder / "line-1.safetensors"]
 
 
-def test_latest_checkpoint(tmp_path):
-    assert latest_checkpoint(tmp_path / "missing") is None
-    assert latest_checkpoint(tmp_path) is None
+def test_newest_checkpoint(tmp_path):
+    assert newest_checkpoint(tmp_path / "missing") is None
+    assert newest_checkpoint(tmp_path) is None
     publish(tmp_path / "a.safetensors", mtime=1000)
     publish(tmp_path / "b.safetensors", mtime=1000)  # same mtime: the later name wins
     publish(tmp_path / "old.safetensors", mtime=10)
     (tmp_path / ".z.safetensors.abc.tmp").write_bytes(b"")
     (tmp_path / ".z.safetensors").write_bytes(b"")
-    assert latest_checkpoint(tmp_path) == tmp_path / "b.safetensors"
+    assert newest_checkpoint(tmp_path) == tmp_path / "b.safetensors"

@@ -722,3 +722,21 @@ def test_commands_are_taken_only_from_this_lines_command_topics(
     assert answers == [b"the-real-one"], answers
     assert [(c.name, c.correlation) for c in calls] == [("snapshot", b"the-real-one")]
     assert pub.stats["response"].sent == 1
+
+
+def test_tls_files_that_cannot_be_loaded_are_a_clear_startup_error(pki: Pki, tmp_path: Path, line: str) -> None:
+    """A key that does not belong to its certificate, a CA file that is not PEM: refused naming [mqtt.tls]."""
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("this is not a certificate\n")
+    for tls, what in (
+        ({"cert_file": pki.client_cert, "key_file": pki.server_key, "ca_file": pki.ca}, "KEY_VALUES_MISMATCH"),
+        ({"ca_file": not_pem}, "ca.txt"),
+    ):
+        mqtt_keys = {"host": "127.0.0.1", "port": free_port(), "tls": {"enabled": True, **tls}}
+        with pytest.raises(ValueError, match=r"^\[mqtt.tls\]: cannot load the TLS files"):
+            MqttPublisher(MqttConfig(**mqtt_keys), line)
+        model = tiny_config().model_dump(exclude_none=True)
+        cfg = InspectConfig(line={"id": line}, model=model, mqtt=mqtt_keys, agent={"health_port": 0})
+        with pytest.raises(StartupError, match=r"\[mqtt.tls\]") as raised:
+            InspectionService(cfg)
+        assert what in str(raised.value), str(raised.value)

@@ -43,9 +43,17 @@ def test_explicit_kind_and_policy_win(tmp_path):
     assert camera("0", queue_policy="block").resolved_queue_policy == "block"
 
 
+def test_max_age_defaults_to_none_for_folders_and_is_kept_when_given(tmp_path):
+    """A folder's frames wait for the engine without expiring (every part inspected); a stream's expire."""
+    assert camera(str(tmp_path)).resolved_max_age_ms == 0
+    assert camera("rtsp://cam/1").resolved_max_age_ms == 2000
+    assert camera(str(tmp_path), max_age_ms=500).resolved_max_age_ms == 500
+    assert camera("0", max_age_ms=0).resolved_max_age_ms == 0
+
+
 def test_defaults():
     cam = camera("synthetic:x")
-    assert (cam.queue_size, cam.max_age_ms, cam.stall_timeout_s) == (8, 2000, 5)
+    assert (cam.queue_size, cam.resolved_max_age_ms, cam.stall_timeout_s) == (8, 2000, 5)
     assert (cam.reconnect_min_s, cam.reconnect_max_s, cam.loop) == (0.5, 30, False)
     assert (cam.after, cam.settle_ms) == ("move", 200)
     assert cam.resolved_done_dir == Path("synthetic:x/done")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -195,5 +196,81 @@ def test_missing_folder_is_retried_until_it_appears(tmp_path):
         watched.mkdir()
         (watched / "p.png").write_bytes(png(1))
         assert wait_until(lambda: len(emit) == 1, timeout=3)
+    finally:
+        stop_promptly(source)
+
+
+def end_of(emit: Collector, part: str) -> Callable[[str], None]:
+    """The end hook of the (latest) frame emitted for `part`."""
+    frame = [f for f in emit.snapshot() if f.part_id == part][-1]
+    return frame.end
+
+
+def test_a_file_stays_until_its_result_is_published(tmp_path):
+    """Emitting is not inspecting: the file moves to done/ only when its frame ends as published."""
+    emit = Collector(end=None)
+    (tmp_path / "p1.png").write_bytes(png(1))
+    source = start(camera(tmp_path), emit)
+    try:
+        assert wait_until(lambda: len(emit) == 1)
+        time.sleep(0.3)  # settled, emitted, still in flight: not moved, not emitted again
+        assert files(tmp_path) == ["p1.png"] and files(tmp_path / "done") == [] and len(emit) == 1
+        end_of(emit, "p1")("published")
+        assert wait_until(lambda: files(tmp_path / "done") == ["p1.png"])
+        assert files(tmp_path) == [] and len(emit) == 1
+    finally:
+        stop_promptly(source)
+
+
+@pytest.mark.parametrize("reason", ["paused", "stale", "queue_full"])
+def test_a_file_whose_frame_was_dropped_is_tried_again(tmp_path, reason):
+    emit = Collector(end=None)
+    (tmp_path / "p1.png").write_bytes(png(1))
+    source = start(camera(tmp_path), emit)
+    try:
+        assert wait_until(lambda: len(emit) == 1)
+        end_of(emit, "p1")(reason)
+        assert wait_until(lambda: len(emit) == 2)  # after the backoff (reconnect_min_s)
+        assert files(tmp_path) == ["p1.png"] and [f.part_id for f in emit.snapshot()] == ["p1", "p1"]
+        end_of(emit, "p1")("published")
+        assert wait_until(lambda: files(tmp_path / "done") == ["p1.png"])
+        time.sleep(0.2)
+        assert len(emit) == 2
+    finally:
+        stop_promptly(source)
+
+
+def test_a_frame_dropped_at_shutdown_leaves_its_file_for_the_next_start(tmp_path):
+    emit = Collector(end=None)
+    for i in (1, 2):
+        (tmp_path / f"p{i}.png").write_bytes(png(i))
+        os.utime(tmp_path / f"p{i}.png", (time.time() - 10 + i, time.time() - 10 + i))
+    source = start(camera(tmp_path), emit)
+    try:
+        assert wait_until(lambda: len(emit) == 2)
+        end_of(emit, "p1")("shutdown")
+        time.sleep(0.3)
+        assert len(emit) == 2 and files(tmp_path) == ["p1.png", "p2.png"]  # not tried again in this run
+    finally:
+        stop_promptly(source)
+    end_of(emit, "p2")("published")  # after the capture thread ended (the agent draining its queue)
+    assert files(tmp_path / "done") == ["p2.png"] and files(tmp_path) == ["p1.png"]
+    again = Collector()
+    source = start(camera(tmp_path), again)
+    try:
+        assert wait_until(lambda: files(tmp_path / "done") == ["p1.png", "p2.png"])
+        assert [f.part_id for f in again.snapshot()] == ["p1"]
+    finally:
+        stop_promptly(source)
+
+
+def test_a_file_whose_result_could_not_be_built_is_rejected_with_the_reason(tmp_path):
+    emit = Collector(end="invalid")
+    (tmp_path / "p1.png").write_bytes(png(1))
+    source = start(camera(tmp_path), emit)
+    try:
+        assert wait_until(lambda: files(tmp_path / "rejected") == ["p1.png", "p1.png.reason.txt"])
+        assert "could not be built" in (tmp_path / "rejected" / "p1.png.reason.txt").read_text()
+        assert files(tmp_path) == [] and len(emit) == 1
     finally:
         stop_promptly(source)

@@ -228,12 +228,16 @@ class MqttPublisher:
             client.username_pw_set(self.config.username, password)
         tls = self.config.tls
         if tls.enabled:
-            client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+            try:
+                client.tls_set(
+                    ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                    certfile=str(tls.cert_file) if tls.cert_file else None,
+                    keyfile=str(tls.key_file) if tls.key_file else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (ssl.SSLError, OSError, ValueError) as exc:  # not PEM, a key that does not match its cert
+                files = ", ".join(f"{k}={v}" for k, v in tls.model_dump().items() if k.endswith("_file") and v)
+                raise ValueError(f"[mqtt.tls]: cannot load the TLS files ({files}): {exc}") from None
             client.tls_insecure_set(tls.insecure)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail

@@ -154,11 +154,14 @@ class RedisStreamPublisher:
             if ok:
                 delay = self.config.reconnect_min_s
                 continue
-            with self._cv:  # back off, but wake for stop()
+            with self._cv:  # back off, but wake for stop(); once closing, until the stop's time is up at most
                 if not self._closing:
                     self._cv.wait_for(lambda: self._closing, delay)
-                elif time.monotonic() >= self._stop_by:
-                    return
+                else:
+                    left = self._stop_by - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._cv.wait(min(delay, left))
             delay = min(delay * 2, self.config.reconnect_max_s)
 
     def _check(self) -> bool:

@@ -97,14 +97,18 @@ class FrameSource(ABC):
         self._thread = threading.Thread(target=self._main, name=f"source-{self.camera.id}", daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Ask the thread to stop, without waiting (stop several sources at once, then `stop` each)."""
+        self._stopping.set()
+        self._interrupt()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the thread to stop, wait up to `timeout` s for it to release its device and end.
 
         A thread blocked inside `emit` (a full 'block' queue) ends when emit returns; the pipeline
         should stop consuming only after its sources.
         """
-        self._stopping.set()
-        self._interrupt()
+        self.request_stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -174,10 +178,17 @@ class FrameSource(ABC):
             self._seq += 1
             return self._seq
 
-    def _emit_frame(self, image: np.ndarray, part_id: str | None = None, seq: int | None = None) -> Frame | None:
+    def _emit_frame(
+        self,
+        image: np.ndarray,
+        part_id: str | None = None,
+        seq: int | None = None,
+        on_end: Callable[[str], None] | None = None,
+    ) -> Frame | None:
         """Number the image, wrap it in a Frame and hand it to the pipeline; None when emit raised.
 
         `seq` is given when the part id needs it before the call; otherwise the next number is taken.
+        `on_end` hears how the frame ended ("published" or a drop reason), from whichever thread ended it.
         """
         seq = self._next_seq() if seq is None else seq
         frame = Frame(
@@ -186,6 +197,7 @@ class FrameSource(ABC):
             part_id=part_id if part_id is not None else f"{self.camera.id}-{seq}",
             product_class=self.camera.product_class,
             image=image,
+            on_end=on_end,
         )
         with self._lock:
             self._emitting = True

@@ -22,6 +22,7 @@ TEMP_SUFFIXES = (".tmp", ".part")
 
 SourceKind = Literal["opencv", "folder", "synthetic"]
 QueuePolicy = Literal["drop_oldest", "block"]
+LIVE_MAX_AGE_MS = 2000.0
 
 
 class SyntheticConfig(Section):
@@ -68,7 +69,11 @@ class CameraConfig(Section):
         None, description="When the pipeline is full. None: drop_oldest for live streams, block for files/folders."
     )
     queue_size: int = Field(8, ge=1, le=10_000, description="Frames of this camera waiting for the engine.")
-    max_age_ms: float = Field(2000.0, ge=0, description="Frames older than this are dropped; 0 = no limit.")
+    max_age_ms: float | None = Field(
+        None,
+        ge=0,
+        description="Frames older than this are dropped; 0 = no limit. None: 2000 for live streams, 0 for folders.",
+    )
     stall_timeout_s: float = Field(5.0, gt=0, le=3600, description="No frame for this long: stalled, reconnect.")
     reconnect_min_s: float = Field(0.5, gt=0, le=3600, description="First wait before reconnecting or retrying.")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest wait (the wait doubles up to it).")
@@ -142,6 +147,14 @@ class CameraConfig(Section):
         if self.queue_policy is not None:
             return self.queue_policy
         return "drop_oldest" if self.is_live else "block"
+
+    @property
+    def resolved_max_age_ms(self) -> float:
+        """`max_age_ms`, or the default: 2000 ms for live streams (a late result misses the reject), none
+        for files and folders (every part is inspected; a file whose frame is dropped is tried again)."""
+        if self.max_age_ms is not None:
+            return self.max_age_ms
+        return LIVE_MAX_AGE_MS if self.is_live else 0.0
 
     @property
     def folder(self) -> Path:

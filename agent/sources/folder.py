@@ -3,11 +3,16 @@
 watchdog reports new and moved-in files; one scan at start takes what is already there. A
 file is read only after its size and mtime held for `settle_ms` since the last event about
 it, and it must decode (a failure right after settling gets a short retry, then the file
-is rejected). Files are taken oldest first (mtime, then name). After `emit` returns the file
-moves to `done_dir` (or is deleted); an unreadable one moves to `rejected_dir` with a
-`<name>.reason.txt`. When a file cannot be moved, the source stops taking files, leaves them
-where they are, shows 'failed' and retries with the backoff: a file is never lost, and one
-already emitted is not emitted again.
+is rejected). Files are taken oldest first (mtime, then name).
+
+A file stays where it is until its frame has ended (`Frame.end`): once its result is
+published it moves to `done_dir` (or is deleted); a frame the agent dropped (camera paused,
+too old) leaves the file to be tried again after a backoff, one dropped at shutdown leaves
+it for the next start, and one whose result could not be built moves it to `rejected_dir`.
+An unreadable file moves to `rejected_dir` with a `<name>.reason.txt`. When a file cannot be
+moved, the source stops taking files, leaves them where they are, shows 'failed' and
+retries with the backoff. So a file is never lost, and a file is inspected again only when
+the agent stopped before its result was out (at least once, never zero times).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import os
 import shutil
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from watchdog.events import (
@@ -33,12 +40,17 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from agent.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, UnreadableImageError, read_frame
+from agent.logs import get_logger
 from agent.sources.base import FrameSource, SourceError
 from agent.sources.config import TEMP_SUFFIXES
 
 DECODE_RETRIES = 2
 DECODE_RETRY_S = 0.2  # at least this long between decode attempts of a settled file
 IDLE_CHECK_S = 1.0  # how often an idle source checks that its folder and observer are still there
+DONE = "done"  # a pending action: clear the file away (to done_dir, or delete it); any other action is a reject reason
+UNBUILDABLE = "inspected, but its result could not be built (see the agent's log)"
+
+log = get_logger(__name__)
 
 
 class _BlockedError(SourceError):
@@ -85,7 +97,11 @@ class FolderSource(FrameSource):
         self._unsettled: dict[Path, _Unsettled] = {}  # guarded by _guard; written by the observer thread
         self._ready: list[tuple[int, str, Path]] = []  # heap of (mtime_ns, name, path); capture thread only
         self._decode_failures: dict[Path, int] = {}
-        self._emitted: set[Path] = set()  # emitted, but not yet moved to done/ (the move failed)
+        self._in_flight: set[Path] = set()  # guarded: emitted, its frame not ended yet (still in the pipeline)
+        self._ended: deque[tuple[Path, str]] = deque()  # guarded: how in-flight frames ended, for the capture thread
+        self._closed = False  # guarded: the capture thread is gone; ends are carried out where they happen
+        self._pending: dict[Path, str] = {}  # capture thread: DONE or a reject reason, not carried out yet
+        self._drops: dict[Path, int] = {}  # capture thread: how often a file's frame was dropped (its backoff)
 
     # --- called from the observer thread ---------------------------------------------------------------
     def _note(self, path: Path) -> None:
@@ -100,6 +116,26 @@ class FolderSource(FrameSource):
     def _forget(self, path: Path) -> None:
         with self._guard:
             self._unsettled.pop(path, None)
+
+    # --- called by the ledger, from any thread (possibly under the batcher's lock: no file work then) ----
+    def _on_end(self, path: Path, how: str) -> None:
+        with self._guard:
+            if not self._closed:
+                self._ended.append((path, how))
+                self._wake.set()
+                return
+            self._in_flight.discard(path)
+        action = DONE if how == "published" else UNBUILDABLE if how == "invalid" else None
+        if action is not None:  # else dropped: the file stays for the next start
+            self._carry_out_late(path, action)
+
+    def _carry_out_late(self, path: Path, action: str) -> None:
+        """After the capture thread ended: no backoff to retry with, so a blocked move leaves the file."""
+        with self._guard:  # ends can come from several threads now
+            try:
+                self._carry_out(path, action)
+            except _BlockedError as exc:
+                log.warning("file left in the folder; it is inspected again at the next start", error=str(exc))
 
     def _interrupt(self) -> None:
         self._wake.set()
@@ -122,6 +158,7 @@ class FolderSource(FrameSource):
             while not self._stopping.is_set():
                 if not observer.is_alive() or not self.folder.is_dir():
                     raise SourceError(f"lost the watch on {self.folder}")
+                self._take_ended()
                 self._settle()
                 if self._ready:
                     self._take_next()
@@ -161,12 +198,30 @@ class FolderSource(FrameSource):
                 del self._unsettled[path]
             heapq.heappush(self._ready, (stat.st_mtime_ns, path.name, path))
 
+    def _take_ended(self) -> None:
+        """Act on how in-flight frames ended: clear published files away (first in line), retry dropped ones."""
+        with self._guard:
+            ended, self._ended = list(self._ended), deque()
+        now = time.monotonic()
+        for path, how in ended:
+            with self._guard:
+                self._in_flight.discard(path)
+            if how in ("published", "invalid"):
+                self._pending[path] = DONE if how == "published" else UNBUILDABLE
+                heapq.heappush(self._ready, (0, path.name, path))  # before any new file
+            elif how != "shutdown":  # paused, stale, queue_full: the part was not inspected; try again later
+                drops = self._drops[path] = self._drops.get(path, 0) + 1
+                wait = min(self.camera.reconnect_max_s, self.camera.reconnect_min_s * 2 ** (drops - 1))
+                with self._guard:
+                    self._unsettled[path] = _Unsettled(now + max(wait, self._settle_s))
+
     def _take_next(self) -> None:
-        """Emit and clear away the oldest ready file; on a blocked move, back off with state 'failed'."""
+        """Emit the oldest ready file, or carry out what its ended frame asks; on a blocked move, back off."""
+        self._take_ended()
         item = heapq.heappop(self._ready)
         path = item[2]
         with self._guard:
-            if path in self._unsettled:  # written to again since it settled: it will come back when it settles
+            if path in self._unsettled and path not in self._pending:  # written to again since it settled
                 return
         try:
             self._process(path)
@@ -180,9 +235,13 @@ class FolderSource(FrameSource):
             self.backoff.reset()
 
     def _process(self, path: Path) -> None:
-        if path in self._emitted:  # emitted before a move failed: only finish it
-            self._finish(path)
+        action = self._pending.get(path)
+        if action is not None:  # its frame ended: only clear it away
+            self._carry_out(path, action)
             return
+        with self._guard:
+            if path in self._in_flight:  # its frame is still in the pipeline; its end brings it back
+                return
         if not path.exists():
             return
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -202,26 +261,35 @@ class FolderSource(FrameSource):
             return
         if self.camera.after == "move":
             self._ensure_dir(self.camera.resolved_done_dir)  # before emitting: a full disk must not cost a frame
-        frame = self._emit_frame(image, part_id=path.stem)
+        with self._guard:
+            self._in_flight.add(path)
+        frame = self._emit_frame(image, part_id=path.stem, on_end=partial(self._on_end, path))
         if frame is None:  # emit raised: keep the file and try it again later
             with self._guard:
+                self._in_flight.discard(path)
                 self._unsettled[path] = _Unsettled(time.monotonic() + self.backoff.next())
             return
         self.backoff.reset()
-        self._emitted.add(path)
-        self._finish(path)
 
-    def _finish(self, path: Path) -> None:
+    def _carry_out(self, path: Path, action: str) -> None:
+        """Clear an inspected file away (DONE) or reject it with `action` as the reason; raises _BlockedError."""
+        if action == DONE:
+            self._clear_away(path)
+        else:
+            self._reject(path, action)
+        self._pending.pop(path, None)
+        self._drops.pop(path, None)
+
+    def _clear_away(self, path: Path) -> None:
         done = self.camera.resolved_done_dir
         try:
             if self.camera.after == "delete":
                 path.unlink(missing_ok=True)
-            else:
+            elif path.exists():
                 move_into(path, self._ensure_dir(done))
         except OSError as exc:
             where = f" to {done}" if self.camera.after == "move" else ""
             raise _BlockedError(f"cannot {self.camera.after} {path.name}{where}: {exc.strerror or exc}") from None
-        self._emitted.discard(path)
         self._decode_failures.pop(path, None)
 
     def _reject(self, path: Path, reason: str) -> None:
@@ -232,6 +300,21 @@ class FolderSource(FrameSource):
         except OSError as exc:
             raise _BlockedError(f"cannot move {path.name} to rejected: {exc.strerror or exc}") from None
         self._decode_failures.pop(path, None)
+
+    def _cleanup(self) -> None:
+        """The capture thread ends: from now on frames that end carry out their file's fate themselves."""
+        with self._guard:
+            self._closed = True
+            ended, self._ended = list(self._ended), deque()
+        for path, how in ended:
+            self._on_end(path, how)
+        for path, action in list(self._pending.items()):
+            try:
+                self._carry_out(path, action)
+            except _BlockedError as exc:
+                log.warning(
+                    "file left in the folder; it will be inspected again", camera=self.camera.id, error=str(exc)
+                )
 
     @staticmethod
     def _ensure_dir(folder: Path) -> Path:

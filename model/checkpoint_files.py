@@ -1,0 +1,48 @@
+"""Where checkpoints are on disk: a file, or the newest one published into a folder.
+
+Torch-free on purpose: the agent's watcher and `genclip config check` use it without
+loading the engine. A trainer publishes by writing a temporary (or hidden) name and
+renaming it into place, so those names are never taken.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CHECKPOINT_SUFFIX = ".safetensors"
+UNPUBLISHED_SUFFIXES = (".tmp", ".part")  # a writer's names before the rename that publishes the file
+
+
+def is_unpublished(name: str) -> bool:
+    """Hidden files and the temporary names a writer uses before renaming a checkpoint into place."""
+    return name.startswith(".") or name.endswith(UNPUBLISHED_SUFFIXES)
+
+
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The newest published `*.safetensors` in `directory` (by mtime, then name), or None."""
+    best: tuple[int, str] | None = None
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    for entry in entries:
+        if is_unpublished(entry.name) or not entry.name.endswith(CHECKPOINT_SUFFIX):
+            continue
+        try:
+            if not entry.is_file():
+                continue
+            key = (entry.stat().st_mtime_ns, entry.name)
+        except FileNotFoundError:  # removed while we looked
+            continue
+        if best is None or key > best:
+            best = key
+    return Path(directory) / best[1] if best else None
+
+
+def resolve_checkpoint(path: Path) -> Path | None:
+    """A checkpoint file as given, or the newest *.safetensors in a folder of published ones (None if empty)."""
+    path = Path(os.path.expanduser(path))
+    if path.is_dir():
+        return newest_checkpoint(path)
+    return path
