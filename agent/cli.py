@@ -85,14 +85,18 @@ def check_model(cfg: InspectConfig) -> None:
     """Load the weights and prompts the line would run with; exit 2 naming what is missing or wrong."""
     import time
 
+    from agent.reload import load_startup_prompts, startup_candidates
     from model import BackboneError, CheckpointError, Engine
 
     began = time.monotonic()
     try:
-        engine = Engine(cfg.startup_model(), max_batch=cfg.engine.batch_size)
+        engine = Engine(cfg.model.model_copy(update={"checkpoint": None}), max_batch=cfg.engine.batch_size)
+        refused = load_startup_prompts(engine, startup_candidates(cfg.agent.prompt_dir, cfg.model.checkpoint))
     except (BackboneError, CheckpointError, RuntimeError, ValueError, OSError) as exc:
         typer.echo(f"model NOT OK: {exc}", err=True)
         raise typer.Exit(2) from None
+    for reason in refused:
+        typer.echo(f"warning: checkpoint refused, the line starts on an older one: {reason}", err=True)
     typer.echo(
         f"model OK: {cfg.model.backbone}, weights {engine.backbone.weights}, device {engine.device} "
         f"({engine.precision}), image size {cfg.model.image_size}, prompts {engine.prompt_version}, "

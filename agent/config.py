@@ -21,7 +21,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from agent.publish.config import MqttConfig, RedisConfig
 from agent.section import Section
 from agent.sources.config import CameraConfig
-from model.checkpoint_files import newest_checkpoint
 from model.config import EngineConfig, normalise_class_name
 from trainer.config import TrainerConfig
 
@@ -175,14 +174,6 @@ class InspectConfig(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    def startup_model(self) -> EngineConfig:
-        """The [model] section the engine starts with: the newest checkpoint in [agent].prompt_dir when it has one
-        (where the trainer publishes), else [model].checkpoint."""
-        prompt_dir = self.agent.prompt_dir
-        if prompt_dir is not None and newest_checkpoint(prompt_dir) is not None:
-            return self.model.model_copy(update={"checkpoint": prompt_dir})
-        return self.model
 
     def product_classes(self) -> list[str]:
         """Every product class this line inspects, in camera order."""

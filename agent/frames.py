@@ -26,6 +26,7 @@ class Frame:
     captured_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # wall clock, UTC
     captured_mono: float = field(default_factory=time.monotonic)  # for latency and staleness
     on_end: Callable[[str], None] | None = field(default=None, repr=False)  # see `end`
+    error: str | None = None  # the part was seen but its picture cannot be read: published as ERROR, no engine
 
     def age_s(self, now: float | None = None) -> float:
         """Seconds since capture, on the monotonic clock."""

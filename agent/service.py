@@ -31,13 +31,13 @@ from agent.logs import get_logger
 from agent.metrics import AgentMetrics
 from agent.publish.mqtt import MqttPublisher
 from agent.publish.redis_streams import RedisStreamPublisher
-from agent.reload import CheckpointWatcher, checkpoint_signature
+from agent.reload import CheckpointWatcher, checkpoint_signature, load_startup_prompts, startup_candidates
 from agent.result_stage import ResultStage
 from agent.results import Inspection, build_inspection, iso
 from agent.sources import open_source
 from agent.sources.base import FrameSource
 from agent.systemd import SystemdNotifier
-from agent.worker import InferenceWorker
+from agent.worker import InferenceWorker, LaunchedBatch
 from model.checkpoint_files import resolve_checkpoint
 from model.config import normalise_class_name
 
@@ -105,7 +105,7 @@ class InspectionService:
         self.sources: dict[str, FrameSource] = {}
         self.watcher: CheckpointWatcher | None = None
         self._model_info: dict[str, Any] = {}
-        self._loaded_checkpoint: tuple[Path, int, int] | None = None  # (path, size, mtime) the engine started on
+        self._newest_at_start: tuple[Path, int, int] | None = None  # (path, size, mtime) when the engine loaded
 
     # --- start and stop -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -242,15 +242,20 @@ class InspectionService:
 
         threads = set_torch_threads(self.config.engine.threads, self.config.engine.interop_threads)
         log.info("torch threads", **threads)
-        model = self.config.startup_model()
-        self._loaded_checkpoint = checkpoint_signature(model.checkpoint)  # before loading: see start()
-        return Engine(model, max_batch=self.config.engine.batch_size)
+        self._newest_at_start = checkpoint_signature(self._checkpoint_target())  # before loading: see start()
+        untrained = self.config.model.model_copy(update={"checkpoint": None})
+        engine = Engine(untrained, max_batch=self.config.engine.batch_size)
+        candidates = startup_candidates(self.config.agent.prompt_dir, self.config.model.checkpoint)
+        refused = load_startup_prompts(engine, candidates)
+        if refused:
+            self.last_reload_error = "; ".join(refused)
+        return engine
 
     def _catch_up_on_checkpoints(self, target: Path) -> None:
         """A checkpoint published while the engine loaded (minutes, on a big model) came before the watcher
         did: load it now, off the start-up path."""
         newest = checkpoint_signature(target)
-        if newest is not None and newest != self._loaded_checkpoint:
+        if newest is not None and newest != self._newest_at_start:
             log.info("a prompt checkpoint was published while the engine loaded", path=str(newest[0]))
             threading.Thread(target=self._on_checkpoint, args=(newest[0],), name="catch-up", daemon=True).start()
 
@@ -279,6 +284,10 @@ class InspectionService:
 
         def emit(frame: Frame) -> None:
             captured.inc()
+            if frame.error is not None:  # unreadable picture: no engine; an ERROR result (a reject) at once
+                self.ledger.accepted(camera)
+                self.results.put(LaunchedBatch([frame], error=frame.error))
+                return
             put(frame)
 
         return emit
@@ -337,7 +346,7 @@ class InspectionService:
                 prepared = self.worker.engine.prepare_prompts(resolved)  # host work, on this thread
                 version = self.worker.submit(lambda engine: engine.install_prompts(prepared)).result(timeout)
             except Exception as exc:
-                self.last_reload_error = f"{resolved}: {exc}"
+                self.last_reload_error = str(exc) if str(resolved) in str(exc) else f"{resolved}: {exc}"
                 self.metrics.prompt_reloads.labels(outcome="refused").inc()
                 self.publish_info()
                 raise

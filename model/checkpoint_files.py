@@ -19,25 +19,27 @@ def is_unpublished(name: str) -> bool:
     return name.startswith(".") or name.endswith(UNPUBLISHED_SUFFIXES)
 
 
-def newest_checkpoint(directory: Path) -> Path | None:
-    """The newest published `*.safetensors` in `directory` (by mtime, then name), or None."""
-    best: tuple[int, str] | None = None
+def published_checkpoints(directory: Path) -> list[Path]:
+    """The published `*.safetensors` in `directory`, newest first (by mtime, then name); [] when none."""
+    found: list[tuple[int, str]] = []
     try:
         entries = list(os.scandir(directory))
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return []
     for entry in entries:
         if is_unpublished(entry.name) or not entry.name.endswith(CHECKPOINT_SUFFIX):
             continue
         try:
-            if not entry.is_file():
-                continue
-            key = (entry.stat().st_mtime_ns, entry.name)
+            if entry.is_file():
+                found.append((entry.stat().st_mtime_ns, entry.name))
         except FileNotFoundError:  # removed while we looked
             continue
-        if best is None or key > best:
-            best = key
-    return Path(directory) / best[1] if best else None
+    return [Path(directory) / name for _, name in sorted(found, reverse=True)]
+
+
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The newest published `*.safetensors` in `directory`, or None."""
+    return next(iter(published_checkpoints(directory)), None)
 
 
 def resolve_checkpoint(path: Path) -> Path | None:

@@ -234,6 +234,7 @@ class Engine:
         self.batch_sizes = batch_sizes_up_to(max(1, max_batch))
         self.stats = EngineStats()
         self._write_lock = threading.RLock()
+        self._saving: set[str] = set()  # classes whose profile is saved back to [model].profile_dir
         self._references: dict[str, Callable[[], Sequence[np.ndarray]]] = {}
         self._stale_logged: set[tuple[str, str]] = set()
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
@@ -327,15 +328,18 @@ class Engine:
         with self._write_lock:
             old = self._snapshot
             prompts = self._install_state(prepared)
-            classes = {}
+            classes, recalibrated = {}, []
             for name, entry in old.classes.items():
                 text = self._class_text(prompts.model, entry.profile)
                 profile = entry.profile
                 if profile.calibration is not None and name in self._references:
                     profile = self._recalibrate(prompts, name, profile, text)
+                    recalibrated.append(profile)
                 classes[name] = self._entry(prompts, profile, text, old.overrides)
             self._publish(Snapshot(prompts, MappingProxyType(classes), old.overrides))
             self.stats.prompt_swaps += 1
+        for profile in recalibrated:  # a restart then scores as now, and history/ keeps the previous calibration
+            self._save_profile(profile)
         (log.info if announce else log.debug)(
             "prompts loaded", version=prompts.version, previous=old.prompts.version, path=prepared.path
         )
@@ -545,12 +549,21 @@ class Engine:
             except ProfileError as exc:
                 log.warning("class profile unusable; setting the class up again", product_class=name, error=str(exc))
         profile = self.register_class(name, references, profile=saved)
-        if save and directory is not None and profile != saved:
-            try:
-                profile.save(profile_path(directory, name))
-            except OSError as exc:
-                log.warning("cannot save class profile", product_class=name, error=str(exc))
+        if save and directory is not None:
+            self._saving.add(name)
+            if profile != saved:
+                self._save_profile(profile)
         return profile
+
+    def _save_profile(self, profile: ClassProfile) -> None:
+        """Into [model].profile_dir, for classes set up from there with saving on (the agent's)."""
+        name, directory = profile.product_class, self.config.profile_dir
+        if directory is None or name not in self._saving:
+            return
+        try:
+            profile.save(profile_path(directory, name))
+        except OSError as exc:
+            log.warning("cannot save class profile", product_class=name, error=str(exc))
 
     def _quantile(self, profile: ClassProfile) -> float:
         return profile.calibration.quantile if profile.calibration else self.config.calibration_quantile

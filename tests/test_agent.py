@@ -14,6 +14,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import redis
+import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -228,6 +229,46 @@ def test_a_checkpoint_published_while_the_engine_loads_is_picked_up(tmp_path, mo
         service.start()  # on v1; the watcher starts after the rename, so it never sees v2 arrive
         loaded = service.worker.engine
         wait_for(lambda: loaded.prompt_version.startswith("v2@"), 30, "the checkpoint published meanwhile")
+    finally:
+        service.shutdown()
+
+
+def test_a_refused_checkpoint_in_the_prompt_folder_does_not_keep_the_line_down(tmp_path, mosquitto, redis_server):
+    """A checkpoint refused while the line ran stays in the folder; a restart (reboot, upgrade, watchdog) must
+    come up on the newest usable one, and `config check --model` must say what the line will run."""
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+    from agent.service import StartupError
+    from model.backbone import load_backbone
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    perturbed_checkpoint(prompts / "v1.safetensors", load_backbone("genclip-tiny", "random"), tiny_config(), seed=1)
+    os.utime(prompts / "v1.safetensors", (time.time() - 60, time.time() - 60))
+    (prompts / "v2.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    cfg = line_config(tmp_path, mosquitto.port, redis_server.url, "fallback", prompt_dir=str(prompts))
+    service = InspectionService(cfg)
+    try:
+        service.start()
+        assert service.worker.engine.prompt_version.startswith("v1@")
+        assert "v2.safetensors" in service.last_reload_error
+        assert service.info()["model"]["last_reload_error"] == service.last_reload_error
+    finally:
+        service.shutdown()
+
+    path = tmp_path / "line.toml"
+    path.write_text(tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True)))
+    checked = CliRunner().invoke(app, ["config", "check", "--model", "--config", str(path)])
+    assert checked.exit_code == 0, checked.output
+    assert "warning: checkpoint refused, the line starts on an older one" in checked.output
+    assert "prompts v1@" in checked.output
+
+    (prompts / "v1.safetensors").unlink()  # nothing usable left: untrained prompts would score nonsense
+    service = InspectionService(cfg)
+    try:
+        with pytest.raises(StartupError, match=r"no usable prompt checkpoint: .*v2\.safetensors"):
+            service.start()
     finally:
         service.shutdown()
 

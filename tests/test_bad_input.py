@@ -441,7 +441,10 @@ def test_the_service_rejects_bad_files_and_goes_on_inspecting(
             (folder / f"good-{i}.png").write_bytes(encoded(".png", (60 + i, 80, 3), seed=i))
         reasons = folder / "rejected"
         assert wait_until(lambda: len(list(reasons.glob("*.reason.txt"))) == len(files), 30)
-        assert wait_until(lambda: sum(service.metrics_results_by_verdict().values()) == 3, 30)
+        # Each unreadable picture of a part is an ERROR result (a reject for the PLC); readme.md is no part.
+        unreadable = len(files) - 1
+        assert wait_until(lambda: service.metrics_results_by_verdict().get("ERROR") == unreadable, 30)
+        assert wait_until(lambda: sum(service.metrics_results_by_verdict().values()) == 3 + unreadable, 30)
         assert (reasons / "huge.png.reason.txt").read_text() == (
             "image is 20000x20000 = 400000000 pixels, over the limit of 1000000 ([model].max_frame_pixels)\n"
         )
@@ -450,7 +453,14 @@ def test_the_service_rejects_bad_files_and_goes_on_inspecting(
     finally:
         service.shutdown()
     snap = service.ledger.snapshot()
-    assert snap.accepted == snap.published == 3 and snap.in_flight == 0
+    assert snap.accepted == snap.published == 3 + unreadable and snap.in_flight == 0
+    import redis
+
+    stream = redis.Redis.from_url(redis_server.url).xrange("genclip:badinput:results")
+    results = [json.loads(fields[b"payload"]) for _, fields in stream]
+    errors = {r["part_id"]: r["error"] for r in results if r["verdict"] == "ERROR"}
+    assert set(errors) == {"huge", "big", "empty", "cut", "dot"}, errors
+    assert errors["huge"].startswith("huge.png: image is 20000x20000") and errors["cut"].startswith("cut.png: cannot")
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
@@ -596,7 +606,7 @@ def test_a_saved_profile_of_other_prompts_is_stale_or_recalibrated_never_used(en
     import structlog.testing
 
     from model import Engine
-    from model.profile import ClassProfile, profile_path
+    from model.profile import ClassProfile, profile_history, profile_path
     from tests.factories import perturbed_checkpoint, tiny_config
 
     first, second, profiles = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "profiles"
@@ -627,6 +637,16 @@ def test_a_saved_profile_of_other_prompts_is_stale_or_recalibrated_never_used(en
     assert again.threshold("widget") == (recalibrated.calibration.threshold, "calibration")
     assert recalibrated.calibration.prompt_version == again.prompt_version != old.prompt_version
     assert ClassProfile.load(path).calibration.prompt_version == again.prompt_version  # saved for the next start
+
+    # New prompts arrive while it runs (the trainer's timer): recalibrated on them, and saved, the previous
+    # calibration kept in history/, so a restart scores as the running agent does.
+    third = tmp_path / "c.safetensors"
+    perturbed_checkpoint(third, engine.backbone, tiny_config(), seed=3, scale=0.2)
+    before = len(profile_history(profiles, "widget"))
+    version = again.load_prompts(third)
+    assert again.threshold("widget")[1] == "calibration"
+    assert ClassProfile.load(path).calibration.prompt_version == version == again.prompt_version
+    assert len(profile_history(profiles, "widget")) == before + 1
 
 
 def test_an_unreadable_profile_is_set_up_again_with_a_warning(engine: Any, tmp_path: Path) -> None:

@@ -95,11 +95,14 @@ def test_unreadable_files_are_rejected_with_a_reason(tmp_path):
         (tmp_path / "cut.png").write_bytes(png(1, (120, 160))[:300])
         (tmp_path / "good.png").write_bytes(png(2))
         rejected = tmp_path / "rejected"
-        assert wait_until(lambda: rejected.is_dir() and len(files(rejected)) == 4 and len(emit) == 1)
+        assert wait_until(lambda: rejected.is_dir() and len(files(rejected)) == 4 and len(emit) == 2)
         assert files(rejected) == ["cut.png", "cut.png.reason.txt", "notes.txt", "notes.txt.reason.txt"]
         assert "cannot decode" in (rejected / "cut.png.reason.txt").read_text()
         assert "not an image file name (.txt)" in (rejected / "notes.txt.reason.txt").read_text()
-        assert [f.part_id for f in emit.snapshot()] == ["good"]
+        # The unreadable picture of a part still reports the part (an ERROR result); notes.txt is no part.
+        by_part = {f.part_id: f for f in emit.snapshot()}
+        assert sorted(by_part) == ["cut", "good"] and by_part["good"].error is None
+        assert by_part["cut"].error.startswith("cut.png: cannot decode")
         assert wait_until(lambda: files(tmp_path) == [])  # good.png moves once emit has returned
         assert source.status().errors == 2 and source.status().state == "running"
     finally:

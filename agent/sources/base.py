@@ -184,11 +184,13 @@ class FrameSource(ABC):
         part_id: str | None = None,
         seq: int | None = None,
         on_end: Callable[[str], None] | None = None,
+        error: str | None = None,
     ) -> Frame | None:
         """Number the image, wrap it in a Frame and hand it to the pipeline; None when emit raised.
 
         `seq` is given when the part id needs it before the call; otherwise the next number is taken.
         `on_end` hears how the frame ended ("published" or a drop reason), from whichever thread ended it.
+        `error` marks a part whose picture could not be read: it is published as ERROR (a reject).
         """
         seq = self._next_seq() if seq is None else seq
         frame = Frame(
@@ -198,6 +200,7 @@ class FrameSource(ABC):
             product_class=self.camera.product_class,
             image=image,
             on_end=on_end,
+            error=error,
         )
         with self._lock:
             self._emitting = True

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from watchdog.events import (
     EVENT_TYPE_CLOSED,
     EVENT_TYPE_CREATED,
@@ -258,6 +259,8 @@ class FolderSource(FrameSource):
                     self._unsettled[path] = _Unsettled(time.monotonic() + max(DECODE_RETRY_S, self._settle_s))
                 return
             self._reject(path, str(exc))
+            # A part the grabber saw but whose picture is unreadable: the PLC gets an ERROR result, a reject.
+            self._emit_frame(np.zeros((0, 0), np.uint8), part_id=path.stem, error=f"{path.name}: {exc}")
             return
         if self.camera.after == "move":
             self._ensure_dir(self.camera.resolved_done_dir)  # before emitting: a full disk must not cost a frame
