@@ -213,17 +213,44 @@ def load_config(path: Path | None = None) -> InspectConfig:
             raise ConfigError(source, [f"cannot read: {exc}"]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    settings = environment_settings()
+    problems = [
+        f"environment variable {var}: not a setting; a section and its key are joined by two underscores "
+        f"({ENV_PREFIX}{var[len(ENV_PREFIX) :].replace('_', '__', 1).upper()})"
+        for var, loc in settings.items()
+        if len(loc) == 1 and loc[0] not in InspectConfig.model_fields
+    ]
     try:
-        return InspectConfig(**data)
+        config = InspectConfig(**data)
     except ValidationError as exc:
-        raise ConfigError(source, format_errors(exc)) from None
+        raise ConfigError(source, problems + format_errors(exc, settings)) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return config
 
 
-def format_errors(exc: ValidationError) -> list[str]:
-    """pydantic's errors as 'section.key: message' lines a line engineer can act on."""
+NOT_SETTINGS = ("CONFIG", "STATE_DIR")  # GENCLIP_CONFIG (which file), GENCLIP_STATE_DIR (deploy/services.sh)
+
+
+def environment_settings() -> dict[str, tuple[str, ...]]:
+    """GENCLIP_* variables that set config keys, with the key path each sets, e.g. ('engine', 'batch_size')."""
+    found = {}
+    for var in os.environ:
+        name = var.upper().removeprefix(ENV_PREFIX)
+        if var.upper().startswith(ENV_PREFIX) and name not in NOT_SETTINGS:
+            found[var] = tuple(name.lower().split("__"))
+    return found
+
+
+def format_errors(exc: ValidationError, settings: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """pydantic's errors as 'section.key: message' lines a line engineer can act on; a key set from the
+    environment names its variable (the file is not where to look then)."""
+    from_env = {loc: var for var, loc in (settings or {}).items()}
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
+        loc = tuple(str(p) for p in err["loc"])
+        var = next((from_env[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in from_env), None)
+        where = ".".join(loc) + (f" (from {var})" if var else "")
         message = err["msg"].removeprefix("Value error, ")
         if not where:  # a check across sections: its message names the keys
             lines.extend(message.split("; "))

@@ -113,6 +113,17 @@ def configure_logging(line_id: str, level: str = "INFO", fmt: str = "auto", stre
     root.setLevel(level)
     for noisy in ("PIL", "urllib3", "httpx", "huggingface_hub", "matplotlib", "onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    quiet_opencv(level)
+
+
+def quiet_opencv(level: str) -> None:
+    """OpenCV writes its own plain-text warnings to stderr ("[ WARN:0@25.8] global grfmt_png.cpp ..."), which
+    break a JSON log stream; every problem they describe (a file that will not decode, a camera that will not
+    open) is logged by us with its camera or file. So OpenCV speaks only at DEBUG."""
+    import cv2
+
+    cv_log = cv2.utils.logging
+    cv_log.setLogLevel(cv_log.LOG_LEVEL_WARNING if level == "DEBUG" else cv_log.LOG_LEVEL_SILENT)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

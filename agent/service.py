@@ -438,6 +438,15 @@ class InspectionService:
         reasons = []
         for name, error in self.class_errors.items():
             reasons.append(f"class {name}: {error}")
+        engine = self.worker.engine
+        for name in engine.registered_classes() if engine is not None else ():
+            info = engine.class_info(name)
+            if info["threshold_source"] == "stale-calibration":  # e.g. hand-calibrated, then retrained
+                reasons.append(
+                    f"class {name}: {info['stale_reason']}; scoring against default_threshold "
+                    f"({info['threshold']}) until it is recalibrated (set [references] so every new prompt "
+                    "version is recalibrated, run `genclip calibrate`, or set [thresholds])"
+                )
         for camera_id, source in self.sources.items():
             status = source.status()
             if not status.healthy:

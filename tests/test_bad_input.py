@@ -649,6 +649,35 @@ def test_a_saved_profile_of_other_prompts_is_stale_or_recalibrated_never_used(en
     assert len(profile_history(profiles, "widget")) == before + 1
 
 
+def test_a_stale_calibration_shows_in_health(engine: Any, tmp_path: Path, mosquitto: Any, redis_server: Any) -> None:
+    """Calibrated by hand, then retrained without [references]: the class falls back to default_threshold,
+    which may reject every part; /healthz says so instead of staying green."""
+    from agent.config import InspectConfig
+    from agent.service import InspectionService
+    from model import Engine
+    from tests.factories import perturbed_checkpoint, tiny_config
+
+    first, second, profiles = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "profiles"
+    perturbed_checkpoint(first, engine.backbone, tiny_config(), seed=1, scale=0.2)
+    perturbed_checkpoint(second, engine.backbone, tiny_config(), seed=2, scale=0.2)
+    Engine(tiny_config(checkpoint=first, profile_dir=profiles), backbone=engine.backbone).setup_class(
+        "widget", good_parts()
+    )
+    model = tiny_config(checkpoint=second, profile_dir=profiles).model_dump(mode="json", exclude_none=True)
+    camera = {"id": "cam-1", "source": "synthetic:1", "product_class": "widget", "fps": 2}
+    cfg = InspectConfig(
+        line={"id": "stale"}, model=model, cameras=[camera], mqtt={"port": mosquitto.port},
+        redis={"url": redis_server.url}, agent={"health_port": 0},
+    )  # fmt: skip
+    service = InspectionService(cfg)
+    try:
+        service.start()
+        [reason] = [r for r in service.health_reasons() if r.startswith("class widget")]
+        assert "measured on prompts a@" in reason and "scoring against default_threshold (0.5)" in reason
+    finally:
+        service.shutdown()
+
+
 def test_an_unreadable_profile_is_set_up_again_with_a_warning(engine: Any, tmp_path: Path) -> None:
     import structlog.testing
 

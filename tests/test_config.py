@@ -287,3 +287,46 @@ def test_a_threshold_or_reference_for_a_class_no_camera_inspects_is_an_error(tmp
         "references.botle: no camera on this line inspects class 'botle' (its cameras' classes: metal nut)",
     ]
     assert load_config(write(tmp_path, '[model]\npretrained = "random"\n[thresholds]\nx = 0.5\n')).thresholds
+
+
+@pytest.mark.parametrize(("level", "warns"), [("INFO", False), ("DEBUG", True)])
+def test_opencv_plain_text_warnings_stay_out_of_the_json_log(level, warns):
+    """A truncated PNG makes OpenCV print '[ WARN:0@...] global grfmt_png.cpp ...' to stderr: a line that breaks
+    `jq` on the journal. Below DEBUG the agent silences it (it logs the failure itself, as JSON)."""
+    code = (
+        "import cv2, numpy as np\n"
+        "from agent.logs import configure_logging\n"
+        f"configure_logging('line-1', '{level}', 'json')\n"
+        "data = cv2.imencode('.png', np.zeros((64, 64, 3), np.uint8))[1].tobytes()[:120]\n"
+        "assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ("[ WARN" in done.stderr) is warns, done.stderr
+
+
+def test_errors_from_the_environment_name_the_variable(tmp_path, monkeypatch):
+    """The file is not where to look when the bad value came from GENCLIP_*; a single underscore (no section
+    separator) would otherwise be silently ignored."""
+    path = write(tmp_path, '[model]\npretrained = "random"\n')
+    monkeypatch.setenv("GENCLIP_ENGINE__BATCHSIZE", "16")
+    monkeypatch.setenv("GENCLIP_MQTT__PORT", "0")
+    monkeypatch.setenv("GENCLIP_MQTT_HOST", "10.0.0.5")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert sorted(err.value.errors) == sorted(
+        [
+            "environment variable GENCLIP_MQTT_HOST: not a setting; a section and its key are joined by two "
+            "underscores (GENCLIP_MQTT__HOST)",
+            "engine.batchsize (from GENCLIP_ENGINE__BATCHSIZE): unknown key (misspelt, or not in this section)",
+            "mqtt.port (from GENCLIP_MQTT__PORT): Input should be greater than or equal to 1",
+        ]
+    )
+    monkeypatch.delenv("GENCLIP_ENGINE__BATCHSIZE")
+    monkeypatch.delenv("GENCLIP_MQTT__PORT")
+    with pytest.raises(ConfigError, match="GENCLIP_MQTT_HOST: not a setting"):
+        load_config(path)  # alone, too
+    monkeypatch.delenv("GENCLIP_MQTT_HOST")
+    monkeypatch.setenv("GENCLIP_STATE_DIR", str(tmp_path))  # deploy/services.sh's, not a config key
+    monkeypatch.setenv("GENCLIP_THRESHOLDS", '{"x": 0.5}')  # a top-level key: no section separator needed
+    assert load_config(path).thresholds == {"x": 0.5}

@@ -29,7 +29,11 @@ def test_auto_kind_and_queue_policy_follow_the_source(tmp_path):
         ("rtsp://10.0.0.9/stream1", "opencv", "drop_oldest", OpenCvSource),
         ("http://127.0.0.1:8080/video.mjpg", "opencv", "drop_oldest", OpenCvSource),
         (str(tmp_path / "line.avi"), "opencv", "block", OpenCvSource),  # a file (existing or not) is not live
+        (str(tmp_path / "frames_%04d.png"), "opencv", "block", OpenCvSource),  # an image sequence
+        (str(tmp_path / "framez"), "folder", "block", FolderSource),  # not there yet (a typo, a share not mounted)
     ]
+    (tmp_path / "clip.bin").write_bytes(b"")  # an existing file of any name: OpenCV's to open
+    cases.append((str(tmp_path / "clip.bin"), "opencv", "block", OpenCvSource))
     for source, kind, policy, cls in cases:
         cam = camera(source)
         assert cam.resolved_kind == kind, source

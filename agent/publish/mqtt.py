@@ -493,6 +493,9 @@ class MqttPublisher:
         log.info("mqtt command", command=name, args=command.args.model_dump(by_alias=True))
         try:
             fields = self.handler(command)
+        except ValueError as exc:  # the command cannot be done as asked (unknown class, bad checkpoint): say why
+            log.warning("mqtt command refused", command=name, error=str(exc))
+            return {"ok": False, "error": str(exc)}
         except Exception as exc:
             log.exception("mqtt command failed", command=name)
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

@@ -23,6 +23,7 @@ TEMP_SUFFIXES = (".tmp", ".part")
 SourceKind = Literal["opencv", "folder", "synthetic"]
 QueuePolicy = Literal["drop_oldest", "block"]
 LIVE_MAX_AGE_MS = 2000.0
+VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".ts", ".mjpg", ".mjpeg")
 
 
 class SyntheticConfig(Section):
@@ -62,7 +63,9 @@ class CameraConfig(Section):
     )
     product_class: str = Field(..., description="What this camera sees, e.g. 'bottle' or 'pcb1'.")
     kind: Literal["auto", "opencv", "folder", "synthetic"] = Field(
-        "auto", description="auto: 'synthetic:...' -> synthetic, an existing folder -> folder, else opencv."
+        "auto",
+        description="auto: 'synthetic:...' -> synthetic; a device index, URL or existing or video file -> opencv; "
+        "else folder (one that does not exist yet is waited for).",
     )
     fps: float = Field(5.0, gt=0, le=1000, description="Frames per second to take (opencv and synthetic).")
     queue_policy: QueuePolicy | None = Field(
@@ -122,9 +125,16 @@ class CameraConfig(Section):
             return self.kind
         if self.is_synthetic_source:
             return "synthetic"
-        if os.path.isdir(os.path.expanduser(self.source)):
+        path = os.path.expanduser(self.source)
+        if os.path.isdir(path):
             return "folder"
-        return "opencv"
+        if self.device_index is not None or "://" in self.source or "%" in self.source or os.path.exists(path):
+            return "opencv"  # a device, a stream, an image sequence pattern, a video file
+        if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+            return "opencv"  # a video file not there yet: retried until it is
+        return (
+            "folder"  # not there yet (a share mounted after boot, a typo): watched once it appears, else 'reconnecting'
+        )
 
     @property
     def device_index(self) -> int | None:
