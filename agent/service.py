@@ -81,6 +81,7 @@ class InspectionService:
         self.ledger = FrameLedger(on_drop=self.metrics.dropped)
         self.notifier = SystemdNotifier()
         self.thresholds = dict(config.thresholds)
+        self._commanded: set[str] = set()  # classes whose threshold an operator set over MQTT (until restart)
         self.class_errors: dict[str, str] = {}
         self.last_reload_error: str | None = None
         self.started_at = datetime.now(UTC)
@@ -111,6 +112,12 @@ class InspectionService:
     def start(self) -> None:
         """Bring everything up; raises StartupError (the service then exits non-zero) with the reason."""
         cfg = self.config
+        if "id" not in cfg.line.model_fields_set:
+            log.warning(
+                "no [line] id in the configuration; running as the default",
+                line=self.line,
+                why="lines that share a broker or Redis must each have their own id: topics and keys are per line",
+            )
         self.metrics.add_stats_source("mqtt", self.mqtt.stats.counts)
         self.metrics.add_stats_source("redis", self.redis.stats.counts)
         for camera in cfg.cameras:
@@ -374,7 +381,8 @@ class InspectionService:
                 raise ValueError(f"unknown product class {args.product_class!r} on this line")
             self.thresholds = {k: v for k, v in self.thresholds.items() if normalise_class_name(k) != name}
             self.thresholds[name] = args.value
-            engine.set_thresholds(self.thresholds)
+            self._commanded.add(name)
+            engine.set_thresholds(self.thresholds, {k: "command" for k in self._commanded})
             log.info("threshold set by command", product_class=name, value=args.value)
             self.publish_info()
             return {"product_class": name, "threshold": args.value}

@@ -63,7 +63,7 @@ class Prediction:
     product_class: str
     score: float
     threshold: float
-    threshold_source: str  # "config", "calibration", "stale-calibration" or "default"
+    threshold_source: str  # "config", "command", "calibration", "stale-calibration" or "default"
     is_anomalous: bool
     anomaly_map: np.ndarray  # float32 [S, S], values in [0, 1]
     frame_size: tuple[int, int]  # height, width of the frame it was computed from
@@ -134,7 +134,7 @@ class Snapshot:
 
     prompts: PromptState
     classes: Mapping[str, ClassEntry]
-    overrides: Mapping[str, float]
+    overrides: Mapping[str, tuple[float, str]]  # class -> (threshold, "config" or "command")
 
 
 @dataclass(frozen=True)
@@ -381,9 +381,13 @@ class Engine:
             "class_word": class_word,
         }
 
-    def set_thresholds(self, thresholds: Mapping[str, float]) -> None:
-        """Per-class thresholds from the line's config (they win over calibrations); any thread."""
-        overrides = MappingProxyType({normalise_class_name(k): float(v) for k, v in thresholds.items()})
+    def set_thresholds(self, thresholds: Mapping[str, float], sources: Mapping[str, str] | None = None) -> None:
+        """Per-class thresholds that win over calibrations; any thread. Their source is "config" unless
+        `sources` says otherwise for a class (the agent: "command", set by an operator over MQTT)."""
+        given = {normalise_class_name(k): v for k, v in (sources or {}).items()}
+        overrides = MappingProxyType(
+            {(n := normalise_class_name(k)): (float(v), given.get(n, "config")) for k, v in thresholds.items()}
+        )
         with self._write_lock:
             old = self._snapshot
             classes = {name: self._entry(old.prompts, e.profile, e.text, overrides) for name, e in old.classes.items()}
@@ -396,15 +400,15 @@ class Engine:
         if entry is not None:
             return entry.threshold, entry.threshold_source
         if name in self._snapshot.overrides:
-            return self._snapshot.overrides[name], "config"
+            return self._snapshot.overrides[name]
         return self.config.default_threshold, "default"
 
     def _entry(
-        self, prompts: PromptState, profile: ClassProfile, text: ClassText, overrides: Mapping[str, float]
+        self, prompts: PromptState, profile: ClassProfile, text: ClassText, overrides: Mapping[str, tuple[float, str]]
     ) -> ClassEntry:
         name = profile.product_class
         if name in overrides:
-            return ClassEntry(profile, text, overrides[name], "config")
+            return ClassEntry(profile, text, *overrides[name])
         calibration = profile.calibration
         if calibration is None:
             return ClassEntry(profile, text, self.config.default_threshold, "default")

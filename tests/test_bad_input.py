@@ -184,12 +184,13 @@ FOLDER_PROBE = textwrap.dedent(
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     source.start()
     end = time.monotonic() + 30
-    while time.monotonic() < end and not (len(frames) == 1 and (folder / "rejected" / "huge.png.reason.txt").exists()):
+    while time.monotonic() < end and not (len(frames) == 2 and (folder / "rejected" / "huge.png.reason.txt").exists()):
         time.sleep(0.02)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     state = source.status().state
     source.stop()
-    print((after - before) // 1024, len(frames), state, flush=True)
+    images = sum(frame.error is None for frame in frames)  # the huge one is reported as an error frame
+    print((after - before) // 1024, images, state, flush=True)
     """
 )
 
@@ -256,11 +257,16 @@ def test_every_kind_of_bad_file_in_a_watched_folder_is_rejected_with_its_reason(
     source = open_source(camera, emit, max_frame_pixels=LIMIT)
     source.start()
     rejected = folder / "rejected"
+    parts = len(bad) - 2  # every image file stands for a part: an unreadable one is an error frame (an ERROR result)
     try:
-        assert wait_until(lambda: len(emit) == len(good) and len(list(rejected.glob("*.reason.txt"))) == len(bad), 20)
+        assert wait_until(
+            lambda: len(emit) == len(good) + parts and len(list(rejected.glob("*.reason.txt"))) == len(bad), 20
+        )
         (folder / "after.png").write_bytes(encoded(".png", (48, 64, 3)))  # and the source goes on
-        assert wait_until(lambda: len(emit) == len(good) + 1, 10)
+        assert wait_until(lambda: len(emit) == len(good) + parts + 1, 10)
         assert source.status().state == "running" and source.status().errors == len(bad)
+        errors = sorted(f.part_id for f in emit.snapshot() if f.error is not None)
+        assert errors == sorted(Path(n).stem for n in bad if n not in ("notes.txt", "noext")), errors
     finally:
         stop_promptly(source)
     reasons = {p.name.removesuffix(".reason.txt"): p.read_text().strip() for p in rejected.glob("*.reason.txt")}
@@ -278,7 +284,7 @@ def test_every_kind_of_bad_file_in_a_watched_folder_is_rejected_with_its_reason(
     assert sorted(p.name for p in rejected.iterdir() if not p.name.endswith(".txt") or p.name == "notes.txt") == sorted(
         bad
     )
-    frames = {f.part_id: f.image for f in emit.snapshot()}
+    frames = {f.part_id: f.image for f in emit.snapshot() if f.error is None}
     expected_shapes = {Path(n).stem: s if len(s) < 3 or s[2] != 4 else (*s[:2], 3) for n, (s, _) in good.items()}
     assert {k: v.shape for k, v in frames.items() if k != "after"} == expected_shapes
     assert frames["gray16"].dtype == frames["colour16"].dtype == np.uint16
@@ -932,7 +938,7 @@ def outcomes(draw: st.DrawFn) -> Any:
         bbox=st.tuples(st.integers(0, width - 1), st.integers(0, height - 1), st.integers(1, 50), st.integers(1, 50)),
     )
     defects = draw(st.lists(defect, min_size=1, max_size=4)) if ng else []
-    source = draw(st.sampled_from(["config", "calibration", "stale-calibration", "default"]))
+    source = draw(st.sampled_from(["config", "command", "calibration", "stale-calibration", "default"]))
     level = draw(UNIT)
     return Prediction(
         "widget", score, threshold, source, ng, np.full((16, 16), level, np.float32), (height, width), defects,
@@ -974,7 +980,7 @@ def test_every_result_has_the_documented_fields_and_types(
         assert set(result) == RESULT_KEYS | {"class_word"} and result["class_word"] == "widget"
         assert verdict == ("NG" if outcome.is_anomalous else "OK")
         assert 0.0 <= result["score"] <= 1.0 and 0.0 <= result["threshold"] <= 1.0
-        assert result["threshold_source"] in ("config", "calibration", "stale-calibration", "default")
+        assert result["threshold_source"] in ("config", "command", "calibration", "stale-calibration", "default")
         assert (len(result["defects"]) > 0) == (verdict == "NG"), "NG has regions, OK has none"
         stored = maps == "all" or (maps == "ng" and verdict == "NG")
         assert (result["map_key"] == f"genclip:l1:map:{camera}:{seq}") == stored == (inspection.map_png is not None)
