@@ -10,6 +10,7 @@ the verbs so that `genclip config check` stays quick.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import sys
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from model import Engine, FrameError, Prediction
 
 ONNX_TOLERANCE = 1e-3
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # the 'export' extra
 log = get_logger("agent.score_command")
 
 LoadConfig = Callable[[Path | None], "InspectConfig"]
@@ -38,7 +40,8 @@ CheckpointOption = Annotated[
     Path | None,
     typer.Option(
         "--checkpoint",
-        help="Learned prompts (.safetensors from `genclip train`) to use instead of model.checkpoint in the config.",
+        help="Learned prompts (.safetensors from `genclip train`) to use instead of the line's: the newest checkpoint "
+        "in [agent].prompt_dir, else [model].checkpoint, else untrained prompts.",
         show_default=False,
     ),
 ]
@@ -51,14 +54,22 @@ sub-folders. Colour and grayscale, 8- and 16-bit images are read as they are
 (an alpha channel is dropped).
 
 Each line has: path, product_class, score, threshold, threshold_source
-(config, checkpoint or default), is_anomalous, defects (type, type_probability,
-score, area_px, bbox as x, y, width, height in image pixels: as the agent publishes them), prompt_version, and
-timing (ms_per_image: the batch's time divided by its size, and batch_size);
-with --out also overlay, the PNG written. An image that cannot be read gives a
+(config, calibration, stale-calibration or default), is_anomalous, defects
+(type, type_probability, score, area_px, bbox as x, y, width, height in image
+pixels: as the agent publishes them), prompt_version, and timing
+(ms_per_image: the batch's time divided by its size, and batch_size); with
+--out also overlay, the PNG written. An image that cannot be read gives a
 line {"path": ..., "error": ...} and the others go on.
 
-Thresholds come from --threshold, else the config's thresholds table, else the
-checkpoint's calibrated one, else model.default_threshold.
+Prompts are the ones the line's agent starts with: the newest checkpoint in
+[agent].prompt_dir (where the trainer publishes), else [model].checkpoint;
+--checkpoint replaces them.
+
+Thresholds come from --threshold, else the config's [thresholds] table
+(threshold_source config), else the calibration in the class's profile in
+[model].profile_dir when it was made with these prompts and settings
+(calibration), else [model].default_threshold (stale-calibration when the
+profile's calibration does not hold for them, default when there is none).
 
 Logs go to stderr. Exit status: 0 all scored, 1 some image failed, 2 bad
 config, options or checkpoint.
@@ -66,17 +77,20 @@ config, options or checkpoint.
 
 EXPORT_ONNX_HELP = """Export the image path for some product classes as an ONNX graph, checked against torch.
 
-The graph takes RGB images in [0, 1] already resized to model.image_size
+The graph takes RGB images in [0, 1] already resized to [model].image_size
 (N x 3 x S x S) and a class index per image (the position in --classes), and
 returns image scores (N) and anomaly maps (N x S x S). Prompts are folded in.
 
 With --reference DIR, the images of good parts in DIR/<class>/ decide each
 class word (class name filtering; at least [model].min_reference_images, at
 most 64 are used). Otherwise the class's profile in [model].profile_dir is
-used, or the class name as given.
+used, or the class name as given. Prompts: --checkpoint, else the newest
+checkpoint in [agent].prompt_dir, else [model].checkpoint (as the agent starts).
 
 Prints one JSON line with the largest differences between onnxruntime and
-torch on random input; exits 1 if either is above 1e-3.
+torch on random input; exits 1 if either is above 1e-3, and then writes no
+file (the graph is moved to --out only once it has passed). Needs the 'export'
+extra (onnx, onnxscript, onnxruntime).
 """
 
 
@@ -193,7 +207,7 @@ def run_score(
             fail(f"--out: cannot create folder {out_dir}: {exc.strerror}")
         targets = overlay_paths(paths, out_dir)
     batch_size = batch_size or cfg.engine.batch_size
-    engine = open_engine(cfg.model, checkpoint, batch_size)
+    engine = open_engine(cfg.startup_model(), checkpoint, batch_size)  # the prompts the line runs
     thresholds = dict(cfg.thresholds)
     if threshold is not None:
         thresholds[product_class] = threshold
@@ -287,14 +301,16 @@ def reference_frames(folder: Path, limit: int, max_pixels: int | None = DEFAULT_
 def run_export_onnx(
     cfg: InspectConfig, classes: list[str], out: Path, checkpoint: Path | None, reference: Path | None
 ) -> bool:
-    """Export, check against torch, print the result line; True when within tolerance."""
-    from model.export import check_onnx, export_onnx
-
+    """Export, check against torch, print the result line; True when within tolerance (only then is `out` written)."""
+    missing = [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        fail(f"export onnx needs {', '.join(missing)}: pip install -e '.[export]'")
     if reference is not None and not reference.is_dir():
         fail(f"--reference: folder not found: {reference}")
     from model import ClassSetupError
+    from model.export import export_checked
 
-    engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size)
+    engine = open_engine(cfg.startup_model(), checkpoint, cfg.engine.batch_size)  # the prompts the line runs
     for name in classes:
         folder = reference / name if reference is not None else None
         frames = []
@@ -306,14 +322,12 @@ def run_export_onnx(
             fail(str(exc))
         log.info("class registered", product_class=name, images=len(frames), class_word=profile.class_word)
     with contextlib.redirect_stdout(sys.stderr):  # torch.onnx prints progress; stdout is for the result
-        scorer = export_onnx(engine, classes, out)
-        diffs = check_onnx(scorer, out)
-    ok = all(math.isfinite(value) and value <= ONNX_TOLERANCE for value in diffs.values())
+        diffs, ok = export_checked(engine, classes, out, ONNX_TOLERANCE)
     used = {name: engine.class_info(name)["class_word"] for name in classes}
     result = {name: finite(value) for name, value in diffs.items()}
     emit({"path": str(out), "classes": classes, "used_names": used, **result, "tolerance": ONNX_TOLERANCE, "ok": ok})
     if not ok:
-        log.error("ONNX output differs from torch", path=str(out), tolerance=ONNX_TOLERANCE, **diffs)
+        log.error("ONNX output differs from torch; nothing written", path=str(out), tolerance=ONNX_TOLERANCE, **diffs)
     return ok
 
 
@@ -358,14 +372,15 @@ def register(app: typer.Typer, load_config: LoadConfig) -> None:
         config: ConfigOption = None,
         batch_size: Annotated[
             int | None,
-            typer.Option(
-                "--batch-size", min=1, max=1024, help="Images per batch (default: engine.batch_size in the config)."
-            ),
+            typer.Option("--batch-size", min=1, max=1024, help="Images per batch; default: [engine].batch_size."),
         ] = None,
         threshold: Annotated[
             float | None,
             typer.Option(
-                "--threshold", min=0.0, max=1.0, help="Image-score threshold for this class, over the config's."
+                "--threshold",
+                min=0.0,
+                max=1.0,
+                help="Image-score threshold for this class, over [thresholds] and its calibration.",
             ),
         ] = None,
     ) -> None:

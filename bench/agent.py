@@ -348,15 +348,25 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
         seconds: Annotated[float, typer.Option(min=1, help="Measured time, after the warm-up.")] = 60.0,
         warmup: Annotated[float, typer.Option(min=0, help="Seconds before measuring (model load, warm-up).")] = 20.0,
         threads: Annotated[int, typer.Option(min=0, help="[engine].threads for the agent (0: its config).")] = 0,
-        batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="[engine].batch_size.")] = None,
-        device: Annotated[str | None, typer.Option(help="[model].device (auto, cpu, cuda).")] = None,
+        batch_size: Annotated[
+            int | None, typer.Option("--batch-size", min=1, help="[engine].batch_size; default the config's.")
+        ] = None,
+        device: Annotated[
+            str | None, typer.Option(help="[model].device (auto, cpu, cuda, cuda:N); default the config's.")
+        ] = None,
         backbone: Annotated[str | None, typer.Option(help="[model].backbone; default the config's.")] = None,
-        precision: Annotated[str | None, typer.Option(help="[model].precision (fp32, bf16, fp16).")] = None,
-        image_size: Annotated[int | None, typer.Option("--image-size", min=16, help="[model].image_size.")] = None,
+        precision: Annotated[
+            str | None, typer.Option(help="[model].precision (fp32, bf16, fp16); default the config's.")
+        ] = None,
+        image_size: Annotated[
+            int | None, typer.Option("--image-size", min=16, help="[model].image_size; default the config's.")
+        ] = None,
         compile_model: Annotated[
             bool | None, typer.Option("--compile/--no-compile", help="[model].compile; default the config's.")
         ] = None,
-        defect_rate: Annotated[float, typer.Option("--defect-rate", min=0, max=1)] = 0.2,
+        defect_rate: Annotated[
+            float, typer.Option("--defect-rate", min=0, max=1, help="Share of defective parts the cameras make, 0..1.")
+        ] = 0.2,
         pipeline: Annotated[
             bool | None, typer.Option("--pipeline/--no-pipeline", help="[engine].pipeline; default the config's.")
         ] = None,
@@ -366,7 +376,10 @@ def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) 
         config: Annotated[
             Path | None, typer.Option("--config", "-c", help="Base config (default: the repository's config.toml).")
         ] = None,
-        work: Annotated[Path | None, typer.Option(help="Folder for the config, logs and brokers' files.")] = None,
+        work: Annotated[
+            Path | None,
+            typer.Option(help="Folder for the config, logs and brokers' files; default a new temporary folder."),
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
     ) -> None:
         """Sustained frames/s, capture-to-publish latency of results and rejects, drops by reason."""

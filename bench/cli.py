@@ -36,7 +36,10 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             list[str] | None, typer.Option(help="open_clip or shipped model name; repeatable. Default genclip-tiny.")
         ] = None,
         image_size: Annotated[
-            list[int] | None, typer.Option("--image-size", help="Repeatable; default the backbone's native size.")
+            list[int] | None,
+            typer.Option(
+                "--image-size", help="Model input size, pixels; repeatable. Default the backbone's native size."
+            ),
         ] = None,
         batch: Annotated[list[int] | None, typer.Option(help="Batch sizes; repeatable. Default 1 and 8.")] = None,
         mode: Annotated[
@@ -45,7 +48,9 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (towers; the head stays fp32).")] = "fp32",
         device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
         threads: Annotated[int, typer.Option(min=0, help="torch intra-op threads (0: torch's default).")] = 1,
-        interop_threads: Annotated[int, typer.Option("--interop-threads", min=0)] = 1,
+        interop_threads: Annotated[
+            int, typer.Option("--interop-threads", min=0, help="torch inter-op threads (0: torch's default).")
+        ] = 1,
         rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds per point.")] = 5,
         frame: Annotated[str, typer.Option(help="Camera frame WxH fed to the engine.")] = "640x480",
         naive: Annotated[bool, typer.Option("--naive/--no-naive", help="Run the naive-loop baseline.")] = True,

@@ -9,6 +9,10 @@ vision-enhanced prompts, fusion and blur - is inside the graph.
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +72,9 @@ def export_onnx(engine: Engine, classes: list[str], path: Path, opset: int = 18)
     batch = torch.export.Dim("batch", min=1, max=1024)
     weights_bytes = sum(p.numel() * p.element_size() for p in scorer.parameters())
     with torch.inference_mode(False), torch.no_grad():
+        # One eager run first: what the scoring path caches (the map operator) is then built as real tensors and
+        # folded into the graph as constants, the same graph whatever this process scored before.
+        scorer(images, index)
         torch.onnx.export(
             scorer,
             (images, index),
@@ -99,3 +106,29 @@ def check_onnx(scorer: ExportedScorer, path: Path, batch: int = 3, seed: int = 0
         "max_score_diff": float(np.abs(onnx_scores - scores.numpy()).max()),
         "max_map_diff": float(np.abs(onnx_maps - maps.numpy()).max()),
     }
+
+
+def export_checked(
+    engine: Engine, classes: list[str], path: Path, tolerance: float, opset: int = 18
+) -> tuple[dict[str, float], bool]:
+    """Export, check against torch, and only then put the file(s) at `path`; returns the differences and whether
+    both are within `tolerance`.
+
+    The graph is written into a temporary folder beside `path` and moved into place after the check passes, so a
+    failed check, an error or Ctrl-C never leaves an unchecked model where a line would load it (nor replaces a good
+    one). A weights file written beside a large graph (<name>.data) moves with it, before it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = staging / path.name
+        scorer = export_onnx(engine, classes, staged, opset)
+        diffs = check_onnx(scorer, staged)
+        ok = all(math.isfinite(value) and value <= tolerance for value in diffs.values())
+        if ok:
+            for file in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # the graph last
+                os.replace(file, path.parent / file.name)
+        return diffs, ok
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

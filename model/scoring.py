@@ -11,8 +11,8 @@ map = U G U^T, about 100x cheaper than blurring the full-size map (`upsample_and
 
 from __future__ import annotations
 
-import functools
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -92,14 +92,35 @@ def image_score(global_probability: torch.Tensor, maps: torch.Tensor, alpha: flo
     return alpha * global_probability + (1.0 - alpha) * maps.flatten(1).amax(dim=1)
 
 
-@functools.lru_cache(maxsize=32)
+OPERATOR_CACHE_SIZE = 32
+_operators: dict[tuple[int, int, float, str], torch.Tensor] = {}
+_operators_lock = threading.Lock()
+
+
 def upsample_blur_operator(grid: int, size: int, sigma: float, device: str = "cpu") -> torch.Tensor:
     """U [size, grid]: bilinear upsampling (align_corners=False) then the scipy-style Gaussian, along one axis.
 
     Built in float64 from the same functions the full-size path uses, so U G U^T equals
     gaussian_blur(grid_to_image(G)) to float rounding. A plain tensor even when first built
-    under inference mode, so the trainer can backpropagate through it.
+    under inference mode, so the trainer can backpropagate through it. Cached per
+    (grid, size, sigma, device), except when built inside a trace (torch.export, ONNX export,
+    torch.compile): that one is a fake tensor that must die with the trace, or every later
+    call would get it back (and `.numpy()` on a score would fail).
     """
+    key = (grid, size, float(sigma), str(device))
+    cached = _operators.get(key)
+    if cached is not None:
+        return cached
+    operator = _build_upsample_blur_operator(grid, size, float(sigma), str(device))
+    if not torch.compiler.is_compiling():
+        with _operators_lock:
+            while len(_operators) >= OPERATOR_CACHE_SIZE:
+                _operators.pop(next(iter(_operators)))  # the oldest
+            _operators[key] = operator
+    return operator
+
+
+def _build_upsample_blur_operator(grid: int, size: int, sigma: float, device: str) -> torch.Tensor:
     with torch.inference_mode(False), torch.no_grad():
         basis = torch.eye(grid, dtype=torch.float64).view(grid, 1, 1, grid)  # each patch column alone
         rows = F.interpolate(basis, size=(1, size), mode="bilinear", align_corners=False)  # [g, 1, 1, S]

@@ -75,3 +75,19 @@ def test_the_map_operator_built_under_inference_mode_still_trains():
     grid = torch.rand(2, 49, requires_grad=True)
     upsample_and_blur(grid, 64, 2.0).square().sum().backward()
     assert grid.grad is not None and grid.grad.abs().sum() > 0
+
+
+def test_the_map_operator_built_inside_a_trace_is_not_kept():
+    """torch.export (as `genclip export onnx` runs it) traces with fake tensors: an operator first built there
+    must not be cached, or every later scoring call gets a fake tensor back (and `.numpy()` fails on it)."""
+
+    class Blur(torch.nn.Module):
+        def forward(self, maps: torch.Tensor) -> torch.Tensor:
+            return upsample_and_blur(maps, 40, 1.25)  # a shape no other test builds: not cached yet
+
+    maps = torch.rand(2, 25)
+    traced = torch.export.export(Blur(), (maps,))
+    eager = upsample_and_blur(maps, 40, 1.25)
+    assert type(eager) is torch.Tensor
+    np.testing.assert_allclose(eager.numpy(), gaussian_blur(grid_to_image(maps, 40), 1.25).numpy(), atol=2e-6)
+    torch.testing.assert_close(traced.module()(maps), eager)

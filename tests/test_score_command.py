@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,11 @@ import numpy as np
 import pytest
 import structlog
 import tomli_w
+import typer.main
 from typer.testing import CliRunner
 
 from agent import cli
-from model.backbone import load_backbone
+from model.backbone import Backbone, load_backbone
 from tests.factories import perturbed_checkpoint, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +206,7 @@ def test_overlays_have_the_image_size_and_distinct_names(main_run, inputs):
 def test_threshold_option_wins_over_the_config(inputs, config_file, tmp_path):
     data = tomllib.loads(config_file.read_text())
     data["thresholds"] = {"widget": 0.99, "bottle": 0.0}
+    data["cameras"].append({**data["cameras"][0], "id": "cam-2", "product_class": "bottle"})  # [thresholds] needs it
     config = tmp_path / "config.toml"
     config.write_text(tomli_w.dumps(data))
     files = [inputs["colour8.png"], inputs["gray16.png"]]
@@ -255,6 +260,36 @@ def test_help_explains_the_verbs():
         assert word in onnx.stdout, word
 
 
+def verbs(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    """Every verb and sub-verb of the CLI with its command path, e.g. ('bench agent', command)."""
+    subcommands = getattr(command, "commands", {})
+    if path:
+        yield " ".join(path), command
+    for name, sub in sorted(subcommands.items()):
+        yield from verbs(sub, (*path, name))
+
+
+def test_every_option_of_every_verb_is_explained():
+    """--help is the manual on a line PC: no option without a text, no text cut off at a bare section name."""
+    cli._register_verbs()
+    commands = dict(verbs(typer.main.get_command(cli.app)))
+    assert {"score", "export onnx", "train", "eval", "bench engine", "bench agent", "config check"} <= set(commands)
+    for name, command in commands.items():
+        assert command.help, name
+        for param in command.params:
+            text = (getattr(param, "help", None) or "").strip()
+            assert text, f"genclip {name} {param.name}: no help text"
+            assert not re.search(r"\[\w+\]\.?$", text), f"genclip {name} {param.name}: cut off: {text!r}"
+
+
+def test_score_help_names_the_real_threshold_sources():
+    cli._register_verbs()
+    score = dict(verbs(typer.main.get_command(cli.app)))["score"].help
+    for source in ("config", "calibration", "stale-calibration", "default", "[agent].prompt_dir"):
+        assert source in score, source
+    assert "checkpoint's calibrated" not in score and "config, checkpoint or default" not in score
+
+
 # --- end to end -------------------------------------------------------------------------------------------
 def test_installed_command_prints_only_json_on_stdout(inputs, config_file):
     """A real process: nothing a library prints may reach stdout."""
@@ -287,3 +322,114 @@ def test_export_onnx_matches_torch(inputs, config_file, tmp_path):
     assert math.isfinite(line["max_score_diff"]) and line["max_score_diff"] <= 1e-3
     assert math.isfinite(line["max_map_diff"]) and line["max_map_diff"] <= 1e-3
     assert "class registered" in result.stderr  # widget's name was decided from its reference images
+
+
+def test_readme_export_without_reference_matches_the_engine(inputs, config_file, tmp_path):
+    """README's command in a fresh process (as a user runs it: nothing scored before the export), then the
+    exported graph run with onnxruntime on an image gives the score `genclip score` gives it."""
+    import onnxruntime as ort
+
+    genclip = Path(sys.executable).parent / "genclip"
+    command = [str(genclip), "export", "onnx", "--classes", "bottle", "--out", "genclip.onnx"]
+    done = subprocess.run(
+        [*command, "--config", str(config_file)], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = json_lines(done.stdout)
+    assert line["ok"] is True and line["classes"] == ["bottle"] and line["used_names"] == {"bottle": "bottle"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["genclip.onnx"]  # no staging folder left behind
+
+    size = 224  # [model].image_size: the engine's resize is then the identity, as the graph expects
+    image = write_image(tmp_path / "part.png", np.random.default_rng(5).integers(0, 256, (size, size, 3), np.uint8))
+    engine = invoke("score", image, "--class", "bottle", "--config", config_file)
+    assert engine.exit_code == 0, engine.stderr
+    (record,) = json_lines(engine.stdout)
+    rgb = cv2.imread(str(image))[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32) / 255
+    session = ort.InferenceSession(str(tmp_path / "genclip.onnx"), providers=["CPUExecutionProvider"])
+    scores, maps = session.run(None, {"images": rgb, "class_index": np.zeros(1, np.int64)})
+    assert maps.shape == (1, size, size)
+    assert float(scores[0]) == pytest.approx(record["score"], abs=1e-4)
+
+
+def fake_export(written: list[str]):
+    """Stands in for the slow torch.onnx export: a graph and its external weights file, as a large model has."""
+
+    def export(engine, classes, path, opset=18):
+        written.append(engine.prompt_version)
+        Path(path).write_bytes(b"new graph")
+        Path(f"{path}.data").write_bytes(b"new weights")
+        return None
+
+    return export
+
+
+@pytest.mark.parametrize("check", ["over tolerance", "raises"])
+def test_failed_onnx_check_leaves_no_file(check, config_file, tmp_path, monkeypatch):
+    from model import export
+
+    def failing_check(scorer, path, batch=3, seed=0):
+        if check == "raises":
+            raise RuntimeError("onnxruntime cannot run the graph")
+        return {"max_score_diff": 0.5, "max_map_diff": float("nan")}
+
+    monkeypatch.setattr(export, "export_onnx", fake_export([]))
+    monkeypatch.setattr(export, "check_onnx", failing_check)
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    out = folder / "line.onnx"
+    out.write_bytes(b"checked graph of yesterday")
+    result = invoke("export", "onnx", "--classes", "widget", "--out", out, "--config", config_file)
+    assert result.exit_code == 1
+    assert out.read_bytes() == b"checked graph of yesterday"  # not replaced by the unchecked one
+    assert [p.name for p in folder.iterdir()] == ["line.onnx"]  # nor anything else left beside it
+    if check == "raises":
+        assert isinstance(result.exception, RuntimeError)
+    else:
+        (line,) = json_lines(result.stdout)
+        assert line["ok"] is False and line["max_score_diff"] == 0.5 and line["max_map_diff"] is None
+        assert "nothing written" in result.stderr
+
+
+def line_prompts(tmp_path: Path) -> tuple[Path, Backbone]:
+    """A prompt_dir the trainer published two versions into (v2 the newest), and a config whose agent loads it."""
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    backbone = load_backbone("genclip-tiny", "random")
+    for seed, name in enumerate(("line-1-v1", "line-1-v2"), start=1):
+        perturbed_checkpoint(prompts / f"{name}.safetensors", backbone, tiny_config(), seed=seed)
+    old = (prompts / "line-1-v2.safetensors").stat().st_mtime - 60
+    os.utime(prompts / "line-1-v1.safetensors", (old, old))
+    return prompts, backbone
+
+
+def test_score_and_export_use_the_prompts_the_line_runs(inputs, config_file, tmp_path, monkeypatch):
+    """[agent].prompt_dir's newest checkpoint, as the agent starts with (not [model].checkpoint); --checkpoint wins."""
+    from model import export
+
+    prompts, backbone = line_prompts(tmp_path)
+    explicit = tmp_path / "bench-7.safetensors"
+    perturbed_checkpoint(explicit, backbone, tiny_config(), seed=3)
+    data = tomllib.loads(config_file.read_text())
+    data["agent"]["prompt_dir"] = str(prompts)
+    config = tmp_path / "config.toml"
+    config.write_text(tomli_w.dumps(data))
+
+    image = inputs["colour8.png"]
+    line = invoke("score", image, "--class", "widget", "--config", config)
+    chosen = invoke("score", image, "--class", "widget", "--config", config, "--checkpoint", explicit)
+    untrained = invoke("score", image, "--class", "widget", "--config", config_file)
+    assert line.exit_code == chosen.exit_code == untrained.exit_code == 0, line.stderr + chosen.stderr
+    versions = [json_lines(r.stdout)[0]["prompt_version"] for r in (line, chosen, untrained)]
+    assert versions[0].startswith("line-1-v2@") and versions[1].startswith("bench-7@")
+    assert versions[2] == "untrained"
+    assert json_lines(line.stdout)[0]["score"] != json_lines(untrained.stdout)[0]["score"]
+
+    exported: list[str] = []
+    monkeypatch.setattr(export, "export_onnx", fake_export(exported))
+    monkeypatch.setattr(export, "check_onnx", lambda scorer, path: {"max_score_diff": 0.0, "max_map_diff": 0.0})
+    out = tmp_path / "onnx" / "line.onnx"
+    result = invoke("export", "onnx", "--classes", "widget", "--out", out, "--config", config)
+    assert result.exit_code == 0, result.stderr
+    assert exported == [versions[0]]
+    assert out.read_bytes() == b"new graph" and Path(f"{out}.data").read_bytes() == b"new weights"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["line.onnx", "line.onnx.data"]

@@ -78,19 +78,43 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             ),
         ] = None,
         config: ConfigOption = None,
-        epochs: Annotated[int | None, typer.Option(min=1, help="Default: [trainer].epochs.")] = None,
-        batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: [trainer].")] = None,
+        epochs: Annotated[
+            int | None, typer.Option(min=1, help="Passes over the data; default: [trainer].epochs.")
+        ] = None,
+        batch_size: Annotated[
+            int | None, typer.Option("--batch-size", min=1, help="Images per step; default: [trainer].batch_size.")
+        ] = None,
         lr: Annotated[float | None, typer.Option(min=0.0, help="Learning rate; default: [trainer].lr.")] = None,
-        seed: Annotated[int | None, typer.Option(help="Default: [trainer].seed.")] = None,
-        image_size: Annotated[int | None, typer.Option("--image-size", help="Default: [model].image_size.")] = None,
-        workers: Annotated[int | None, typer.Option(min=0, help="Data loader processes.")] = None,
+        seed: Annotated[
+            int | None, typer.Option(help="Seed of prompts, shuffling and held-out classes; default: [trainer].seed.")
+        ] = None,
+        image_size: Annotated[
+            int | None,
+            typer.Option(
+                "--image-size",
+                help="Model input size in pixels; default: [trainer].image_size, else [model].image_size.",
+            ),
+        ] = None,
+        workers: Annotated[
+            int | None,
+            typer.Option(min=0, help="Data loader processes (0: load in this one); default: [trainer].workers."),
+        ] = None,
         holdout_classes: Annotated[
             int | None,
-            typer.Option("--holdout-classes", min=0, help="Classes held out to validate on; 0 = keep the last epoch."),
+            typer.Option(
+                "--holdout-classes",
+                min=0,
+                help="Classes held out, picked by the seed, to validate on; 0 = no validation, keep the last epoch. "
+                "Default: [trainer].holdout_classes.",
+            ),
         ] = None,
         holdout: Annotated[
             list[str] | None,
-            typer.Option("--holdout", help="Hold out this class for validation (repeatable); see [trainer]."),
+            typer.Option(
+                "--holdout",
+                help="Hold out this class for validation instead of ones picked by the seed (repeatable); "
+                "default: [trainer].holdout_class_names.",
+            ),
         ] = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N; default: [model].device.")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
@@ -98,7 +122,12 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             bool, typer.Option("--force", help="Start over in a used --out folder (deletes its run files).")
         ] = False,
         publish: Annotated[
-            Path | None, typer.Option("--publish", help="Folder the agent watches; the best checkpoint goes there.")
+            Path | None,
+            typer.Option(
+                "--publish",
+                help="Folder the agent watches ([agent].prompt_dir); the best checkpoint goes there. "
+                "Default: [trainer].publish_dir.",
+            ),
         ] = None,
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
     ) -> None:
@@ -226,7 +255,12 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             ),
         ] = None,
         min_images: Annotated[
-            int | None, typer.Option("--min-images", min=1, help="Default: [trainer].calibrate_min_images.")
+            int | None,
+            typer.Option(
+                "--min-images",
+                min=1,
+                help="Fewest good images to calibrate on; default: [trainer].calibrate_min_images.",
+            ),
         ] = None,
         recursive: Annotated[bool, typer.Option("--recursive", help="Also read images in subfolders.")] = False,
         config: ConfigOption = None,
@@ -301,7 +335,9 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         grid_per_kind: Annotated[
             int, typer.Option("--grid-per-kind", min=0, help="Images of each defect kind per class in its picture.")
         ] = 1,
-        batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+        batch_size: Annotated[
+            int | None, typer.Option("--batch-size", min=1, help="Images per batch; default: [engine].batch_size.")
+        ] = None,
     ) -> None:
         """Image and pixel AUROC/AP/F1-max and AUPRO per class, like the zero-shot papers."""
         from trainer.datasets import DatasetError, open_dataset
