@@ -85,13 +85,13 @@ def check_model(cfg: InspectConfig) -> None:
     """Load the weights and prompts the line would run with; exit 2 naming what is missing or wrong."""
     import time
 
-    from agent.reload import load_startup_prompts, startup_candidates
     from model import BackboneError, CheckpointError, Engine
+    from model.checkpoint_files import checkpoint_candidates
 
     began = time.monotonic()
     try:
         engine = Engine(cfg.model.model_copy(update={"checkpoint": None}), max_batch=cfg.engine.batch_size)
-        refused = load_startup_prompts(engine, startup_candidates(cfg.agent.prompt_dir, cfg.model.checkpoint))
+        refused = engine.load_first_usable(checkpoint_candidates(cfg.agent.prompt_dir, cfg.model.checkpoint))
     except (BackboneError, CheckpointError, RuntimeError, ValueError, OSError) as exc:
         typer.echo(f"model NOT OK: {exc}", err=True)
         raise typer.Exit(2) from None

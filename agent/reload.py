@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
 from watchdog.observers import Observer
@@ -29,7 +28,6 @@ from model.checkpoint_files import (
     CHECKPOINT_SUFFIX,
     is_unpublished,
     newest_checkpoint,
-    published_checkpoints,
     resolve_checkpoint,
 )
 
@@ -49,42 +47,6 @@ def checkpoint_signature(target: Path | None) -> tuple[Path, int, int] | None:
     except OSError:
         return None
     return (path, st.st_size, st.st_mtime_ns) if path is not None and st is not None else None
-
-
-def startup_candidates(prompt_dir: Path | None, checkpoint: Path | None) -> list[Path]:
-    """The checkpoints the agent may start on, best first: [agent].prompt_dir's, newest first, then
-    [model].checkpoint (a file, or a folder's checkpoints newest first)."""
-    found = published_checkpoints(prompt_dir) if prompt_dir is not None else []
-    if checkpoint is not None:
-        path = Path(os.path.expanduser(checkpoint))
-        found += published_checkpoints(path) if path.is_dir() else [path]
-    return list(dict.fromkeys(found))
-
-
-def load_startup_prompts(engine: Any, candidates: list[Path]) -> list[str]:
-    """Load the newest candidate the engine accepts; returns why each newer one was refused.
-
-    A checkpoint refused while the line ran (another backbone, truncated, a pickle) stays in the folder:
-    at the next start the line must come up on the prompts it ran with, not stay down. With candidates
-    and none usable this raises CheckpointError listing every refusal (untrained prompts would score
-    nonsense); with none at all the engine keeps its untrained prompts.
-    """
-    from model import CheckpointError
-
-    refused: list[str] = []
-    for path in candidates:
-        try:
-            engine.load_prompts(path)
-        except (CheckpointError, OSError) as exc:
-            log.error("checkpoint refused at start; trying the one before it", path=str(path), error=str(exc))
-            refused.append(str(exc))
-            continue
-        if refused:
-            log.warning("started on an older checkpoint", path=str(path), refused=len(refused))
-        return refused
-    if refused:
-        raise CheckpointError("no usable prompt checkpoint: " + "; ".join(refused))
-    return refused
 
 
 class CheckpointWatcher:

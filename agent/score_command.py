@@ -207,7 +207,7 @@ def run_score(
             fail(f"--out: cannot create folder {out_dir}: {exc.strerror}")
         targets = overlay_paths(paths, out_dir)
     batch_size = batch_size or cfg.engine.batch_size
-    engine = open_engine(cfg.startup_model(), checkpoint, batch_size)  # the prompts the line runs
+    engine = open_engine(cfg.model, checkpoint, batch_size, prompt_dir=cfg.agent.prompt_dir)
     thresholds = dict(cfg.thresholds)
     if threshold is not None:
         thresholds[product_class] = threshold
@@ -310,7 +310,7 @@ def run_export_onnx(
     from model import ClassSetupError
     from model.export import export_checked
 
-    engine = open_engine(cfg.startup_model(), checkpoint, cfg.engine.batch_size)  # the prompts the line runs
+    engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size, prompt_dir=cfg.agent.prompt_dir)
     for name in classes:
         folder = reference / name if reference is not None else None
         frames = []

@@ -31,14 +31,14 @@ from agent.logs import get_logger
 from agent.metrics import AgentMetrics
 from agent.publish.mqtt import MqttPublisher
 from agent.publish.redis_streams import RedisStreamPublisher
-from agent.reload import CheckpointWatcher, checkpoint_signature, load_startup_prompts, startup_candidates
+from agent.reload import CheckpointWatcher, checkpoint_signature
 from agent.result_stage import ResultStage
 from agent.results import Inspection, build_inspection, iso
 from agent.sources import open_source
 from agent.sources.base import FrameSource
 from agent.systemd import SystemdNotifier
 from agent.worker import InferenceWorker, LaunchedBatch
-from model.checkpoint_files import resolve_checkpoint
+from model.checkpoint_files import checkpoint_candidates, resolve_checkpoint
 from model.config import normalise_class_name
 
 log = get_logger("agent.service")
@@ -252,8 +252,9 @@ class InspectionService:
         self._newest_at_start = checkpoint_signature(self._checkpoint_target())  # before loading: see start()
         untrained = self.config.model.model_copy(update={"checkpoint": None})
         engine = Engine(untrained, max_batch=self.config.engine.batch_size)
-        candidates = startup_candidates(self.config.agent.prompt_dir, self.config.model.checkpoint)
-        refused = load_startup_prompts(engine, candidates)
+        refused = engine.load_first_usable(
+            checkpoint_candidates(self.config.agent.prompt_dir, self.config.model.checkpoint)
+        )
         if refused:
             self.last_reload_error = "; ".join(refused)
         return engine

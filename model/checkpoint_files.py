@@ -48,3 +48,14 @@ def resolve_checkpoint(path: Path) -> Path | None:
     if path.is_dir():
         return newest_checkpoint(path)
     return path
+
+
+def checkpoint_candidates(prompt_dir: Path | None, checkpoint: Path | None) -> list[Path]:
+    """The checkpoints a line may start on, best first: those published into `prompt_dir` (the agent's
+    [agent].prompt_dir, where the trainer publishes), newest first, then [model].checkpoint (a file, or a
+    folder's checkpoints newest first)."""
+    found = published_checkpoints(Path(os.path.expanduser(prompt_dir))) if prompt_dir is not None else []
+    if checkpoint is not None:
+        path = Path(os.path.expanduser(checkpoint))
+        found += published_checkpoints(path) if path.is_dir() else [path]
+    return list(dict.fromkeys(found))

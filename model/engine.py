@@ -345,6 +345,27 @@ class Engine:
         )
         return prompts.version
 
+    def load_first_usable(self, candidates: Sequence[Path]) -> list[str]:
+        """Load the first checkpoint of `candidates` (best first) this engine accepts; returns why each one
+        before it was refused. A checkpoint refused while a line ran (another backbone, truncated, a pickle)
+        stays in its folder: a restart must come up on the prompts the line ran with, not stay down.
+        Raises CheckpointError listing every refusal when none is usable (untrained prompts would score
+        nonsense); with no candidates the prompts stay as they are."""
+        refused: list[str] = []
+        for path in candidates:
+            try:
+                self.load_prompts(path)
+            except (ckpt.CheckpointError, OSError) as exc:
+                log.error("checkpoint refused; trying the one before it", path=str(path), error=str(exc))
+                refused.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+                continue
+            if refused:
+                log.warning("running an older checkpoint", path=str(path), refused=len(refused))
+            return refused
+        if refused:
+            raise ckpt.CheckpointError("no usable prompt checkpoint: " + "; ".join(refused))
+        return refused
+
     def load_prompts(self, path: Path, *, announce: bool = True) -> str:
         """prepare_prompts + install_prompts, for callers on the device thread; returns the new version."""
         return self.install_prompts(self.prepare_prompts(path), announce=announce)

@@ -292,7 +292,7 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
                 + ("" if recursive else " (subfolders not searched; --recursive)")
                 + f"; calibration needs at least {needed} good images ([trainer].calibrate_min_images, --min-images)"
             )
-        engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size)
+        engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size, prompt_dir=cfg.agent.prompt_dir)
         try:
             result = run_calibration(engine, product_class, paths, q, min_images=needed)
         except (ClassSetupError, ValueError) as exc:
@@ -348,7 +348,7 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             items = [s for spec in data for s in open_dataset(spec)]
         except DatasetError as exc:
             fail(str(exc))
-        engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size)
+        engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size, prompt_dir=cfg.agent.prompt_dir)
         outcome = evaluate(
             engine,
             items,

@@ -37,11 +37,23 @@ def engine_config(model: EngineConfig, checkpoint: Path | None) -> EngineConfig:
     return model.model_copy(update={"checkpoint": checkpoint})
 
 
-def open_engine(model: EngineConfig, checkpoint: Path | None = None, max_batch: int = 8) -> Engine:
-    """The engine, or exit 2 with the reason (missing weights, incompatible checkpoint, no CUDA, ...)."""
+def open_engine(
+    model: EngineConfig, checkpoint: Path | None = None, max_batch: int = 8, prompt_dir: Path | None = None
+) -> Engine:
+    """The engine, or exit 2 with the reason (missing weights, incompatible checkpoint, no CUDA, ...).
+
+    Its prompts: `--checkpoint` when given; else those the line runs: the newest usable checkpoint in
+    `prompt_dir` (the config's [agent].prompt_dir), then [model].checkpoint; a refused newer one is a warning.
+    """
     from model import BackboneError, CheckpointError, Engine
+    from model.checkpoint_files import checkpoint_candidates
 
     try:
-        return Engine(engine_config(model, checkpoint), max_batch=max_batch)
+        if checkpoint is not None:
+            return Engine(engine_config(model, checkpoint), max_batch=max_batch)
+        engine = Engine(model.model_copy(update={"checkpoint": None}), max_batch=max_batch)
+        for reason in engine.load_first_usable(checkpoint_candidates(prompt_dir, model.checkpoint)):
+            typer.echo(f"warning: checkpoint refused, using an older one: {reason}", err=True)
+        return engine
     except (BackboneError, CheckpointError, RuntimeError, ValueError, OSError) as exc:
         fail(f"cannot start the engine: {exc}")
