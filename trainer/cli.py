@@ -222,13 +222,21 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             str | None, typer.Option(help="Comma-separated defect kinds; default all (scratch, crack, hole, ...).")
         ] = None,
         class_name: Annotated[str | None, typer.Option("--class", help="Class name; default the folder name.")] = None,
+        foreground: Annotated[
+            str,
+            typer.Option(
+                help="Where defects go: auto (the object, told from a plain background; the whole image when "
+                "none is found, as for textures), all (anywhere: fabric, wood, tiles), or a folder of masks "
+                "(non-zero = product; each image's relative path, as .png)."
+            ),
+        ] = "auto",
     ) -> None:
         """Blend synthetic defects (with exact masks) onto good images: training data for a new product."""
         from trainer.synth import synth_command
 
         kind_list = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
         source_arg: Any = source if source.startswith("texture:") else Path(source)
-        code = synth_command(source_arg, out, count, seed, kind_list, class_name)
+        code = synth_command(source_arg, out, count, seed, kind_list, class_name, foreground)
         if code:
             raise typer.Exit(code)
 

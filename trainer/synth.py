@@ -8,8 +8,10 @@ colour is still one stain). So the mask covers exactly the visible change; the o
 changes are faint fringes (anti-aliasing, soft edges) below `NOTICEABLE`.
 
 Colours are chosen against the local background (dark defects on bright surfaces and the other
-way round), so defects stay visible on black and on white. Sizes scale with the image. All
-randomness comes from the `numpy.random.Generator` passed in: same seed, same bytes.
+way round), so defects stay visible on black and on white. Sizes scale with the image. Given a
+foreground (the product's pixels, see `trainer.foreground`), defects are centred on it, scaled to
+it and clipped to it instead, so none lands on the background. All randomness comes from the
+`numpy.random.Generator` passed in: same seed, same bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from trainer.config import DEFECT_KINDS, normalise_kind
 from trainer.datasets import IMAGE_EXTENSIONS, BadSampleError, folder_name, human_name, read_bgr8
+from trainer.foreground import ALL, AUTO, Foreground, ForegroundError, auto_foreground, mask_path, read_foreground_mask
 from trainer.textures import FAMILIES, instance_seed, render_texture
 
 NOTICEABLE = 12
@@ -94,8 +97,11 @@ def _enclosed(region: np.ndarray) -> np.ndarray:
     return canvas[1:-1, 1:-1] == 0
 
 
-def _finish(image: np.ndarray, drawn: np.ndarray, footprint: np.ndarray, window: tuple[slice, slice]) -> Defect:
-    """Paste the drawing of `window` (pixels outside the footprint untouched) and derive the exact mask."""
+def _finish(
+    image: np.ndarray, drawn: np.ndarray, footprint: np.ndarray, window: tuple[slice, slice], place: _Place
+) -> Defect:
+    """Paste the drawing of `window` (pixels outside the footprint or off the product untouched) and derive the mask."""
+    footprint = place.clip(footprint, window)
     before = image[window]
     local = np.clip(np.rint(drawn), 0, 255).astype(np.uint8)
     local[~footprint] = before[~footprint]
@@ -108,17 +114,59 @@ def _finish(image: np.ndarray, drawn: np.ndarray, footprint: np.ndarray, window:
     return out, mask
 
 
-def _composite(image: np.ndarray, target: np.ndarray, alpha: np.ndarray, footprint: np.ndarray) -> Defect:
+def _composite(
+    image: np.ndarray, target: np.ndarray, alpha: np.ndarray, footprint: np.ndarray, place: _Place
+) -> Defect:
     """Blend a full-image layer, working only inside the footprint's bounding box."""
+    footprint = place.clip(footprint)
     x, y, w, h = cv2.boundingRect(footprint.astype(np.uint8))
     window = (slice(y, y + h), slice(x, x + w))
     local_target = target[window] if target.ndim == 3 else target
     drawn = _blend(image[window].astype(np.float32), local_target, alpha[window])
-    return _finish(image, drawn, footprint[window], window)
+    return _finish(image, drawn, footprint[window], window, place)
 
 
 def _centre(rng: np.random.Generator, height: int, width: int, margin: float) -> np.ndarray:
     return np.asarray([rng.uniform(margin, width - 1 - margin), rng.uniform(margin, height - 1 - margin)], np.float64)
+
+
+class _Place:
+    """Where a defect may go: anywhere (`foreground` None, the original behaviour, same bytes) or on the product.
+
+    With a foreground, sizes scale with the product's extent instead of the image, centres are drawn
+    from product pixels at least `margin` inside its outline, and every footprint is clipped to it,
+    so the defect's mask lies on the product.
+    """
+
+    def __init__(self, shape: tuple[int, ...], foreground: np.ndarray | None) -> None:
+        self.height, self.width = shape[:2]
+        self.mask = foreground
+        if foreground is None:
+            self.size = min(self.height, self.width)
+            return
+        _, _, w, h = cv2.boundingRect(foreground.astype(np.uint8))
+        self.size = max(16, min(w, h))
+        # distance to the nearest pixel off the product, the image edge counting as off
+        self.depth = cv2.distanceTransform(np.pad(foreground.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+
+    def centre(self, rng: np.random.Generator, margin: float) -> np.ndarray:
+        if self.mask is None:
+            return _centre(rng, self.height, self.width, margin)
+        ys, xs = np.nonzero(self.depth >= min(margin, float(self.depth.max())))
+        pick = int(rng.integers(len(ys)))
+        return np.asarray([xs[pick], ys[pick]], np.float64) + rng.uniform(-0.5, 0.5, 2)
+
+    def edge(self, rng: np.random.Generator) -> np.ndarray:
+        """A point on the product's outline (on the image border when the product is the whole image)."""
+        assert self.mask is not None
+        ys, xs = np.nonzero(self.depth < 1.5)
+        pick = int(rng.integers(len(ys)))
+        return np.asarray([xs[pick], ys[pick]], np.float64)
+
+    def clip(self, footprint: np.ndarray, window: tuple[slice, slice] | None = None) -> np.ndarray:
+        if self.mask is None:
+            return footprint
+        return footprint & (self.mask if window is None else self.mask[window])
 
 
 def _window(centre: np.ndarray, radius: float, height: int, width: int) -> tuple[slice, slice]:
@@ -153,14 +201,14 @@ def _fixed(points: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- defect kinds
 
 
-def _draw_scratch(image: np.ndarray, rng: np.random.Generator) -> Defect:
+def _draw_scratch(image: np.ndarray, rng: np.random.Generator, place: _Place) -> Defect:
     height, width = image.shape[:2]
-    size = min(height, width)
+    size = place.size
     length = size * rng.uniform(0.2, 0.6)
     angle = rng.uniform(0, 2 * np.pi)
     direction = np.asarray([np.cos(angle), np.sin(angle)])
     normal = np.asarray([-direction[1], direction[0]])
-    centre = _centre(rng, height, width, 0.1 * size)
+    centre = place.centre(rng, 0.1 * size)
     p0, p2 = centre - direction * length / 2, centre + direction * length / 2
     p1 = centre + normal * length * rng.uniform(-0.25, 0.25)
     t = np.linspace(0.0, 1.0, 48)[:, None]
@@ -172,10 +220,10 @@ def _draw_scratch(image: np.ndarray, rng: np.random.Generator) -> Defect:
         a, b = _fixed(points[i : i + 2]).reshape(2, 2)
         cv2.line(canvas, tuple(a), tuple(b), int(255 * fade), thickness, cv2.LINE_AA, shift=4)
     alpha = canvas.astype(np.float32) / 255.0 * np.float32(rng.uniform(0.8, 1.0))
-    footprint = canvas > 0
+    footprint = place.clip(canvas > 0)
     tone = _tone(_mean_luma(image, footprint), rng, "either")
     colour = _coloured(tone, rng, 0.1)
-    return _composite(image, colour, alpha, footprint)
+    return _composite(image, colour, alpha, footprint, place)
 
 
 def _jagged_path(start: np.ndarray, angle: float, steps: int, step: float, rng: np.random.Generator) -> np.ndarray:
@@ -185,13 +233,13 @@ def _jagged_path(start: np.ndarray, angle: float, steps: int, step: float, rng: 
     return np.vstack([start, start + np.cumsum(moves, axis=0)])
 
 
-def _draw_crack(image: np.ndarray, rng: np.random.Generator) -> Defect:
+def _draw_crack(image: np.ndarray, rng: np.random.Generator, place: _Place) -> Defect:
     height, width = image.shape[:2]
-    size = min(height, width)
+    size = place.size
     step = max(2.0, size * rng.uniform(0.02, 0.035))
     steps = max(4, int(size * rng.uniform(0.25, 0.55) / step))
     angle = rng.uniform(0, 2 * np.pi)
-    start = _centre(rng, height, width, 0.15 * size) - np.asarray([np.cos(angle), np.sin(angle)]) * steps * step / 2
+    start = place.centre(rng, 0.15 * size) - np.asarray([np.cos(angle), np.sin(angle)]) * steps * step / 2
     trunk = _jagged_path(start, angle, steps, step, rng)
     thick = max(1, round(size / 256 * rng.uniform(1.2, 2.8)))
     thin = max(1, thick - 1)
@@ -209,26 +257,26 @@ def _draw_crack(image: np.ndarray, rng: np.random.Generator) -> Defect:
         branch = _jagged_path(trunk[at], branch_angle, max(2, int(steps * rng.uniform(0.2, 0.45))), step * 0.8, rng)
         cv2.polylines(canvas, [_fixed(branch)], False, 255, thin, cv2.LINE_AA, shift=4)
     alpha = canvas.astype(np.float32) / 255.0 * np.float32(rng.uniform(0.85, 1.0))
-    footprint = canvas > 0
+    footprint = place.clip(canvas > 0)
     tone = _tone(_mean_luma(image, footprint), rng, "dark")
     colour = _coloured(tone, rng, 0.15)
-    return _composite(image, colour, alpha, footprint)
+    return _composite(image, colour, alpha, footprint, place)
 
 
-def _draw_hole(image: np.ndarray, rng: np.random.Generator) -> Defect:
+def _draw_hole(image: np.ndarray, rng: np.random.Generator, place: _Place) -> Defect:
     height, width = image.shape[:2]
-    size = min(height, width)
+    size = place.size
     radius = size * rng.uniform(0.025, 0.07) + 1.5
     squash = rng.uniform(0.65, 1.0)
     rim = rng.uniform(0.25, 0.5)  # rim width relative to the radius
-    centre = _centre(rng, height, width, 0.08 * size)
+    centre = place.centre(rng, 0.08 * size)
     rows, cols = _window(centre, radius * (1 + rim) + 2, height, width)
     _, _, u, v = _local_coords(rows, cols, centre, rng.uniform(0, np.pi))
     rho = np.sqrt((u / np.float32(radius)) ** 2 + (v / np.float32(radius * squash)) ** 2)
     inside = np.clip((1.0 - rho) * np.float32(radius * squash) + 0.5, 0.0, 1.0)  # 1 px anti-aliased edge
     ring = np.clip(1.0 - np.abs(rho - 1.0) / np.float32(rim), 0.0, 1.0) ** 2 * np.float32(rng.uniform(0.5, 0.8))
     patch = image[rows, cols]
-    luma = _mean_luma(patch, rho < 1 + rim)
+    luma = _mean_luma(patch, place.clip(rho < 1 + rim, (rows, cols)))
     if luma > 70:  # dark hole, light raised rim
         depth = (0.6 + 0.4 * np.minimum(rho, 1.0)) * np.float32(min(luma * 0.25, rng.uniform(5, 35)))
         rim_tone = min(255.0, luma + rng.uniform(30, 70))
@@ -237,7 +285,7 @@ def _draw_hole(image: np.ndarray, rng: np.random.Generator) -> Defect:
         rim_tone = luma * 0.5
     drawn = _blend(patch.astype(np.float32), _coloured(rim_tone, rng, 0.05), ring)
     drawn = _blend(drawn, depth[:, :, None] * _coloured(1.0, rng, 0.05), inside)
-    return _finish(image, drawn, (inside > 0) | (ring > 0), (rows, cols))
+    return _finish(image, drawn, (inside > 0) | (ring > 0), (rows, cols), place)
 
 
 def _blob_outline(rng: np.random.Generator, radius: float, points: int = 72) -> np.ndarray:
@@ -252,11 +300,11 @@ def _blob_outline(rng: np.random.Generator, radius: float, points: int = 72) -> 
     return np.stack([x * np.cos(angle) - y * np.sin(angle), x * np.sin(angle) + y * np.cos(angle)], axis=1)
 
 
-def _draw_stain(image: np.ndarray, rng: np.random.Generator) -> Defect:
+def _draw_stain(image: np.ndarray, rng: np.random.Generator, place: _Place) -> Defect:
     height, width = image.shape[:2]
-    size = min(height, width)
+    size = place.size
     radius = size * rng.uniform(0.05, 0.15) + 2
-    centre = _centre(rng, height, width, 0.1 * size)
+    centre = place.centre(rng, 0.1 * size)
     outline = _blob_outline(rng, radius) + centre
     shape = np.zeros((height, width), np.uint8)
     cv2.fillPoly(shape, [_fixed(outline)], 255, cv2.LINE_8, shift=4)
@@ -268,15 +316,19 @@ def _draw_stain(image: np.ndarray, rng: np.random.Generator) -> Defect:
     texture = 0.8 + 0.2 * _smooth_field(rng, ramp.shape[0], ramp.shape[1], 4)
     alpha = ramp * texture * np.float32(rng.uniform(0.55, 0.9))
     patch = image[rows, cols]
-    tone = _tone(_mean_luma(patch, alpha > 0), rng, "either")
+    tone = _tone(_mean_luma(patch, place.clip(alpha > 0, (rows, cols))), rng, "either")
     colour = _coloured(tone, rng, rng.uniform(0.3, 0.8))
-    return _finish(image, _blend(patch.astype(np.float32), colour, alpha), alpha > 0, (rows, cols))
+    return _finish(image, _blend(patch.astype(np.float32), colour, alpha), alpha > 0, (rows, cols), place)
 
 
-def _draw_missing_part(image: np.ndarray, rng: np.random.Generator) -> Defect:
+def _draw_missing_part(image: np.ndarray, rng: np.random.Generator, place: _Place) -> Defect:
     height, width = image.shape[:2]
-    size = min(height, width)
-    if rng.random() < 0.35:  # a chip out of an edge
+    size = place.size
+    chip = rng.random() < 0.35
+    if chip and place.mask is not None:  # a chip out of the product's outline
+        radius = size * rng.uniform(0.1, 0.2) + 2
+        centre = place.edge(rng)
+    elif chip:  # a chip out of an edge of the image
         radius = size * rng.uniform(0.1, 0.2) + 2
         side = int(rng.integers(4))
         along = rng.uniform(0.2, 0.8)
@@ -286,7 +338,7 @@ def _draw_missing_part(image: np.ndarray, rng: np.random.Generator) -> Defect:
         )  # fmt: skip
     else:
         radius = size * rng.uniform(0.06, 0.16) + 2
-        centre = _centre(rng, height, width, 0.1 * size)
+        centre = place.centre(rng, 0.1 * size)
     corners = int(rng.integers(5, 10))
     theta = np.sort(rng.uniform(0, 2 * np.pi, corners))
     r = radius * rng.uniform(0.55, 1.0, corners)
@@ -294,7 +346,7 @@ def _draw_missing_part(image: np.ndarray, rng: np.random.Generator) -> Defect:
     canvas = np.zeros((height, width), np.uint8)
     cv2.fillPoly(canvas, [_fixed(polygon)], 255, cv2.LINE_AA, shift=4)
     alpha = canvas.astype(np.float32) / 255.0
-    footprint = canvas > 0
+    footprint = place.clip(canvas > 0)
     tone = _tone(_mean_luma(image, footprint), rng, "either")
     fill = np.empty((height, width), np.float32)
     fill[:] = np.float32(tone)
@@ -305,15 +357,15 @@ def _draw_missing_part(image: np.ndarray, rng: np.random.Generator) -> Defect:
         fill[ys, xs] += np.float32(10.0) * np.sin(2 * np.pi * phase).astype(np.float32)
     fill[ys, xs] += rng.normal(0.0, 1.5, len(ys)).astype(np.float32)
     target = fill[:, :, None] * _coloured(1.0, rng, 0.15)
-    return _composite(image, target, alpha, footprint)
+    return _composite(image, target, alpha, footprint, place)
 
 
-def _draw_dent(image: np.ndarray, rng: np.random.Generator) -> Defect:
+def _draw_dent(image: np.ndarray, rng: np.random.Generator, place: _Place) -> Defect:
     height, width = image.shape[:2]
-    size = min(height, width)
+    size = place.size
     radius = size * rng.uniform(0.06, 0.14) + 3
     squash = rng.uniform(0.6, 1.0)
-    centre = _centre(rng, height, width, 0.1 * size)
+    centre = place.centre(rng, 0.1 * size)
     rows, cols = _window(centre, radius + 2, height, width)
     dx, dy, u, v = _local_coords(rows, cols, centre, rng.uniform(0, np.pi))
     rho2 = (u / np.float32(radius)) ** 2 + (v / np.float32(radius * squash)) ** 2
@@ -326,14 +378,14 @@ def _draw_dent(image: np.ndarray, rng: np.random.Generator) -> Defect:
     light = rng.uniform(0, 2 * np.pi)
     directional = -(grad_x * np.float32(np.cos(light)) + grad_y * np.float32(np.sin(light))) * np.float32(radius)
     patch = image[rows, cols]
-    luma = _mean_luma(patch, bump > 0)
+    luma = _mean_luma(patch, place.clip(bump > 0, (rows, cols)))
     depth_sign = -1.0 if luma > 75 else 1.0
     shade = depth_sign * rng.uniform(28, 45) * bump + rng.uniform(10, 25) * np.clip(directional, -1.5, 1.5)
     drawn = warped.astype(np.float32) + shade.astype(np.float32)[:, :, None]
-    return _finish(image, drawn, bump > 0, (rows, cols))
+    return _finish(image, drawn, bump > 0, (rows, cols), place)
 
 
-_DRAWERS: dict[str, Callable[[np.ndarray, np.random.Generator], Defect]] = {
+_DRAWERS: dict[str, Callable[[np.ndarray, np.random.Generator, _Place], Defect]] = {
     "scratch": _draw_scratch,
     "crack": _draw_crack,
     "hole": _draw_hole,
@@ -343,21 +395,33 @@ _DRAWERS: dict[str, Callable[[np.ndarray, np.random.Generator], Defect]] = {
 }
 
 
-def apply_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> Defect:
+def apply_defect(
+    image: np.ndarray, kind: str, rng: np.random.Generator, foreground: np.ndarray | None = None
+) -> Defect:
     """Draw one defect of `kind` on a copy of `image` (uint8 HxWx3 BGR, at least 16 px a side).
 
-    Returns (defected image, mask uint8 {0, 255}). A draw whose visible area came out tiny (e.g.
-    mostly off the image) is redrawn, up to 8 times.
+    `foreground` (bool HxW, or None for anywhere) is the product: the defect is centred on it,
+    sized to it and clipped to it, so nothing off the product changes. Returns (defected image,
+    mask uint8 {0, 255}). A draw whose visible area came out tiny (e.g. mostly off the image) is
+    redrawn, up to 8 times.
     """
     draw = _DRAWERS[normalise_kind(kind)]
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 HxWx3 BGR image, got {image.dtype} {image.shape}")
     if min(image.shape[:2]) < 16:
         raise ValueError(f"image too small for a defect: {image.shape[1]}x{image.shape[0]}")
+    if foreground is not None:
+        if foreground.shape != image.shape[:2]:
+            (fh, fw), (ih, iw) = foreground.shape[:2], image.shape[:2]
+            raise ValueError(f"foreground is {fw}x{fh} but the image is {iw}x{ih}")
+        foreground = np.ascontiguousarray(foreground, bool)
+        if not foreground.any():
+            raise ValueError("foreground is empty: no product pixel to put a defect on")
     image = np.ascontiguousarray(image)
+    place = _Place(image.shape, foreground)
     min_area = max(4, min(image.shape[:2]) // 16)
     for _ in range(8):
-        out, mask = draw(image, rng)
+        out, mask = draw(image, rng, place)
         if np.count_nonzero(mask) >= min_area:
             break
     return out, mask
@@ -428,7 +492,12 @@ class SkippedSource(NamedTuple):
 
 @dataclass
 class SynthSummary:
-    """What `generate` wrote: counts per folder and the source images it could not read."""
+    """What `generate` wrote: counts per folder, the source images it could not read, and where defects went.
+
+    `placed` counts defect images by the foreground they were drawn on ("auto": the estimated
+    object, "mask": a given mask, "all": anywhere); `fallbacks` names the source images for which
+    `auto` found no plausible object (so their defects went anywhere) and why.
+    """
 
     class_dir: Path
     class_name: str
@@ -436,6 +505,9 @@ class SynthSummary:
     train_good: int = 0
     defects: dict[str, int] = field(default_factory=dict)
     skipped: list[SkippedSource] = field(default_factory=list)
+    foreground: str = AUTO
+    placed: dict[str, int] = field(default_factory=dict)
+    fallbacks: list[SkippedSource] = field(default_factory=list)
 
     @property
     def test_images(self) -> int:
@@ -458,7 +530,7 @@ class _GoodImages:
         self.bad: set[int] = set()
         self.skipped: list[SkippedSource] = []
 
-    def next(self) -> np.ndarray:
+    def next(self) -> tuple[str, np.ndarray]:
         while len(self.bad) < len(self.items):
             index = self.position % len(self.items)
             self.position += 1
@@ -466,7 +538,7 @@ class _GoodImages:
                 continue
             name, load = self.items[index]
             try:
-                return load()
+                return name, load()
             except BadSampleError as exc:
                 self.bad.add(index)
                 self.skipped.append(SkippedSource(name, exc.reason))
@@ -474,16 +546,17 @@ class _GoodImages:
         raise NoGoodImagesError(f"no readable images in {self.what}" + (detail if self.skipped else ""))
 
 
-def list_images(source_dir: Path, exclude: Path | None = None) -> list[Path]:
-    """Image files under `source_dir` (recursive, hidden files and folders skipped), sorted."""
-    exclude = exclude.resolve() if exclude is not None else None
+def list_images(source_dir: Path, exclude: Path | Sequence[Path] | None = None) -> list[Path]:
+    """Image files under `source_dir` (recursive, hidden files and folders skipped, nor under `exclude`), sorted."""
+    excluded = [exclude] if isinstance(exclude, Path) else list(exclude or [])
+    excluded = [folder.resolve() for folder in excluded]
     found = []
     for path in source_dir.rglob("*"):
         relative = path.relative_to(source_dir)
         if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
-        if exclude is not None and path.resolve().is_relative_to(exclude):
-            continue  # never feed our own output back in
+        if any(path.resolve().is_relative_to(folder) for folder in excluded):
+            continue  # never feed our own output (or the foreground masks) back in
         if path.is_file():
             found.append(path)
     return sorted(found, key=lambda p: str(p.relative_to(source_dir)))
@@ -497,9 +570,9 @@ def _fit(image: np.ndarray, image_size: int | None) -> np.ndarray:
 
 
 def _sources(
-    source: Path | str, needed: int, seed: int, image_size: int | None, exclude: Path
+    source: Path | str, needed: int, seed: int, image_size: int | None, exclude: list[Path]
 ) -> tuple[list[_Loader], str]:
-    """Loaders for the good images: files of a folder, or `texture:FAMILY` rendered on the fly."""
+    """Loaders for the good images (at their own size): files of a folder, or `texture:FAMILY` rendered on the fly."""
     text = str(source)
     if text.startswith(TEXTURE_PREFIX):
         family = text[len(TEXTURE_PREFIX) :]
@@ -515,8 +588,47 @@ def _sources(
         raise NoGoodImagesError(f"source {source_dir} is not a directory")
     files = list_images(source_dir, exclude=exclude)
     order = np.random.default_rng([seed % (1 << 64), 0]).permutation(len(files))
-    loaders = [(str(files[i]), lambda p=files[i]: _fit(read_bgr8(p), image_size)) for i in order]
+    loaders = [(str(files[i]), lambda p=files[i]: read_bgr8(p)) for i in order]
     return loaders, source_dir.resolve().name
+
+
+class _Foregrounds:
+    """The product's pixels in each source image, as `--foreground` asks: anywhere, estimated, or a mask file."""
+
+    def __init__(self, option: str | Path, source: Path | str, names: list[str]) -> None:
+        self.option = str(option)
+        self.mask_dir: Path | None = None
+        if self.option in (AUTO, ALL):
+            return
+        self.mask_dir = Path(option)
+        if not self.mask_dir.is_dir():
+            raise ForegroundError(f"foreground {self.option!r} is neither auto, all nor an existing folder of masks")
+        if str(source).startswith(TEXTURE_PREFIX):
+            raise ForegroundError(f"a folder of foreground masks needs a folder of images as source, not {source}")
+        self.source_dir = Path(source)
+        missing = [name for name in names if not self.path(name).is_file()]
+        if missing:  # all of them up front, before minutes of work
+            raise ForegroundError(
+                f"foreground mask {self.path(missing[0])} for {missing[0]} does not exist "
+                f"({len(missing)} of {len(names)} source images have no mask in {self.mask_dir})"
+            )
+
+    def path(self, name: str) -> Path:
+        assert self.mask_dir is not None
+        return mask_path(self.mask_dir, self.source_dir, Path(name))
+
+    def get(self, name: str, raw: np.ndarray, image_size: int | None) -> tuple[np.ndarray, Foreground]:
+        """The image as the data set gets it (resized to `image_size`) and its foreground at that size."""
+        image = _fit(raw, image_size)
+        if self.mask_dir is None:
+            return image, (auto_foreground(image) if self.option == AUTO else Foreground(None, ALL))
+        path = self.path(name)
+        mask = read_foreground_mask(path, raw.shape)
+        if image.shape[:2] != mask.shape:
+            mask = cv2.resize(mask.astype(np.uint8), image.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+            if not mask.any():
+                raise ForegroundError(f"foreground mask {path} has no product pixel left at {image_size} px")
+        return image, Foreground(mask, "mask", str(path))
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -542,6 +654,7 @@ def generate(
     good_fraction: float = 0.3,
     image_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    foreground: str | Path = AUTO,
 ) -> SynthSummary:
     """Write an MVTec-layout data set of `count` test images made from good images.
 
@@ -552,6 +665,13 @@ def generate(
     and `train/good/NNN.png` (max(1, goods) other source images). `round(count * good_fraction)`
     test images are good; the rest cycle through `kinds` (default all). The class name defaults
     to the source folder's (or family's) name; `image_size` resizes to a square.
+
+    `foreground` says where on an image defects may go: `auto` (default) estimates the object
+    against a plain background (`trainer.foreground`) and uses the whole image when it finds no
+    plausible one, as for full-frame textures; `all` is the whole image; a folder holds one binary
+    mask per source image (non-zero = product), at the image's path relative to `source_dir` with
+    a .png suffix. A missing, unreadable, empty or wrongly sized mask raises `ForegroundError`
+    naming the file. The marker file records the foreground each defect image was drawn on.
 
     The class folder is built under a hidden temporary name and renamed into place when complete;
     an existing class folder is replaced only if `generate` made it. Same arguments, same bytes.
@@ -570,14 +690,20 @@ def generate(
         raise ValueError("no defect kinds to generate")
     n_train = max(1, n_good)
     out_dir = Path(out_dir)
-    loaders, default_name = _sources(source_dir, n_good + n_train + n_defect, seed, image_size, out_dir)
+    mask_dir = [Path(foreground)] if str(foreground) not in (AUTO, ALL) else []
+    loaders, default_name = _sources(source_dir, n_good + n_train + n_defect, seed, image_size, [out_dir, *mask_dir])
     name = human_name(class_name or default_name)
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"bad class name {name!r}")
     class_dir = out_dir / folder_name(name)
     _check_replaceable(class_dir)
+    foregrounds = _Foregrounds(foreground, source_dir, [loader_name for loader_name, _ in loaders])
     goods = _GoodImages(loaders, str(source_dir))
-    summary = SynthSummary(class_dir=class_dir, class_name=name, defects=dict.fromkeys(chosen, 0))
+    summary = SynthSummary(
+        class_dir=class_dir, class_name=name, defects=dict.fromkeys(chosen, 0), foreground=foregrounds.option
+    )
+    samples: list[dict[str, object]] = []
+    fell_back: dict[str, str] = {}
     total = n_good + n_train + n_defect
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{class_dir.name}.partial-", dir=out_dir))
@@ -593,12 +719,15 @@ def generate(
         for folder, n in (("test/good", n_good), ("train/good", n_train)):
             (staging / folder).mkdir(parents=True, exist_ok=True)
             for index in range(n):
-                _write_png(staging / folder / f"{index:03d}.png", goods.next())
+                _write_png(staging / folder / f"{index:03d}.png", _fit(goods.next()[1], image_size))
                 advance()
         summary.good, summary.train_good = n_good, n_train
         for index in range(n_defect):
             kind = chosen[index % len(chosen)]
-            image, mask = apply_defect(goods.next(), kind, np.random.default_rng([seed % (1 << 64), 1, index]))
+            source_name, raw = goods.next()
+            good, where = foregrounds.get(source_name, raw, image_size)
+            rng = np.random.default_rng([seed % (1 << 64), 1, index])
+            image, mask = apply_defect(good, kind, rng, where.mask)
             number = summary.defects[kind]
             for folder, file_name, pixels in (
                 ("test", f"{number:03d}.png", image),
@@ -608,9 +737,22 @@ def generate(
                 target.mkdir(parents=True, exist_ok=True)
                 _write_png(target / file_name, pixels)
             summary.defects[kind] = number + 1
+            summary.placed[where.used] = summary.placed.get(where.used, 0) + 1
+            if where.used == ALL and where.detail:
+                fell_back[source_name] = where.detail
+            samples.append(_sample_record(f"test/{folder_name(kind)}/{number:03d}.png", source_name, source_dir, where))
             advance()
         summary.skipped = goods.skipped
-        marker = {"class": name, "count": count, "seed": seed, "kinds": chosen, "source": str(source_dir)}
+        summary.fallbacks = [SkippedSource(path, reason) for path, reason in fell_back.items()]
+        marker = {
+            "class": name,
+            "count": count,
+            "seed": seed,
+            "kinds": chosen,
+            "source": str(source_dir),
+            "foreground": foregrounds.option,
+            "defect_images": samples,
+        }
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         os.chmod(staging, 0o755)  # mkdtemp makes it private
         _swap_into_place(staging, class_dir)
@@ -618,6 +760,17 @@ def generate(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return summary
+
+
+def _sample_record(image: str, source_name: str, source: Path | str, where: Foreground) -> dict[str, object]:
+    """What the marker file says about one defect image: its source image and the foreground used on it."""
+    if not str(source).startswith(TEXTURE_PREFIX):
+        source_name = Path(source_name).relative_to(source).as_posix()
+    record: dict[str, object] = {"image": image, "source": source_name, "foreground": where.used}
+    record["foreground_share"] = round(where.share, 4)
+    if where.detail:
+        record["foreground_detail"] = where.detail
+    return record
 
 
 def _swap_into_place(staging: Path, class_dir: Path) -> None:
@@ -632,14 +785,21 @@ def _swap_into_place(staging: Path, class_dir: Path) -> None:
 
 
 def synth_command(
-    source: Path, out: Path, count: int, seed: int, kinds: list[str] | None, class_name: str | None
+    source: Path,
+    out: Path,
+    count: int,
+    seed: int,
+    kinds: list[str] | None,
+    class_name: str | None,
+    foreground: str | Path = AUTO,
 ) -> int:
     """`genclip synth`: print progress every ~10 % and a summary; return the exit code.
 
     `source` is a folder of good images or `texture:FAMILY` (`woven`, `grain`, `metal`, `dots`,
-    `tiles`, `leather`) to render good surfaces on the fly. Exit codes: 0 written, 1 the source
-    has no readable image, 2 bad arguments (unknown kind or family, count < 1, an --out class
-    folder that `genclip synth` did not make).
+    `tiles`, `leather`) to render good surfaces on the fly; `foreground` is `auto`, `all` or a
+    folder of masks (see `generate`). Exit codes: 0 written, 1 the source has no readable image,
+    2 bad arguments (unknown kind or family, count < 1, an --out class folder that `genclip synth`
+    did not make, a missing or bad foreground mask).
     """
     last_tenth = -1
 
@@ -651,13 +811,16 @@ def synth_command(
             print(f"synth: {done}/{total} images ({done * 100 // total}%)", flush=True)
 
     try:
-        summary = generate(source, out, count, seed, kinds=kinds, class_name=class_name, progress=report)
+        summary = generate(
+            source, out, count, seed, kinds=kinds, class_name=class_name, progress=report, foreground=foreground
+        )
     except NoGoodImagesError as exc:
         print(f"synth: {exc}")
         return 1
     except (ValueError, FileExistsError) as exc:
         print(f"synth: {exc}")
         return 2
+    _report_foreground(summary)
     kinds_text = ", ".join(f"{kind} {n}" for kind, n in summary.defects.items())
     print(
         f"synth: wrote {summary.test_images} test images to {summary.class_dir} "
@@ -670,3 +833,30 @@ def synth_command(
         if len(summary.skipped) > 20:
             print(f"  ... and {len(summary.skipped) - 20} more")
     return 0
+
+
+def _report_foreground(summary: SynthSummary) -> None:
+    """Say where the defects went, so that defects on an object's background do not go unnoticed."""
+    defects = sum(summary.placed.values())
+    if not defects or summary.foreground == ALL:
+        return
+    if summary.foreground != AUTO:
+        print(f"synth: foreground masks from {summary.foreground}: {defects} defect images on the product")
+        return
+    on_object = summary.placed.get(AUTO, 0)
+    if not on_object:
+        print(
+            "synth: foreground auto: no object on a plain background in any source image, defects anywhere "
+            "(right for full-frame surfaces; for an object, give --foreground a folder of masks)"
+        )
+        return
+    print(f"synth: foreground auto: {on_object} of {defects} defect images on the object found in the image")
+    if summary.fallbacks:
+        print(
+            f"synth: {defects - on_object} defect images anywhere: no plausible object in "
+            f"{len(summary.fallbacks)} source image(s) (for those, give --foreground a folder of masks):"
+        )
+        for fallback in summary.fallbacks[:10]:
+            print(f"  {fallback.path}: {fallback.reason.removeprefix('auto: ')}")
+        if len(summary.fallbacks) > 10:
+            print(f"  ... and {len(summary.fallbacks) - 10} more")
