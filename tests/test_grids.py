@@ -77,3 +77,16 @@ def test_the_scale_bar_runs_from_hot_at_the_top_to_cold_at_the_bottom(tmp_path):
     bar = picture[:, 3 * TILE + 14]  # the middle of the colour column
     top, bottom = bar[TITLE_HEIGHT + 10].astype(int), bar[picture.shape[0] - 10].astype(int)
     assert top[2] > top[0] and bottom[0] > bottom[2]  # red (BGR) at 1.0, blue at 0.0
+
+
+def test_a_long_caption_is_made_to_fit_its_tile():
+    """Defect types are the line's own words ([model].class_defect_types): a long one at the grid's caption size
+    runs past a tile; it is drawn smaller instead."""
+    import numpy as np
+
+    from trainer.report import TILE, _label
+
+    tile = np.zeros((TILE, TILE, 3), np.uint8)
+    _label(tile, "foreign material: 0.412 < 0.550 OK (miss)", (4, TILE - 8), scale=0.36)
+    inked = np.flatnonzero(tile.any(axis=(0, 2)))
+    assert inked.size and inked.max() < TILE - 4, inked.max()  # ends inside the tile and its 3 px frame

@@ -269,6 +269,11 @@ def _row_tiles(image: np.ndarray, mask: np.ndarray | None, anomaly_map: np.ndarr
 
 
 def _label(canvas: np.ndarray, text: str, origin: tuple[int, int], scale: float = 0.4) -> None:
-    """White text with a black outline, readable on any background."""
+    """White text with a black outline, readable on any background; made smaller to fit the canvas's width
+    (a caption like 'good: 0.612 >= 0.550 NG (false reject)' is wider than a tile at the usual size)."""
+    room = canvas.shape[1] - origin[0] - 5  # and clear of a tile's 3 px frame
+    (width, _), _ = cv2.getTextSize(text, _FONT, scale, 3)
+    if width > room > 0:
+        scale *= room / width
     cv2.putText(canvas, text, origin, _FONT, scale, (0, 0, 0), 3, cv2.LINE_AA)
     cv2.putText(canvas, text, origin, _FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)

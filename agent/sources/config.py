@@ -109,9 +109,14 @@ class CameraConfig(Section):
             )
         tuned = bool(self.synthetic.model_fields_set)  # an empty [cameras.synthetic] table is harmless
         if tuned and self.kind not in ("auto", "synthetic"):
-            raise ValueError(f"synthetic: only for synthetic sources, not kind {self.kind!r}")
+            raise ValueError(
+                f"synthetic: only for synthetic sources, not kind {self.kind!r} (remove the [cameras.synthetic] table)"
+            )
         if tuned and self.kind == "auto" and not self.is_synthetic_source:
-            raise ValueError(f"synthetic: only for synthetic sources; source must start with {SYNTHETIC_PREFIX!r}")
+            raise ValueError(
+                f"synthetic: only for synthetic sources (source starting {SYNTHETIC_PREFIX!r}); this camera's "
+                f"source is {self.source!r}: remove its [cameras.synthetic] table"
+            )
         return self
 
     @property
