@@ -2,7 +2,7 @@
 
 Each camera has a bounded queue with its own policy: `drop_oldest` for live streams
 (the newest frame matters, the oldest is dropped and counted) or `block` for files
-and folders (the source waits, nothing is lost). The batcher takes frames from
+and folders (the source waits, nothing is lost; a paused one waits until resumed). The batcher takes frames from
 all queues in turn, up to the batch size or until the first frame of the batch
 has waited `max_wait_ms`, and drops frames older than their camera's staleness
 budget (counted as expired).
@@ -65,17 +65,23 @@ class FrameBatcher:
             return sum(len(lane.frames) for name, lane in self._lanes.items() if camera in (None, name))
 
     def set_paused(self, camera: str | None, paused: bool) -> list[str]:
-        """Pause (frames are dropped as 'paused') or resume one camera or all; returns the cameras changed."""
+        """Pause or resume one camera or all; returns the cameras changed.
+
+        A paused 'drop_oldest' camera (a live stream) drops its frames as 'paused'; a paused 'block' camera
+        (files, folders) keeps what is queued and holds its source in `put` until it is resumed: no part
+        of a folder is skipped, and none is read again and again while the line waits.
+        """
         with self._cond:
             names = [camera] if camera else list(self._lanes)
             unknown = [n for n in names if n not in self._lanes]
             if unknown:
                 raise KeyError(f"unknown camera {unknown[0]!r}; cameras: {', '.join(self._lanes)}")
             for name in names:
-                self._lanes[name].paused = paused
-                if paused:
-                    while self._lanes[name].frames:
-                        self._drop(self._lanes[name].frames.popleft(), "paused")
+                lane = self._lanes[name]
+                lane.paused = paused
+                if paused and lane.policy != "block":
+                    while lane.frames:
+                        self._drop(lane.frames.popleft(), "paused")
             self._cond.notify_all()
             return names
 
@@ -84,22 +90,23 @@ class FrameBatcher:
             return [n for n, lane in self._lanes.items() if lane.paused]
 
     def put(self, camera: str, frame: Frame) -> None:
-        """Accept a frame (counted), then queue it by the camera's policy; may block with 'block'."""
+        """Accept a frame (counted), then queue it by the camera's policy; with 'block' it may wait for room,
+        or for the camera to be resumed."""
         self.ledger.accepted(camera)
         with self._cond:
             lane = self._lanes[camera]
             if self._closed:
                 self._drop(frame, "shutdown")
                 return
-            if lane.paused:
+            if lane.policy == "block":
+                while (len(lane.frames) >= lane.capacity or lane.paused) and not self._closed:
+                    self._cond.wait(0.5)
+                if self._closed:
+                    self._drop(frame, "shutdown")
+                    return
+            elif lane.paused:
                 self._drop(frame, "paused")
                 return
-            if lane.policy == "block":
-                while len(lane.frames) >= lane.capacity and not self._closed and not lane.paused:
-                    self._cond.wait(0.5)
-                if self._closed or lane.paused:
-                    self._drop(frame, "shutdown" if self._closed else "paused")
-                    return
             elif len(lane.frames) >= lane.capacity:
                 self._drop(lane.frames.popleft(), "queue_full")
             lane.frames.append(frame)
@@ -113,7 +120,7 @@ class FrameBatcher:
         for _ in range(len(self._order)):
             lane = self._lanes[self._order[self._next % len(self._order)]]
             self._next += 1
-            while lane.frames:
+            while lane.frames and not lane.paused:
                 frame = lane.frames.popleft()
                 if lane.max_age_s and frame.age_s(now) > lane.max_age_s:
                     self.ledger.expired(frame)
@@ -139,12 +146,17 @@ class FrameBatcher:
                 self._cond.notify_all()  # room for blocked sources
                 if len(batch) >= self.batch_size or now >= deadline or (self._closed and not batch):
                     return batch
-                if self._closed and self.depth_locked() == 0:
+                if self._closed and self._takeable() == 0:
                     return batch
                 self._cond.wait(max(0.0, deadline - now))
 
-    def depth_locked(self) -> int:
-        return sum(len(lane.frames) for lane in self._lanes.values())
+    def _takeable(self) -> int:
+        return sum(len(lane.frames) for lane in self._lanes.values() if not lane.paused)
+
+    def takeable(self) -> int:
+        """Frames the engine could take now (those of paused cameras wait)."""
+        with self._cond:
+            return self._takeable()
 
     def close(self) -> None:
         """No more frames are accepted (they are dropped as 'shutdown'); queued ones can still be taken."""

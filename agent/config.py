@@ -80,8 +80,8 @@ class AgentConfig(Section):
     shutdown_timeout_s: float = Field(
         10.0,
         ge=0,
-        le=60,
-        description="On stop: time to score and publish what is queued and flush the brokers (at most 60 s, so the "
+        le=50,
+        description="On stop: time to score and publish what is queued and flush the brokers (at most 50 s, so the "
         "whole stop stays inside the unit's TimeoutStopSec=90s).",
     )
     stall_timeout_s: float = Field(
@@ -214,12 +214,7 @@ def load_config(path: Path | None = None) -> InspectConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
     settings = environment_settings()
-    problems = [
-        f"environment variable {var}: not a setting; a section and its key are joined by two underscores "
-        f"({ENV_PREFIX}{var[len(ENV_PREFIX) :].replace('_', '__', 1).upper()})"
-        for var, loc in settings.items()
-        if len(loc) == 1 and loc[0] not in InspectConfig.model_fields
-    ]
+    problems = [unknown_variable(var, loc) for var, loc in settings.items() if loc[0] not in InspectConfig.model_fields]
     try:
         config = InspectConfig(**data)
     except ValidationError as exc:
@@ -230,6 +225,16 @@ def load_config(path: Path | None = None) -> InspectConfig:
 
 
 NOT_SETTINGS = ("CONFIG", "STATE_DIR")  # GENCLIP_CONFIG (which file), GENCLIP_STATE_DIR (deploy/services.sh)
+
+
+def unknown_variable(var: str, loc: tuple[str, ...]) -> str:
+    """Why a GENCLIP_* variable sets nothing (pydantic-settings would ignore it silently)."""
+    if len(loc) == 1:
+        return (
+            f"environment variable {var}: not a setting; a section and its key are joined by two underscores "
+            f"({ENV_PREFIX}{var[len(ENV_PREFIX) :].replace('_', '__', 1).upper()})"
+        )
+    return f"environment variable {var}: no section '{loc[0]}' (sections: {', '.join(InspectConfig.model_fields)})"
 
 
 def environment_settings() -> dict[str, tuple[str, ...]]:

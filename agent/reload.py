@@ -86,8 +86,9 @@ class CheckpointWatcher:
         self._worker = threading.Thread(target=self._run, name="checkpoint-watcher", daemon=True)
         self._worker.start()
 
-    def stop(self) -> None:
-        """Stop watching; waits for an `on_change` call in progress to return."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop watching; waits up to `timeout` s (None: as long as it takes) for an `on_change` call in
+        progress to return (a service stopping does not wait minutes for a reload to finish)."""
         if self._worker is None:
             return
         with self._cond:
@@ -95,8 +96,8 @@ class CheckpointWatcher:
             self._cond.notify_all()
         assert self._observer is not None
         self._observer.stop()
-        self._observer.join()
-        self._worker.join()
+        self._observer.join(timeout)
+        self._worker.join(timeout)
         self._worker = self._observer = self._watch = self._watched = None
 
     # -- event side (watchdog's thread): only record what happened --

@@ -93,8 +93,8 @@ class ResultStage:
             outcomes = scored.outcomes()  # maps and regions, while the worker launches the next batch
             if len(outcomes) != len(scored.frames):
                 raise RuntimeError(f"{len(outcomes)} outcomes for {len(scored.frames)} frames")
-            self.metrics.batch_size.observe(len(scored.frames))
-            if scored.seconds is not None:
+            if scored.seconds is not None:  # a batch the engine ran (not one of unreadable pictures)
+                self.metrics.batch_size.observe(len(scored.frames))
                 self.metrics.inference_seconds.observe(scored.seconds)
         except Exception:  # never lose the thread; every frame is still accounted for
             log.exception("the batch's results could not be built", frames=len(scored.frames))

@@ -37,15 +37,16 @@ from agent.results import Inspection, build_inspection, iso
 from agent.sources import open_source
 from agent.sources.base import FrameSource
 from agent.systemd import SystemdNotifier
-from agent.worker import InferenceWorker, LaunchedBatch
+from agent.worker import InferenceWorker
 from model.checkpoint_files import checkpoint_candidates, resolve_checkpoint
 from model.config import normalise_class_name
 
 log = get_logger("agent.service")
 MAX_REFERENCE_IMAGES = 64
 LINK_CHECK_S = 5.0  # how long start waits for the brokers' first answer before loading the engine
+WATCHER_STOP_S = 1.0  # how long stop waits for the checkpoint watcher (a reload in progress is abandoned)
 SOURCES_STOP_S = 5.0  # how long stop waits for all cameras together to release their devices
-BATCH_GRACE_S = 15.0  # after the stop's time is up: the batch then on the device may still finish
+BATCH_GRACE_S = 10.0  # after the stop's time is up: the batch then on the device may still finish
 FLUSH_MIN_S = 2.0  # the brokers get at least this long to take the last results
 TASK_STALL_S = 300.0  # a prompt reload or recalibration on the worker may run this long before it counts as hung
 
@@ -86,8 +87,8 @@ class InspectionService:
         self.last_reload_error: str | None = None
         self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
-        self._reload_requested = threading.Event()
-        self._signalled: int | None = None  # set by the signal handler, which must not take locks
+        self._stop_signalled = False  # set by the signal handler, which must not take locks
+        self._reload_signalled = False
         self._reload_lock = threading.Lock()
         try:
             self.mqtt = MqttPublisher(config.mqtt, self.line, handler=self.handle_command)
@@ -183,7 +184,10 @@ class InspectionService:
 
         def on_signal(signum: int, _frame: Any) -> None:
             # Runs between two bytecodes of the main thread, maybe inside a lock it holds: no locks here.
-            self._signalled = signum
+            if signum == signal.SIGHUP:
+                self._reload_signalled = True
+            else:
+                self._stop_signalled = True
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, on_signal)
@@ -195,16 +199,20 @@ class InspectionService:
             return 1
         while not self._stop.is_set():
             time.sleep(0.1)
-            signum, self._signalled = self._signalled, None
-            if signum == signal.SIGHUP:
-                try:
-                    self.reload()
-                except Exception as exc:
-                    log.warning("reload on SIGHUP refused; the running prompts keep serving", error=str(exc))
-            elif signum is not None:
+            if self._stop_signalled:  # a stop wins over a reload asked for at the same time
                 self._stop.set()
+            elif self._reload_signalled:
+                self._reload_signalled = False
+                threading.Thread(target=self._reload_on_signal, name="sighup-reload", daemon=True).start()
         self.shutdown()
         return 0
+
+    def _reload_on_signal(self) -> None:
+        """Off the main thread, which keeps watching for SIGTERM while new prompts are installed."""
+        try:
+            self.reload()
+        except Exception as exc:
+            log.warning("reload on SIGHUP refused; the running prompts keep serving", error=str(exc))
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -212,23 +220,24 @@ class InspectionService:
     def shutdown(self) -> None:
         """Stop capture, finish or drop (counted) what is queued, flush publishers, publish `stopped`.
 
-        One budget for all of it, `[agent].shutdown_timeout_s`, plus at most SOURCES_STOP_S for the
-        cameras, BATCH_GRACE_S for a batch on the device when time is up and FLUSH_MIN_S per broker:
-        with the largest setting (60 s) that stays inside the unit's TimeoutStopSec (90 s).
+        One budget for all of it, `[agent].shutdown_timeout_s`, plus at most WATCHER_STOP_S for the
+        checkpoint watcher, SOURCES_STOP_S for the cameras, BATCH_GRACE_S for a batch on the device when
+        time is up, FLUSH_MIN_S for the result thread and for each broker, and Redis's socket timeout:
+        with the largest setting (50 s) about 80 s, inside the unit's TimeoutStopSec (90 s).
         """
         self._stop.set()
         self.notifier.stopping()
         drain_s = self.config.agent.shutdown_timeout_s
         log.info("stopping", queued=self.batcher.depth(), drain_s=drain_s)
         if self.watcher is not None:
-            self.watcher.stop()
+            self.watcher.stop(timeout=WATCHER_STOP_S)  # a reload in progress is abandoned, not waited for
         for source in self.sources.values():
             source.request_stop()
+        self.batcher.close()  # what is queued is still scored; a source waiting in `put` is let go
         sources_by = time.monotonic() + SOURCES_STOP_S
         for source in self.sources.values():
             source.stop(timeout=max(0.0, sources_by - time.monotonic()))
         deadline = time.monotonic() + drain_s
-        self.batcher.close()
         if self.worker.ready.is_set() and self.worker.error is None:
             self.worker.stop(deadline, grace_s=BATCH_GRACE_S)
         dropped = self.batcher.drain("shutdown")
@@ -249,12 +258,13 @@ class InspectionService:
 
         threads = set_torch_threads(self.config.engine.threads, self.config.engine.interop_threads)
         log.info("torch threads", **threads)
-        self._newest_at_start = checkpoint_signature(self._checkpoint_target())  # before loading: see start()
         untrained = self.config.model.model_copy(update={"checkpoint": None})
-        engine = Engine(untrained, max_batch=self.config.engine.batch_size)
-        refused = engine.load_first_usable(
-            checkpoint_candidates(self.config.agent.prompt_dir, self.config.model.checkpoint)
-        )
+        engine = Engine(untrained, max_batch=self.config.engine.batch_size)  # the backbone: the slow part
+        candidates = checkpoint_candidates(self.config.agent.prompt_dir, self.config.model.checkpoint)
+        self._newest_at_start = checkpoint_signature(self._checkpoint_target())  # what start() compares with
+        if not candidates and self._checkpoint_target() is not None:
+            log.warning("no checkpoint published yet; running untrained prompts", folder=str(self._checkpoint_target()))
+        refused = engine.load_first_usable(candidates)
         if refused:
             self.last_reload_error = "; ".join(refused)
         return engine
@@ -292,10 +302,6 @@ class InspectionService:
 
         def emit(frame: Frame) -> None:
             captured.inc()
-            if frame.error is not None:  # unreadable picture: no engine; an ERROR result (a reject) at once
-                self.ledger.accepted(camera)
-                self.results.put(LaunchedBatch([frame], error=frame.error))
-                return
             put(frame)
 
         return emit
@@ -371,7 +377,7 @@ class InspectionService:
     def handle_command(self, command: Command) -> dict[str, Any]:
         """Run a validated MQTT command; the returned fields go into the response (errors raise)."""
         args: Any = command.args
-        if self.worker.engine is None:
+        if not self.worker.ready.is_set() or self.worker.error is not None:  # loading, classes, warm-up
             raise ValueError("the engine is still loading; try again once the line reports online")
         if command.name == "reload":
             return {"prompt_version": self.reload()}

@@ -45,15 +45,16 @@ class LaunchedBatch:
                 self._error = f"engine failure: {exc}"
 
     def outcomes(self) -> list[Any]:
-        """One outcome per frame; never raises (a failed batch gives every frame the failure)."""
+        """One outcome per frame; never raises (a failed batch gives every frame the failure, a frame whose
+        picture could not be read its own reason)."""
         self.wait()
-        if self._error is None:
+        if self._error is None and self._pending is not None:
             try:
                 return self._pending.outcomes()
             except Exception as exc:
                 log.exception("batch failed", frames=len(self.frames))
                 self._error = f"engine failure: {exc}"
-        return [_BatchError(f.product_class, self._error) for f in self.frames]
+        return [_BatchError(f.product_class, f.error or self._error or "not scored") for f in self.frames]
 
     @property
     def seconds(self) -> float | None:
@@ -146,7 +147,7 @@ class InferenceWorker:
             if self._stop.is_set():
                 if self._drain_until is None or time.monotonic() >= self._drain_until:
                     break
-                if self.batcher.depth() == 0:
+                if self.batcher.takeable() == 0:
                     break
             batch = self.batcher.next_batch(timeout=0.2)
             if batch:
@@ -170,6 +171,16 @@ class InferenceWorker:
                 self._busy(None)
 
     def _score(self, batch: list[Frame]) -> None:
+        unreadable = [f for f in batch if f.error is not None]
+        if unreadable:  # seen by a camera but not readable: ERROR results (rejects) without the engine
+            self._busy("deliver")
+            try:
+                self._deliver(LaunchedBatch(unreadable))
+            finally:
+                self._busy(None)
+            batch = [f for f in batch if f.error is None]
+            if not batch:
+                return
         self._busy("batch")
         try:
             try:

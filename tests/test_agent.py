@@ -367,7 +367,8 @@ def test_commands_answered_with_correlation(tmp_path, mosquitto, redis_server, r
 
 
 def test_genclip_run_serves_until_sigterm(tmp_path, mosquitto, redis_server):
-    """The real command line: starts, answers /healthz, survives SIGHUP, stops on SIGTERM with exit 0."""
+    """The real command line: starts, answers /healthz, survives SIGHUP, stops on SIGTERM with exit 0 (also
+    with a SIGHUP right behind it)."""
     import signal
     import subprocess
     import sys
@@ -397,6 +398,7 @@ def test_genclip_run_serves_until_sigterm(tmp_path, mosquitto, redis_server):
         wait_for(lambda: "reload on SIGHUP refused" in (tmp_path / "agent.log").read_text(), 30, "the reload answer")
         wait_for(lambda: len(watcher.of("/result")) >= n + 3, 30, "results after SIGHUP")
         proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGHUP)  # right behind it: the stop must not be lost
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -407,6 +409,34 @@ def test_genclip_run_serves_until_sigterm(tmp_path, mosquitto, redis_server):
     wait_for(lambda: watcher.of("/status") and watcher.of("/status")[-1] == "stopped", 10, "status stopped")
     watcher.close()
     assert "reload on SIGHUP refused" in stderr and '"stopped"' in stderr
+
+
+def test_commands_during_warm_up_are_answered_engine_still_loading(tmp_path, mosquitto, redis_server, monkeypatch):
+    """The engine exists before its classes are set up and warmed (minutes on a GPU): no command may act then."""
+    from agent.control import parse_command
+    from model import Engine
+
+    warm, release = threading.Event(), threading.Event()
+    real_warmup = Engine.warmup
+
+    def slow_warmup(engine: Engine) -> float:
+        warm.set()
+        release.wait(30)
+        return real_warmup(engine)
+
+    monkeypatch.setattr(Engine, "warmup", slow_warmup)
+    service = InspectionService(line_config(tmp_path, mosquitto.port, redis_server.url, "warming"))
+    starting = threading.Thread(target=service.start)
+    starting.start()
+    try:
+        assert warm.wait(60) and service.worker.engine is not None
+        for name, body in (("threshold", b'{"class": "widget", "value": 0.7}'), ("pause", b"{}"), ("reload", b"{}")):
+            with pytest.raises(ValueError, match="the engine is still loading"):
+                service.handle_command(parse_command(name, body))
+    finally:
+        release.set()
+        starting.join(60)
+        service.shutdown()
 
 
 def test_a_class_that_cannot_be_set_up_stops_only_its_cameras(tmp_path, mosquitto, redis_server, running):

@@ -179,7 +179,10 @@ FOLDER_PROBE = textwrap.dedent(
     folder = Path(sys.argv[1])
     frames = []
     camera = CameraConfig(id="grabber", source=str(folder), product_class="widget", settle_ms=20)
-    source = open_source(camera, frames.append, max_frame_pixels=int(sys.argv[2]))
+    def emit(frame):  # as the agent does: the frame is published, so the file is cleared away
+        frames.append(frame)
+        frame.end("published")
+    source = open_source(camera, emit, max_frame_pixels=int(sys.argv[2]))
     cv2.imdecode(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1], -1)  # OpenCV's own start-up, not counted
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     source.start()

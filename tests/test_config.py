@@ -312,10 +312,13 @@ def test_errors_from_the_environment_name_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("GENCLIP_ENGINE__BATCHSIZE", "16")
     monkeypatch.setenv("GENCLIP_MQTT__PORT", "0")
     monkeypatch.setenv("GENCLIP_MQTT_HOST", "10.0.0.5")
+    monkeypatch.setenv("GENCLIP_MQT__HOST", "10.0.0.5")
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert sorted(err.value.errors) == sorted(
         [
+            "environment variable GENCLIP_MQT__HOST: no section 'mqt' (sections: line, model, engine, cameras, "
+            "thresholds, references, mqtt, redis, agent, trainer, logging)",
             "environment variable GENCLIP_MQTT_HOST: not a setting; a section and its key are joined by two "
             "underscores (GENCLIP_MQTT__HOST)",
             "engine.batchsize (from GENCLIP_ENGINE__BATCHSIZE): unknown key (misspelt, or not in this section)",
@@ -324,6 +327,7 @@ def test_errors_from_the_environment_name_the_variable(tmp_path, monkeypatch):
     )
     monkeypatch.delenv("GENCLIP_ENGINE__BATCHSIZE")
     monkeypatch.delenv("GENCLIP_MQTT__PORT")
+    monkeypatch.delenv("GENCLIP_MQT__HOST")
     with pytest.raises(ConfigError, match="GENCLIP_MQTT_HOST: not a setting"):
         load_config(path)  # alone, too
     monkeypatch.delenv("GENCLIP_MQTT_HOST")

@@ -31,6 +31,8 @@ def test_auto_kind_and_queue_policy_follow_the_source(tmp_path):
         (str(tmp_path / "line.avi"), "opencv", "block", OpenCvSource),  # a file (existing or not) is not live
         (str(tmp_path / "frames_%04d.png"), "opencv", "block", OpenCvSource),  # an image sequence
         (str(tmp_path / "framez"), "folder", "block", FolderSource),  # not there yet (a typo, a share not mounted)
+        ("/dev/v4l/by-id/usb-cam-not-plugged-in", "opencv", "drop_oldest", OpenCvSource),  # a device enumerating late
+        ("videotestsrc ! videoconvert ! appsink", "opencv", "drop_oldest", OpenCvSource),  # a GStreamer pipeline
     ]
     (tmp_path / "clip.bin").write_bytes(b"")  # an existing file of any name: OpenCV's to open
     cases.append((str(tmp_path / "clip.bin"), "opencv", "block", OpenCvSource))

@@ -277,3 +277,21 @@ def test_a_file_whose_result_could_not_be_built_is_rejected_with_the_reason(tmp_
         assert files(tmp_path) == [] and len(emit) == 1
     finally:
         stop_promptly(source)
+
+
+def test_a_file_gone_before_it_is_cleared_away_does_not_block_the_folder(tmp_path):
+    """Someone moves a file away while its frame is in the pipeline: nothing to clear away, the source goes on."""
+    emit = Collector(end=None)
+    (tmp_path / "p1.png").write_bytes(png(1))
+    source = start(camera(tmp_path), emit)
+    try:
+        assert wait_until(lambda: len(emit) == 1)
+        (tmp_path / "p1.png").unlink()
+        end_of(emit, "p1")("invalid")  # would move it to rejected/: it is not there any more
+        (tmp_path / "p2.png").write_bytes(png(2))
+        assert wait_until(lambda: len(emit) == 2)
+        end_of(emit, "p2")("published")
+        assert wait_until(lambda: files(tmp_path / "done") == ["p2.png"])
+        assert source.status().state == "running" and files(tmp_path / "rejected") == []
+    finally:
+        stop_promptly(source)

@@ -133,8 +133,10 @@ class CameraConfig(Section):
         path = os.path.expanduser(self.source)
         if os.path.isdir(path):
             return "folder"
-        if self.device_index is not None or "://" in self.source or "%" in self.source or os.path.exists(path):
-            return "opencv"  # a device, a stream, an image sequence pattern, a video file
+        if self.device_index is not None or "://" in self.source or os.path.exists(path):
+            return "opencv"  # a device index, a stream URL, a video file
+        if path.startswith("/dev/") or any(c in self.source for c in "%!"):
+            return "opencv"  # a device not enumerated yet, an image sequence pattern, a GStreamer pipeline
         if Path(path).suffix.lower() in VIDEO_SUFFIXES:
             return "opencv"  # a video file not there yet: retried until it is
         return (
@@ -154,7 +156,12 @@ class CameraConfig(Section):
             return True
         if kind == "folder":
             return False
-        return self.device_index is not None or "://" in self.source
+        return (
+            self.device_index is not None
+            or "://" in self.source
+            or os.path.expanduser(self.source).startswith("/dev/")
+            or "!" in self.source  # a GStreamer pipeline: a camera
+        )
 
     @property
     def resolved_queue_policy(self) -> QueuePolicy:

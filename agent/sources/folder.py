@@ -6,13 +6,15 @@ it, and it must decode (a failure right after settling gets a short retry, then 
 is rejected). Files are taken oldest first (mtime, then name).
 
 A file stays where it is until its frame has ended (`Frame.end`): once its result is
-published it moves to `done_dir` (or is deleted); a frame the agent dropped (camera paused,
-too old) leaves the file to be tried again after a backoff, one dropped at shutdown leaves
-it for the next start, and one whose result could not be built moves it to `rejected_dir`.
-An unreadable file moves to `rejected_dir` with a `<name>.reason.txt`. When a file cannot be
-moved, the source stops taking files, leaves them where they are, shows 'failed' and
-retries with the backoff. So a file is never lost, and a file is inspected again only when
-the agent stopped before its result was out (at least once, never zero times).
+published (handed to the publishers) it moves to `done_dir` (or is deleted); a frame the agent
+dropped (too old) leaves the file to be tried again after a backoff, one dropped at shutdown
+leaves it for the next start, and one whose result could not be built moves it to
+`rejected_dir`. An image file that cannot be read is emitted as an error frame (published as
+an ERROR result, a reject) and then moves to `rejected_dir` with a `<name>.reason.txt`; a file
+that is no image at all goes there at once. When a file cannot be moved, the source stops
+taking files, leaves them where they are, shows 'failed' and retries with the backoff. So a
+file is never lost, and it is inspected again only when the agent stopped before its result
+was handed over (at least once, never zero times).
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ class FolderSource(FrameSource):
         self._ready: list[tuple[int, str, Path]] = []  # heap of (mtime_ns, name, path); capture thread only
         self._decode_failures: dict[Path, int] = {}
         self._in_flight: set[Path] = set()  # guarded: emitted, its frame not ended yet (still in the pipeline)
-        self._ended: deque[tuple[Path, str]] = deque()  # guarded: how in-flight frames ended, for the capture thread
+        # guarded: how in-flight frames ended, (path, unreadable, how), for the capture thread
+        self._ended: deque[tuple[Path, str | None, str]] = deque()
+        self._late = threading.Lock()  # ends carried out after the capture thread ended
         self._closed = False  # guarded: the capture thread is gone; ends are carried out where they happen
         self._pending: dict[Path, str] = {}  # capture thread: DONE or a reject reason, not carried out yet
         self._drops: dict[Path, int] = {}  # capture thread: how often a file's frame was dropped (its backoff)
@@ -119,20 +123,31 @@ class FolderSource(FrameSource):
             self._unsettled.pop(path, None)
 
     # --- called by the ledger, from any thread (possibly under the batcher's lock: no file work then) ----
-    def _on_end(self, path: Path, how: str) -> None:
+    def _on_end(self, path: Path, unreadable: str | None, how: str) -> None:
+        """`unreadable`: why the file's picture could not be read (its frame was an ERROR result), else None."""
         with self._guard:
             if not self._closed:
-                self._ended.append((path, how))
+                self._ended.append((path, unreadable, how))
                 self._wake.set()
                 return
             self._in_flight.discard(path)
-        action = DONE if how == "published" else UNBUILDABLE if how == "invalid" else None
+        action = self._action(unreadable, how)
         if action is not None:  # else dropped: the file stays for the next start
             self._carry_out_late(path, action)
 
+    @staticmethod
+    def _action(unreadable: str | None, how: str) -> str | None:
+        """What an ended frame asks for its file: DONE, a reject reason, or None (keep it, try again)."""
+        if how == "published":
+            return unreadable or DONE
+        if how == "invalid":
+            return unreadable or UNBUILDABLE
+        return None
+
     def _carry_out_late(self, path: Path, action: str) -> None:
-        """After the capture thread ended: no backoff to retry with, so a blocked move leaves the file."""
-        with self._guard:  # ends can come from several threads now
+        """After the capture thread ended: no backoff to retry with, so a blocked move leaves the file.
+        Not under `_guard`: the batcher may be waiting on it to end a frame, and a move can be slow (NFS)."""
+        with self._late:  # ends can come from several threads now
             try:
                 self._carry_out(path, action)
             except _BlockedError as exc:
@@ -204,15 +219,16 @@ class FolderSource(FrameSource):
         with self._guard:
             ended, self._ended = list(self._ended), deque()
         now = time.monotonic()
-        for path, how in ended:
+        for path, unreadable, how in ended:
             with self._guard:
                 self._in_flight.discard(path)
-            if how in ("published", "invalid"):
-                self._pending[path] = DONE if how == "published" else UNBUILDABLE
+            action = self._action(unreadable, how)
+            if action is not None:
+                self._pending[path] = action
                 heapq.heappush(self._ready, (0, path.name, path))  # before any new file
-            elif how != "shutdown":  # paused, stale, queue_full: the part was not inspected; try again later
+            elif how != "shutdown":  # stale, queue_full: the part was not inspected; try again later
                 drops = self._drops[path] = self._drops.get(path, 0) + 1
-                wait = min(self.camera.reconnect_max_s, self.camera.reconnect_min_s * 2 ** (drops - 1))
+                wait = min(self.camera.reconnect_max_s, self.camera.reconnect_min_s * 2 ** min(drops - 1, 16))
                 with self._guard:
                     self._unsettled[path] = _Unsettled(now + max(wait, self._settle_s))
 
@@ -258,15 +274,22 @@ class FolderSource(FrameSource):
                 with self._guard:
                     self._unsettled[path] = _Unsettled(time.monotonic() + max(DECODE_RETRY_S, self._settle_s))
                 return
-            self._reject(path, str(exc))
-            # A part the grabber saw but whose picture is unreadable: the PLC gets an ERROR result, a reject.
-            self._emit_frame(np.zeros((0, 0), np.uint8), part_id=path.stem, error=f"{path.name}: {exc}")
+            # A part the grabber saw but whose picture is unreadable: the PLC gets an ERROR result (a reject);
+            # the file moves to rejected/ once that result is out.
+            self._count_error("file rejected", UnreadableImageError(f"{path.name}: {exc}"))
+            self._emit_for(path, np.zeros((0, 0), np.uint8), unreadable=str(exc))
             return
         if self.camera.after == "move":
             self._ensure_dir(self.camera.resolved_done_dir)  # before emitting: a full disk must not cost a frame
+        self._emit_for(path, image)
+
+    def _emit_for(self, path: Path, image: np.ndarray, unreadable: str | None = None) -> None:
+        """Emit the file's frame; the file stays in flight until the frame ends."""
         with self._guard:
             self._in_flight.add(path)
-        frame = self._emit_frame(image, part_id=path.stem, on_end=partial(self._on_end, path))
+        error = f"{path.name}: {unreadable}" if unreadable is not None else None
+        on_end = partial(self._on_end, path, unreadable)
+        frame = self._emit_frame(image, part_id=path.stem, on_end=on_end, error=error)
         if frame is None:  # emit raised: keep the file and try it again later
             with self._guard:
                 self._in_flight.discard(path)
@@ -276,12 +299,15 @@ class FolderSource(FrameSource):
 
     def _carry_out(self, path: Path, action: str) -> None:
         """Clear an inspected file away (DONE) or reject it with `action` as the reason; raises _BlockedError."""
-        if action == DONE:
+        if not path.exists():  # moved or deleted by someone else meanwhile: nothing left to do
+            log.warning("file gone before it could be cleared away", camera=self.camera.id, path=str(path))
+        elif action == DONE:
             self._clear_away(path)
         else:
-            self._reject(path, action)
+            self._reject(path, action, counted=True)
         self._pending.pop(path, None)
         self._drops.pop(path, None)
+        self._decode_failures.pop(path, None)
 
     def _clear_away(self, path: Path) -> None:
         done = self.camera.resolved_done_dir
@@ -295,8 +321,9 @@ class FolderSource(FrameSource):
             raise _BlockedError(f"cannot {self.camera.after} {path.name}{where}: {exc.strerror or exc}") from None
         self._decode_failures.pop(path, None)
 
-    def _reject(self, path: Path, reason: str) -> None:
-        self._count_error("file rejected", UnreadableImageError(f"{path.name}: {reason}"))
+    def _reject(self, path: Path, reason: str, counted: bool = False) -> None:
+        if not counted:
+            self._count_error("file rejected", UnreadableImageError(f"{path.name}: {reason}"))
         try:
             target = move_into(path, self._ensure_dir(self.camera.resolved_rejected_dir))
             target.with_name(f"{target.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
@@ -309,15 +336,10 @@ class FolderSource(FrameSource):
         with self._guard:
             self._closed = True
             ended, self._ended = list(self._ended), deque()
-        for path, how in ended:
-            self._on_end(path, how)
+        for path, unreadable, how in ended:
+            self._on_end(path, unreadable, how)
         for path, action in list(self._pending.items()):
-            try:
-                self._carry_out(path, action)
-            except _BlockedError as exc:
-                log.warning(
-                    "file left in the folder; it will be inspected again", camera=self.camera.id, error=str(exc)
-                )
+            self._carry_out_late(path, action)
 
     @staticmethod
     def _ensure_dir(folder: Path) -> Path:
