@@ -251,7 +251,11 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
             ),
         ],
         checkpoint: Annotated[
-            Path | None, typer.Option(help="Prompts to calibrate for; default [model].checkpoint.")
+            Path | None,
+            typer.Option(
+                help="Prompts to calibrate for; default: those the line runs "
+                "([agent].prompt_dir, else [model].checkpoint)."
+            ),
         ] = None,
         profiles: Annotated[
             Path | None, typer.Option(help="Folder for class profiles; default [model].profile_dir.")
@@ -334,7 +338,10 @@ def register(app: typer.Typer, load_config: Callable[[Path | None], Any]) -> Non
         data: DataOption,
         out: Annotated[Path, typer.Option(help="Folder for report.json, report.md and sample grids.")],
         checkpoint: Annotated[
-            Path | None, typer.Option(help="Prompts to evaluate; default [model].checkpoint.")
+            Path | None,
+            typer.Option(
+                help="Prompts to evaluate; default: those the line runs ([agent].prompt_dir, else [model].checkpoint)."
+            ),
         ] = None,
         config: ConfigOption = None,
         grid_good: Annotated[
