@@ -25,7 +25,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -41,10 +41,11 @@ from model.cnf import TEMPLATE, CnfDecision, decide
 from model.config import EngineConfig, normalise_class_name
 from model.digests import sha256_frames
 from model.genclip import DefectGroup, GenClip, Scores, ScoringSettings, prompt_shape
+from model.outcomes import FrameError, Prediction
 from model.preprocess import InvalidFrameError, Preprocessor, check_frame
 from model.profile import Calibration, ClassProfile, ProfileError, profile_path
 from model.prompts import PromptShape, Suffix
-from model.regions import Defect, find_defects, region_threshold
+from model.regions import find_defects, region_threshold
 from model.vision import VisionOutput
 
 log = structlog.stdlib.get_logger("model.engine")
@@ -54,46 +55,6 @@ References = Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray]]
 
 class ClassSetupError(ValueError):
     """A product class cannot be set up as asked (too few reference images, a word CLIP cannot fit...)."""
-
-
-@dataclass
-class Prediction:
-    """The engine's verdict on one frame. `anomaly_map` is at model resolution and owned by this object."""
-
-    product_class: str
-    score: float
-    threshold: float
-    threshold_source: str  # "config", "command", "calibration", "stale-calibration" or "default"
-    is_anomalous: bool
-    anomaly_map: np.ndarray  # float32 [S, S], values in [0, 1]
-    frame_size: tuple[int, int]  # height, width of the frame it was computed from
-    defects: list[Defect]
-    prompt_version: str
-    global_score: float
-    map_max: float
-    map_threshold: float  # regions are where the map reaches this (see docs/engine.md)
-    class_word: str
-    class_word_source: str
-    ok: bool = field(default=True, init=False)
-
-    def frame_map(self) -> np.ndarray:
-        """The anomaly map resized to the frame (bilinear), computed on demand."""
-        import cv2
-
-        height, width = self.frame_size
-        if (height, width) == self.anomaly_map.shape:
-            return self.anomaly_map.copy()
-        return cv2.resize(self.anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
-
-
-@dataclass
-class FrameError:
-    """A frame the engine could not score, and why; the other frames of its batch are unaffected."""
-
-    index: int
-    product_class: str
-    reason: str
-    ok: bool = field(default=False, init=False)
 
 
 @dataclass(frozen=True)

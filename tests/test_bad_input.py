@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.images import UnreadableImageError, read_frame
-from model.engine import FrameError, Prediction
+from model.outcomes import FrameError, Prediction
 from model.regions import Defect
 from trainer.images import ImageReadError, decode_image, header_size
 

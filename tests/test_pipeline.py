@@ -14,7 +14,7 @@ from agent.ledger import FrameLedger
 from agent.worker import InferenceWorker, LaunchedBatch
 from model import Engine
 from model.backbone import load_backbone
-from model.engine import FrameError, Prediction
+from model.outcomes import FrameError, Prediction
 from tests.factories import frames, tiny_config
 
 

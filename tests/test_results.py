@@ -9,7 +9,7 @@ import numpy as np
 
 from agent.frames import Frame
 from agent.results import build_inspection, encode_map_png, map_key
-from model.engine import FrameError, Prediction
+from model.outcomes import FrameError, Prediction
 from model.regions import Defect
 
 MODEL = {"backbone": "genclip-tiny", "weights": "random-init:seed=0", "prompt_version": "untrained"}
