@@ -170,3 +170,23 @@ def test_pipeline_bench_drains_every_frame_both_ways():
     assert set(report["seconds"]) == {"on", "off"} and all(len(v) == 1 for v in report["seconds"].values())
     assert report["settings"]["torch_threads"] == 1 and 0 <= report["ng_frames"] <= 24
     assert report["off_over_on"]["min"] > 0
+
+
+def test_revisions_bench_times_two_checkouts_alternately():
+    engine_args = ["--backbone", "genclip-tiny", "--image-size", "96", "--batch", "1", "--batch", "2", "--rounds", "1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.revisions", "--base", "HEAD", "--rounds", "2", "--json", "--", *engine_args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["rounds"] == 2 and report["head"] == "working tree"
+    assert sorted(report["points"]) == ["genclip-tiny 96 px batch 1", "genclip-tiny 96 px batch 2"]
+    for row in report["points"].values():
+        assert row["base_images_per_s"] > 0 and row["head_images_per_s"] > 0
+        assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
+    assert "round 2/2 done" in run.stderr
+    listed = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, check=True).stdout
+    assert "genclip-rev-" not in listed  # the temporary checkout is gone
