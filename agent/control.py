@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -86,7 +85,7 @@ def parse_command(
     return Command(name=name, args=args, correlation=correlation)
 
 
-def _json_object(payload: bytes) -> dict[str, Any]:
+def _json_object(payload: bytes) -> dict[str, object]:
     if not payload.strip():
         return {}
     try:

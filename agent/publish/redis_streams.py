@@ -18,6 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from agent.logs import get_logger
 from agent.publish.config import RedisConfig
@@ -32,7 +33,7 @@ IDLE_PING_S = 5.0  # how often an idle publisher checks that Redis still answers
 SOCKET_TIMEOUT_S = 5.0
 
 
-def stream_fields(inspection: Inspection) -> dict[str, str]:
+def stream_fields(inspection: Inspection) -> dict[FieldT, EncodableT]:
     """The stream entry: the result JSON plus plain copies of what dashboards filter on."""
     return {
         "payload": json.dumps(inspection.result, separators=(",", ":"), ensure_ascii=False, default=str),
