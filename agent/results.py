@@ -118,6 +118,35 @@ def defect_json(defect: Defect) -> JsonObject:
     }
 
 
+def _inspection(
+    frame: Frame,
+    line: str,
+    deadline: datetime,
+    verdict: Verdict,
+    score: float | None,
+    defect_types: list[str],
+    result: JsonObject,
+    map_png: bytes | None = None,
+    error: str | None = None,
+) -> Inspection:
+    return Inspection(
+        line=line,
+        camera=frame.camera,
+        seq=frame.seq,
+        part_id=frame.part_id,
+        product_class=frame.product_class,
+        verdict=verdict,
+        score=score,
+        captured_at=frame.captured_at,
+        deadline=deadline,
+        captured_mono=frame.captured_mono,
+        defect_types=defect_types,
+        result=result,
+        map_png=map_png,
+        error=error,
+    )
+
+
 def build_inspection(
     frame: Frame,
     outcome: Outcome,
@@ -145,31 +174,6 @@ def build_inspection(
     }
     deadline = frame.captured_at + timedelta(seconds=window_s)
 
-    def inspection(
-        verdict: Verdict,
-        score: float | None,
-        defect_types: list[str],
-        result: JsonObject,
-        map_png: bytes | None = None,
-        error: str | None = None,
-    ) -> Inspection:
-        return Inspection(
-            line=line,
-            camera=frame.camera,
-            seq=frame.seq,
-            part_id=frame.part_id,
-            product_class=frame.product_class,
-            verdict=verdict,
-            score=score,
-            captured_at=frame.captured_at,
-            deadline=deadline,
-            captured_mono=frame.captured_mono,
-            defect_types=defect_types,
-            result=result,
-            map_png=map_png,
-            error=error,
-        )
-
     if not isinstance(outcome, Prediction):
         result: JsonObject = {
             **base,
@@ -181,7 +185,7 @@ def build_inspection(
             "defects": [],
             "map_key": None,
         }
-        return inspection("ERROR", None, ["inspection-error"], result, error=outcome.reason)
+        return _inspection(frame, line, deadline, "ERROR", None, ["inspection-error"], result, error=outcome.reason)
     verdict: Verdict = "NG" if outcome.is_anomalous else "OK"
     store_map = maps == "all" or (maps == "ng" and verdict == "NG")
     result = {
@@ -197,4 +201,4 @@ def build_inspection(
     }
     png = encode_map_png(outcome.anomaly_map, map_size) if store_map else None
     types = list(dict.fromkeys(d.type for d in outcome.defects))
-    return inspection(verdict, _finite(outcome.score), types, result, map_png=png)
+    return _inspection(frame, line, deadline, verdict, _finite(outcome.score), types, result, map_png=png)
