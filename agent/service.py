@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -136,7 +137,7 @@ class InspectionService:
             self.metrics.add_camera(camera.id)
             policy, max_age_ms = camera.resolved_queue_policy, camera.resolved_max_age_ms
             self.batcher.add_camera(camera.id, camera.queue_size, policy, max_age_ms)
-            self.metrics.watch_queue(f"camera:{camera.id}", self._camera_depth(camera.id))
+            self.metrics.watch_queue(f"camera:{camera.id}", partial(self.batcher.depth, camera.id))
         self.metrics.watch_queue("results", self.results.depth)
         for publisher in self.publishers:
             publisher.start()
@@ -309,9 +310,6 @@ class InspectionService:
                 log.error("class cannot be set up; its cameras stay off", product_class=name, error=str(exc))
 
     # --- frames in and out --------------------------------------------------------------------------------
-    def _camera_depth(self, camera: str) -> Callable[[], int]:
-        return lambda: self.batcher.depth(camera)
-
     def _emitter(self, camera: str) -> Callable[[Frame], None]:
         captured = self.metrics.frames_captured.labels(camera=camera)
         put = self.batcher.emitter(camera)
