@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -65,13 +65,13 @@ class LaunchedBatch:
                 log.exception("batch failed on the device", frames=len(self.frames))
                 self._error = f"engine failure: {exc}"
 
-    def outcomes(self) -> list[Outcome]:
+    def outcomes(self) -> Sequence[Outcome]:
         """One outcome per frame; never raises (a failed batch gives every frame the failure, a frame whose
         picture could not be read its own reason)."""
         self.wait()
         if self._error is None and self._pending is not None:
             try:
-                return list(self._pending.outcomes())
+                return self._pending.outcomes()
             except Exception as exc:
                 log.exception("batch failed", frames=len(self.frames))
                 self._error = f"engine failure: {exc}"
