@@ -164,7 +164,7 @@ class FrameBatcher:
             self._closed = True
             self._cond.notify_all()
 
-    def drain(self, reason: str = "shutdown") -> int:
+    def drain(self, reason: DropReason = "shutdown") -> int:
         """Drop everything still queued, counted; returns how many."""
         with self._cond:
             count = 0

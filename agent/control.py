@@ -9,26 +9,28 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_MAX_BYTES = 4096
+Answer = dict[str, object]  # what a command's handler gives back: the answer's fields, JSON for the wire
 
 
 class CommandError(Exception):
     """The command cannot be run; the message is sent back to whoever asked."""
 
 
-class _Args(BaseModel):
+class CommandArgs(BaseModel):
+    """The arguments of one command: exactly the documented fields, strictly typed, immutable."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class ReloadArgs(_Args):
+class ReloadArgs(CommandArgs):
     """Reload the prompt checkpoint (the newest one published); the configuration needs a restart."""
 
 
-class ThresholdArgs(_Args):
+class ThresholdArgs(CommandArgs):
     """Set one product class's image-score threshold."""
 
     model_config = ConfigDict(populate_by_name=False)
@@ -37,17 +39,18 @@ class ThresholdArgs(_Args):
     value: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
 
 
-class CameraArgs(_Args):
+class CameraArgs(CommandArgs):
     """Pause or resume one camera, or all of them when `camera` is absent."""
 
     camera: str | None = Field(None, min_length=1, max_length=200)
 
 
-class SnapshotArgs(_Args):
+class SnapshotArgs(CommandArgs):
     """Re-publish the line's retained info (model, prompt version, cameras, classes, thresholds)."""
 
 
-ARGS: dict[str, type[_Args]] = {
+# What the wire accepts: each command's name and its arguments. agent/commands.py holds what each one does.
+ARGS: dict[str, type[CommandArgs]] = {
     "reload": ReloadArgs,
     "threshold": ThresholdArgs,
     "pause": CameraArgs,
@@ -61,7 +64,7 @@ class Command:
     """A validated command; `correlation` is the request's MQTT 5 CorrelationData, echoed in the response."""
 
     name: str
-    args: _Args
+    args: CommandArgs
     correlation: bytes | None = None
 
 
@@ -82,7 +85,7 @@ def parse_command(
     return Command(name=name, args=args, correlation=correlation)
 
 
-def _json_object(payload: bytes) -> dict[str, Any]:
+def _json_object(payload: bytes) -> dict[str, object]:
     if not payload.strip():
         return {}
     try:

@@ -68,7 +68,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {path}"})
 
-    def _json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
+    def _json(self, status: HTTPStatus, payload: dict[str, object]) -> None:
         self._send(status, json.dumps(payload).encode() + b"\n", "application/json")
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:

@@ -72,7 +72,7 @@ def configure_logging(line_id: str, level: str = "INFO", fmt: str = "auto", stre
         event.setdefault("line", line_id)
         return event
 
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

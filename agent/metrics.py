@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -18,6 +18,9 @@ from prometheus_client.registry import Collector
 
 from agent.ledger import STALE, DropReason
 from agent.logs import get_logger
+
+if TYPE_CHECKING:
+    from agent.sources.base import SourceStatus
 
 log = get_logger(__name__)
 
@@ -142,6 +145,14 @@ class AgentMetrics:
     def watch_queue(self, queue: str, size: Callable[[], int]) -> None:
         """Read a queue's depth at scrape time instead of setting it on every put and get."""
         self.queue_depth.labels(queue=queue).set_function(lambda: float(size()))
+
+    def watch_camera(self, camera: str, status: Callable[[], SourceStatus]) -> None:
+        """camera_up reads the camera's state at scrape time: 1 while healthy."""
+        self.camera_up.labels(camera=camera).set_function(lambda: 1.0 if status().healthy else 0.0)
+
+    def watch_sink(self, sink: str, health: Callable[[], tuple[bool, str]]) -> None:
+        """broker_up reads the sink's link at scrape time: 1 while connected."""
+        self.broker_up.labels(sink=sink).set_function(lambda: 1.0 if health()[0] else 0.0)
 
     def set_prompt(self, version: str, backbone: str, path: str) -> None:
         self.prompt.info({"version": version, "backbone": backbone, "path": path})

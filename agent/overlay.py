@@ -49,7 +49,7 @@ def to_bgr8(frame: np.ndarray) -> np.ndarray:
 def heat_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A [0, 1] anomaly map as a JET colour image of `size` (height, width); 0 is blue, 1 is red."""
     height, width = size
-    values = np.nan_to_num(anomaly_map.astype(np.float32), nan=0.0)
+    values: np.ndarray = np.nan_to_num(anomaly_map.astype(np.float32), nan=0.0)
     if values.shape != (height, width):
         values = cv2.resize(values, (width, height), interpolation=cv2.INTER_LINEAR)
     grey = np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -15,17 +15,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from agent.frames import Frame
 from agent.ledger import FrameLedger
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
+from agent.outcomes import Outcome
 from agent.worker import LaunchedBatch
 
 log = get_logger(__name__)
 
-Publish = Callable[[Frame, Any], None]  # builds and publishes one frame's Inspection; counts it as published
+Publish = Callable[[Frame, Outcome], object]  # builds and publishes one frame's Inspection; counts it as published
 
 
 class ResultStage:

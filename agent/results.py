@@ -8,12 +8,23 @@ to `.../decision` for every part. See docs/integration.md for the field list.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Literal
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import numpy as np
+
+from agent.frames import Frame
+from agent.outcomes import Outcome, Prediction
+from model.regions import Defect
 
 SCHEMA = 1
 Verdict = Literal["OK", "NG", "ERROR"]
+MapPolicy = Literal["all", "ng", "none"]  # which frames get an anomaly-map PNG ([redis].maps)
+JsonObject = dict[str, object]  # a payload as it goes on the wire
 
 
 def iso(moment: datetime) -> str:
@@ -46,17 +57,22 @@ class Inspection:
     deadline: datetime  # captured_at + the line's decision window
     captured_mono: float
     defect_types: list[str]
-    result: dict[str, Any]
+    result: JsonObject
     map_png: bytes | None = None  # stored under result["map_key"] when not None
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rejects(self) -> bool:
         """NG parts are rejected; so are parts that could not be inspected."""
         return self.verdict != "OK"
 
-    def reject_payload(self) -> dict[str, Any]:
+    @property
+    def stored_map_key(self) -> str:
+        """Where the map PNG is stored: the result's `map_key`, else the frame's usual key."""
+        key = self.result.get("map_key")
+        return key if isinstance(key, str) and key else map_key(self.line, self.camera, self.seq)
+
+    def reject_payload(self) -> JsonObject:
         return {
             "schema": SCHEMA,
             "line": self.line,
@@ -70,18 +86,17 @@ class Inspection:
             "defect_types": self.defect_types,
         }
 
-    def decision_payload(self) -> dict[str, Any]:
+    def decision_payload(self) -> JsonObject:
         return {**self.reject_payload(), "reject": self.rejects}
 
 
-def encode_map_png(anomaly_map: Any, size: int | None = None) -> bytes:
+def encode_map_png(anomaly_map: np.ndarray, size: int | None = None) -> bytes:
     """An anomaly map [S, S] in [0, 1] as an 8-bit gray PNG (0 = normal, 255 = most anomalous)."""
     import cv2
-    import numpy as np
 
     values = np.asarray(anomaly_map, dtype=np.float32)
     if size is not None and values.shape != (size, size):
-        values = cv2.resize(values, (size, size), interpolation=cv2.INTER_AREA)
+        values = cv2.resize(values, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
     ok, png = cv2.imencode(".png", np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if not ok:
         raise ValueError("PNG encoding of the anomaly map failed")
@@ -89,12 +104,10 @@ def encode_map_png(anomaly_map: Any, size: int | None = None) -> bytes:
 
 
 def _finite(value: float) -> float | None:
-    import math
-
     return float(value) if math.isfinite(value) else None
 
 
-def defect_json(defect: Any) -> dict[str, Any]:
+def defect_json(defect: Defect) -> JsonObject:
     """One defect region as published: type, its probability, peak score, area and box in frame pixels."""
     return {
         "type": defect.type,
@@ -105,25 +118,49 @@ def defect_json(defect: Any) -> dict[str, Any]:
     }
 
 
+def _inspection(
+    frame: Frame,
+    line: str,
+    deadline: datetime,
+    verdict: Verdict,
+    score: float | None,
+    defect_types: list[str],
+    result: JsonObject,
+    map_png: bytes | None = None,
+    error: str | None = None,
+) -> Inspection:
+    return Inspection(
+        line=line,
+        camera=frame.camera,
+        seq=frame.seq,
+        part_id=frame.part_id,
+        product_class=frame.product_class,
+        verdict=verdict,
+        score=score,
+        captured_at=frame.captured_at,
+        deadline=deadline,
+        captured_mono=frame.captured_mono,
+        defect_types=defect_types,
+        result=result,
+        map_png=map_png,
+        error=error,
+    )
+
+
 def build_inspection(
-    frame: Any,
-    outcome: Any,
+    frame: Frame,
+    outcome: Outcome,
     *,
     line: str,
     window_s: float,
-    maps: str,
+    maps: MapPolicy,
     map_size: int | None,
-    model: dict[str, Any],
+    model: Mapping[str, str],
     now: datetime | None = None,
 ) -> Inspection:
-    """The Inspection of one frame from the engine's outcome (a Prediction or a FrameError)."""
-    import time
-    from datetime import UTC, timedelta
-
+    """The Inspection of one frame from its outcome (a Prediction, a FrameError or a BatchFailure)."""
     published = now or datetime.now(UTC)
-    latency_ms = round((time.monotonic() - frame.captured_mono) * 1000.0, 2)
-    deadline = frame.captured_at + timedelta(seconds=window_s)
-    base = {
+    base: JsonObject = {
         "schema": SCHEMA,
         "line": line,
         "camera": frame.camera,
@@ -132,11 +169,13 @@ def build_inspection(
         "product_class": frame.product_class,
         "captured_at": iso(frame.captured_at),
         "published_at": iso(published),
-        "latency_ms": latency_ms,
-        "model": model,
+        "latency_ms": round((time.monotonic() - frame.captured_mono) * 1000.0, 2),
+        "model": dict(model),
     }
-    if not outcome.ok:
-        result = {
+    deadline = frame.captured_at + timedelta(seconds=window_s)
+
+    if not isinstance(outcome, Prediction):
+        result: JsonObject = {
             **base,
             "score": None,
             "threshold": None,
@@ -146,12 +185,8 @@ def build_inspection(
             "defects": [],
             "map_key": None,
         }
-        return Inspection(
-            line, frame.camera, frame.seq, frame.part_id, frame.product_class, "ERROR", None,
-            frame.captured_at, deadline, frame.captured_mono, ["inspection-error"], result, None, outcome.reason,
-        )  # fmt: skip
+        return _inspection(frame, line, deadline, "ERROR", None, ["inspection-error"], result, error=outcome.reason)
     verdict: Verdict = "NG" if outcome.is_anomalous else "OK"
-    defects = [defect_json(d) for d in outcome.defects]
     store_map = maps == "all" or (maps == "ng" and verdict == "NG")
     result = {
         **base,
@@ -159,14 +194,11 @@ def build_inspection(
         "threshold": _finite(outcome.threshold),
         "threshold_source": outcome.threshold_source,
         "verdict": verdict,
-        "defects": defects,
+        "defects": [defect_json(d) for d in outcome.defects],
         "class_word": outcome.class_word,
         "model": {**model, "prompt_version": outcome.prompt_version},
         "map_key": map_key(line, frame.camera, frame.seq) if store_map else None,
     }
     png = encode_map_png(outcome.anomaly_map, map_size) if store_map else None
-    types = list(dict.fromkeys(d["type"] for d in defects))
-    return Inspection(
-        line, frame.camera, frame.seq, frame.part_id, frame.product_class, verdict, _finite(outcome.score),
-        frame.captured_at, deadline, frame.captured_mono, types, result, png,
-    )  # fmt: skip
+    types = list(dict.fromkeys(d.type for d in outcome.defects))
+    return _inspection(frame, line, deadline, verdict, _finite(outcome.score), types, result, map_png=png)

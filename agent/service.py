@@ -16,30 +16,40 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from agent import __version__
 from agent.batcher import FrameBatcher
+from agent.commands import ENGINE_LOADING, dispatch
 from agent.config import InspectConfig
-from agent.control import Command
+from agent.control import Answer, Command
 from agent.frames import Frame
 from agent.health import HealthServer
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
 from agent.ledger import FrameLedger
+from agent.line_status import class_summary
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
+from agent.outcomes import Outcome, Prediction
 from agent.publish.mqtt import MqttPublisher
+from agent.publish.publisher import Publisher
 from agent.publish.redis_streams import RedisStreamPublisher
 from agent.reload import CheckpointWatcher, checkpoint_signature
 from agent.result_stage import ResultStage
-from agent.results import Inspection, build_inspection, iso
+from agent.results import Inspection, JsonObject, build_inspection, iso
 from agent.sources import open_source
 from agent.sources.base import FrameSource
 from agent.systemd import SystemdNotifier
 from agent.worker import InferenceWorker
 from model.checkpoint_files import checkpoint_candidates, resolve_checkpoint
-from model.config import normalise_class_name
+
+if TYPE_CHECKING:
+    from model.engine import Engine
 
 log = get_logger("agent.service")
 MAX_REFERENCE_IMAGES = 64
@@ -55,10 +65,10 @@ class StartupError(RuntimeError):
     """The service cannot start; the message says what to fix."""
 
 
-def reference_loader(folder: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Callable[[], list[Any]]:
+def reference_loader(folder: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Callable[[], list[np.ndarray]]:
     """Reads a class's good-part images (sorted, at most 64) each time it is called."""
 
-    def load() -> list[Any]:
+    def load() -> list[np.ndarray]:
         if not folder.is_dir():
             raise FileNotFoundError(f"reference folder not found: {folder}")
         frames = []
@@ -82,7 +92,7 @@ class InspectionService:
         self.ledger = FrameLedger(on_drop=self.metrics.dropped)
         self.notifier = SystemdNotifier()
         self.thresholds = dict(config.thresholds)
-        self._commanded: set[str] = set()  # classes whose threshold an operator set over MQTT (until restart)
+        self.commanded: set[str] = set()  # classes whose threshold an operator set over MQTT (until restart)
         self.class_errors: dict[str, str] = {}
         self.last_reload_error: str | None = None
         self.started_at = datetime.now(UTC)
@@ -95,6 +105,7 @@ class InspectionService:
         except ValueError as exc:  # TLS files that cannot be loaded
             raise StartupError(str(exc)) from None
         self.redis = RedisStreamPublisher(config.redis, self.line)
+        self.publishers: tuple[Publisher, ...] = (self.mqtt, self.redis)
         self.health = HealthServer(
             config.agent.health_host, config.agent.health_port, self.metrics, self.health_reasons
         )
@@ -106,7 +117,7 @@ class InspectionService:
         )
         self.sources: dict[str, FrameSource] = {}
         self.watcher: CheckpointWatcher | None = None
-        self._model_info: dict[str, Any] = {}
+        self._model_info: dict[str, str] = {}  # backbone, weights
         self._newest_at_start: tuple[Path, int, int] | None = None  # (path, size, mtime) when the engine loaded
 
     # --- start and stop -----------------------------------------------------------------------------------
@@ -119,16 +130,17 @@ class InspectionService:
                 line=self.line,
                 why="lines that share a broker or Redis must each have their own id: topics and keys are per line",
             )
-        self.metrics.add_stats_source("mqtt", self.mqtt.stats.counts)
-        self.metrics.add_stats_source("redis", self.redis.stats.counts)
+        for publisher in self.publishers:
+            self.metrics.add_stats_source(publisher.sink, publisher.stats.counts)
+            self.metrics.watch_sink(publisher.sink, publisher.health)
         for camera in cfg.cameras:
             self.metrics.add_camera(camera.id)
             policy, max_age_ms = camera.resolved_queue_policy, camera.resolved_max_age_ms
             self.batcher.add_camera(camera.id, camera.queue_size, policy, max_age_ms)
-            self.metrics.watch_queue(f"camera:{camera.id}", lambda c=camera.id: self.batcher.depth(c))
+            self.metrics.watch_queue(f"camera:{camera.id}", partial(self.batcher.depth, camera.id))
         self.metrics.watch_queue("results", self.results.depth)
-        self.mqtt.start()
-        self.redis.start()
+        for publisher in self.publishers:
+            publisher.start()
         self._refuse_bad_credentials(LINK_CHECK_S)  # before the engine loads: fail in seconds, not minutes
         try:
             self.health.start()
@@ -142,6 +154,7 @@ class InspectionService:
             raise StartupError(f"the engine cannot start: {self.worker.error}") from self.worker.error
         self._refuse_bad_credentials(0.0)  # an answer that came while the engine loaded
         engine = self.worker.engine
+        assert engine is not None  # ready without an error
         self._model_info = {"backbone": engine.backbone.name, "weights": engine.backbone.weights}
         self.metrics.set_prompt(engine.prompt_version, engine.backbone.name, str(self._checkpoint_target() or ""))
         for camera in cfg.cameras:
@@ -152,6 +165,7 @@ class InspectionService:
                 camera, self._emitter(camera.id), line_id=self.line, max_frame_pixels=cfg.model.max_frame_pixels
             )
             self.sources[camera.id] = source
+            self.metrics.watch_camera(camera.id, source.status)
             source.start()
         target = self._checkpoint_target()
         if target is not None:
@@ -174,7 +188,7 @@ class InspectionService:
         configuration error that retrying forever would only hide. A broker that is down or does not
         answer within `wait_s` is not an error: the publishers keep retrying and the line starts."""
         end = time.monotonic() + wait_s
-        for publisher in (self.mqtt, self.redis):
+        for publisher in self.publishers:
             problem = publisher.startup_problem(max(0.0, end - time.monotonic()))
             if problem is not None:
                 raise StartupError(problem)
@@ -182,7 +196,7 @@ class InspectionService:
     def run(self) -> int:
         """start(), then serve until SIGTERM/SIGINT (SIGHUP reloads the prompts); returns the exit code."""
 
-        def on_signal(signum: int, _frame: Any) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
             # Runs between two bytecodes of the main thread, maybe inside a lock it holds: no locks here.
             if signum == signal.SIGHUP:
                 self._reload_signalled = True
@@ -242,8 +256,8 @@ class InspectionService:
             self.worker.stop(deadline, grace_s=BATCH_GRACE_S)
         dropped = self.batcher.drain("shutdown")
         dropped += self.results.stop(max(deadline, time.monotonic() + FLUSH_MIN_S))
-        self.mqtt.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
-        self.redis.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
+        for publisher in self.publishers:
+            publisher.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
         self.health.stop()
         log.info("stopped", dropped_at_shutdown=dropped, frames=self.ledger.snapshot().as_dict())
 
@@ -252,7 +266,7 @@ class InspectionService:
         """What is watched for new prompts: [agent].prompt_dir, else [model].checkpoint (a file or a folder)."""
         return self.config.agent.prompt_dir or self.config.model.checkpoint
 
-    def _build_engine(self) -> Any:
+    def _build_engine(self) -> Engine:
         from model import Engine
         from model.threads import set_torch_threads
 
@@ -277,7 +291,7 @@ class InspectionService:
             log.info("a prompt checkpoint was published while the engine loaded", path=str(newest[0]))
             threading.Thread(target=self._on_checkpoint, args=(newest[0],), name="catch-up", daemon=True).start()
 
-    def _setup_classes(self, engine: Any) -> None:
+    def _setup_classes(self, engine: Engine) -> None:
         engine.set_thresholds(self.thresholds)
         for name in self.config.product_classes():
             folder = self.config.references.get(name)
@@ -306,8 +320,8 @@ class InspectionService:
 
         return emit
 
-    def publish(self, frame: Frame, outcome: Any) -> Inspection:
-        """Build one frame's Inspection and hand it to both publishers (which never block)."""
+    def publish(self, frame: Frame, outcome: Outcome) -> Inspection:
+        """Build one frame's Inspection and hand it to every publisher (which never block)."""
         cfg = self.config
         inspection = build_inspection(
             frame,
@@ -318,10 +332,10 @@ class InspectionService:
             map_size=cfg.redis.map_size,
             model={**self._model_info, "prompt_version": self._prompt_version()},
         )
-        self.mqtt.publish_inspection(inspection)
-        self.redis.publish_inspection(inspection)
+        for publisher in self.publishers:
+            publisher.publish_inspection(inspection)
         self.metrics.frames_processed.labels(camera=frame.camera).inc()
-        if not outcome.ok:
+        if not isinstance(outcome, Prediction):
             self.metrics.frame_errors.labels(camera=frame.camera).inc()
             log.warning("frame not scored", camera=frame.camera, seq=frame.seq, reason=outcome.reason)
         self.metrics.results_published.labels(camera=frame.camera, verdict=inspection.verdict).inc()
@@ -357,7 +371,10 @@ class InspectionService:
                 raise CheckpointError(f"no checkpoint to load (looked in {target or '[model].checkpoint'})")
             self.notifier.reloading()
             try:
-                prepared = self.worker.engine.prepare_prompts(resolved)  # host work, on this thread
+                engine = self.worker.engine
+                if engine is None:
+                    raise CheckpointError("the engine is still loading; reload once the line reports online")
+                prepared = engine.prepare_prompts(resolved)  # host work, on this thread
                 version = self.worker.submit(lambda engine: engine.install_prompts(prepared)).result(timeout)
             except Exception as exc:
                 self.last_reload_error = str(exc) if str(resolved) in str(exc) else f"{resolved}: {exc}"
@@ -374,47 +391,19 @@ class InspectionService:
             return version
 
     # --- commands -----------------------------------------------------------------------------------------
-    def handle_command(self, command: Command) -> dict[str, Any]:
-        """Run a validated MQTT command; the returned fields go into the response (errors raise)."""
-        args: Any = command.args
+    def handle_command(self, command: Command) -> Answer:
+        """Run a validated MQTT command (the table in agent/commands.py); the answer's fields (errors raise)."""
         if not self.worker.ready.is_set() or self.worker.error is not None:  # loading, classes, warm-up
-            raise ValueError("the engine is still loading; try again once the line reports online")
-        if command.name == "reload":
-            return {"prompt_version": self.reload()}
-        if command.name == "threshold":
-            engine = self.worker.engine
-            name = normalise_class_name(args.product_class)
-            if engine.profile(name) is None:
-                raise ValueError(f"unknown product class {args.product_class!r} on this line")
-            self.thresholds = {k: v for k, v in self.thresholds.items() if normalise_class_name(k) != name}
-            self.thresholds[name] = args.value
-            self._commanded.add(name)
-            engine.set_thresholds(self.thresholds, {k: "command" for k in self._commanded})
-            log.info("threshold set by command", product_class=name, value=args.value)
-            self.publish_info()
-            return {"product_class": name, "threshold": args.value}
-        if command.name in ("pause", "resume"):
-            if args.camera is not None and args.camera not in self.sources:
-                known = ", ".join(self.sources) or "none running"
-                raise ValueError(f"unknown camera {args.camera!r} on this line (cameras: {known})")
-            cameras = self.batcher.set_paused(args.camera, command.name == "pause")
-            log.info(f"cameras {command.name}d", cameras=cameras)
-            self.publish_info()
-            return {"cameras": cameras}
-        if command.name == "snapshot":
-            return {"info": self.publish_info()}
-        raise ValueError(f"unknown command {command.name!r}")
+            raise ValueError(ENGINE_LOADING)
+        return dispatch(self, command)
 
     # --- info and health ----------------------------------------------------------------------------------
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JsonObject:
+        """The line's retained info (the MQTT `info` topic, the Redis info key): model, cameras, classes."""
         engine = self.worker.engine
-        classes = {}
+        classes: JsonObject = {}
         if engine is not None:
-            for name in engine.registered_classes():
-                ci = engine.class_info(name)
-                classes[name] = {
-                    k: ci.get(k) for k in ("class_word", "class_word_source", "threshold", "threshold_source")
-                }
+            classes.update({name: class_summary(engine, name).info_entry() for name in engine.registered_classes()})
         classes.update({name: {"error": error} for name, error in self.class_errors.items()})
         paused = set(self.batcher.paused())
         return {
@@ -443,38 +432,31 @@ class InspectionService:
             "classes": classes,
         }
 
-    def publish_info(self) -> dict[str, Any]:
+    def publish_info(self) -> JsonObject:
         info = self.info()
-        self.mqtt.publish_info(info)
-        self.redis.publish_info(info)
+        for publisher in self.publishers:
+            publisher.publish_info(info)
         return info
 
     def health_reasons(self) -> list[str]:
-        reasons = []
-        for name, error in self.class_errors.items():
-            reasons.append(f"class {name}: {error}")
+        """Why the line is unhealthy (empty when it is not); reads only, changes nothing (the camera_up and
+        broker_up gauges read the same states at scrape time)."""
+        reasons = [f"class {name}: {error}" for name, error in self.class_errors.items()]
         engine = self.worker.engine
-        for name in engine.registered_classes() if engine is not None else ():
-            info = engine.class_info(name)
-            if info["threshold_source"] == "stale-calibration":  # e.g. hand-calibrated, then retrained
-                reasons.append(
-                    f"class {name}: {info['stale_reason']}; scoring against default_threshold "
-                    f"({info['threshold']}) until it is recalibrated (set [references] so every new prompt "
-                    "version is recalibrated, run `genclip calibrate`, or set [thresholds])"
-                )
+        if engine is not None:
+            stale = (class_summary(engine, name).health_reason(name) for name in engine.registered_classes())
+            reasons += [reason for reason in stale if reason is not None]
         for camera_id, source in self.sources.items():
             status = source.status()
             if not status.healthy:
                 reasons.append(f"camera {camera_id}: {status.state} ({status.detail})")
-            self.metrics.camera_up.labels(camera=camera_id).set(1 if status.healthy else 0)
         hang = self.hang_reason()
         if hang is not None:
             reasons.append(hang)
-        for sink, publisher in (("mqtt", self.mqtt), ("redis", self.redis)):
+        for publisher in self.publishers:
             ok, why = publisher.health()
-            self.metrics.broker_up.labels(sink=sink).set(1 if ok else 0)
             if not ok:
-                reasons.append(f"{sink}: {why}")
+                reasons.append(f"{publisher.sink}: {why}")
         return reasons
 
     def metrics_results_by_verdict(self) -> dict[str, int]:
@@ -518,7 +500,6 @@ class InspectionService:
         while not self._stop.wait(min(interval, 5.0)):
             if self.hang_reason() is None:
                 self.notifier.watchdog()
-            self.health_reasons()  # keeps camera_up and broker_up current between scrapes
             snap = self.ledger.snapshot()
             self.notifier.status(
                 f"{len(self.sources)} camera(s), {snap.published} published, {snap.in_flight} in flight, "

@@ -16,21 +16,42 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from agent.batcher import FrameBatcher
 from agent.frames import Frame
 from agent.logs import get_logger
+from agent.outcomes import BatchFailure, Outcome
+from model.outcomes import FrameError, Prediction
+
+if TYPE_CHECKING:
+    from model.engine import Engine
 
 log = get_logger("agent.worker")
+
+T = TypeVar("T")
+
+
+class PendingOutcomes(Protocol):
+    """What the worker needs of a batch launched on the engine (`Engine.launch` returns one)."""
+
+    @property
+    def seconds(self) -> float | None:
+        """Launch to results on the host, once known."""
+
+    def wait(self) -> None:
+        """Until the device has finished the batch."""
+
+    def outcomes(self) -> list[Prediction | FrameError]:
+        """One outcome per frame, in order (built once)."""
 
 
 class LaunchedBatch:
     """A launched batch handed on by the worker: its frames and, once built, one outcome per frame."""
 
-    def __init__(self, frames: list[Frame], pending: Any = None, error: str | None = None) -> None:
+    def __init__(self, frames: list[Frame], pending: PendingOutcomes | None = None, error: str | None = None) -> None:
         self.frames = frames
         self._pending = pending
         self._error = error
@@ -44,7 +65,7 @@ class LaunchedBatch:
                 log.exception("batch failed on the device", frames=len(self.frames))
                 self._error = f"engine failure: {exc}"
 
-    def outcomes(self) -> list[Any]:
+    def outcomes(self) -> Sequence[Outcome]:
         """One outcome per frame; never raises (a failed batch gives every frame the failure, a frame whose
         picture could not be read its own reason)."""
         self.wait()
@@ -54,7 +75,7 @@ class LaunchedBatch:
             except Exception as exc:
                 log.exception("batch failed", frames=len(self.frames))
                 self._error = f"engine failure: {exc}"
-        return [_BatchError(f.product_class, f.error or self._error or "not scored") for f in self.frames]
+        return [BatchFailure(f.product_class, f.error or self._error or "not scored") for f in self.frames]
 
     @property
     def seconds(self) -> float | None:
@@ -70,8 +91,8 @@ class InferenceWorker:
 
     def __init__(
         self,
-        build: Callable[[], Any],
-        setup: Callable[[Any], None],
+        build: Callable[[], Engine],
+        setup: Callable[[Engine], None],
         batcher: FrameBatcher,
         deliver: Deliver,
         *,
@@ -84,12 +105,12 @@ class InferenceWorker:
         self._pipeline_setting = pipeline
         self.pipeline = pipeline == "on"  # "auto" is decided once the engine's device is known
         self._in_flight: LaunchedBatch | None = None
-        self._tasks: queue.SimpleQueue[tuple[Callable[[Any], Any], Future]] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[Callable[[Engine], None]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._drain_until: float | None = None
         self.ready = threading.Event()
         self.error: BaseException | None = None
-        self.engine: Any = None
+        self.engine: Engine | None = None  # set on the worker thread before `ready`
         self.heartbeat = time.monotonic()  # each turn of the loop
         self.busy_since: float | None = None
         self.busy_with: str | None = None  # "batch", "task" (prompts, recalibration) or "deliver"
@@ -98,10 +119,22 @@ class InferenceWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, task: Callable[[Any], Any]) -> Future:
+    def submit(self, task: Callable[[Engine], T]) -> Future[T]:
         """Run task(engine) on the worker thread between batches; the future has its result or error."""
-        future: Future = Future()
-        self._tasks.put((task, future))
+        future: Future[T] = Future()
+
+        def run(engine: Engine) -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            self._busy("task")
+            try:
+                future.set_result(task(engine))
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                self._busy(None)
+
+        self._tasks.put(run)
         return future
 
     def stop(self, until: float, grace_s: float) -> None:
@@ -128,14 +161,12 @@ class InferenceWorker:
 
     def _run(self) -> None:
         try:
-            self.engine = self._build()
-            self._setup(self.engine)
-            seconds = self.engine.warmup()
+            engine = self.engine = self._build()
+            self._setup(engine)
+            seconds = engine.warmup()
             if self._pipeline_setting == "auto":
-                self.pipeline = self.engine.device.type == "cuda"
-            log.info(
-                "engine warm", seconds=round(seconds, 2), batch_sizes=self.engine.batch_sizes, pipeline=self.pipeline
-            )
+                self.pipeline = engine.device.type == "cuda"
+            log.info("engine warm", seconds=round(seconds, 2), batch_sizes=engine.batch_sizes, pipeline=self.pipeline)
         except BaseException as exc:  # reported by the service, which exits with the reason
             self.error = exc
             self.ready.set()
@@ -143,7 +174,7 @@ class InferenceWorker:
         self.ready.set()
         while True:
             self.heartbeat = time.monotonic()
-            self._run_tasks()
+            self._run_tasks(engine)
             if self._stop.is_set():
                 if self._drain_until is None or time.monotonic() >= self._drain_until:
                     break
@@ -151,26 +182,18 @@ class InferenceWorker:
                     break
             batch = self.batcher.next_batch(timeout=0.2)
             if batch:
-                self._score(batch)
-        self._run_tasks()
+                self._score(engine, batch)
+        self._run_tasks(engine)
 
-    def _run_tasks(self) -> None:
+    def _run_tasks(self, engine: Engine) -> None:
         while True:
             try:
-                task, future = self._tasks.get_nowait()
+                run = self._tasks.get_nowait()
             except queue.Empty:
                 return
-            if not future.set_running_or_notify_cancel():
-                continue
-            self._busy("task")
-            try:
-                future.set_result(task(self.engine))
-            except BaseException as exc:
-                future.set_exception(exc)
-            finally:
-                self._busy(None)
+            run(engine)
 
-    def _score(self, batch: list[Frame]) -> None:
+    def _score(self, engine: Engine, batch: list[Frame]) -> None:
         unreadable = [f for f in batch if f.error is not None]
         if unreadable:  # seen by a camera but not readable: ERROR results (rejects) without the engine
             self._busy("deliver")
@@ -184,7 +207,7 @@ class InferenceWorker:
         self._busy("batch")
         try:
             try:
-                pending = self.engine.launch([f.image for f in batch], [f.product_class for f in batch])
+                pending = engine.launch([f.image for f in batch], [f.product_class for f in batch])
                 scored = LaunchedBatch(batch, pending)
             except Exception as exc:  # a device fault: every frame of the batch gets the error, none is lost
                 log.exception("batch failed", frames=len(batch))
@@ -198,13 +221,3 @@ class InferenceWorker:
             self._deliver(scored)
         finally:
             self._busy(None)
-
-
-class _BatchError:
-    """Stands in for the engine's FrameError when the whole batch failed."""
-
-    ok = False
-
-    def __init__(self, product_class: str, reason: str) -> None:
-        self.product_class = product_class
-        self.reason = reason

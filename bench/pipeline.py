@@ -20,9 +20,12 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from model import Engine
 
 CLASSES = ("widget", "tile")
 
@@ -42,7 +45,7 @@ def synthetic_parts(count: int, seed: int = 0) -> list[np.ndarray]:
     return parts
 
 
-def drain(engine: Any, images: list[np.ndarray], *, pipeline: bool, batch_size: int) -> dict[str, float]:
+def drain(engine: Engine, images: list[np.ndarray], *, pipeline: bool, batch_size: int) -> dict[str, float]:
     """Seconds to score and build every frame, and how many were NG."""
     from agent.batcher import FrameBatcher
     from agent.frames import Frame

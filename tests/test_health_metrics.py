@@ -163,3 +163,26 @@ def test_requests_are_logged_at_debug_not_printed(serve, capsys):
     captured = capsys.readouterr()
     assert "GET /healthz" not in captured.out + captured.err  # http.server's own access line goes to stderr
     assert any(e["log_level"] == "debug" and "GET /healthz" in e["request"] for e in logs)
+
+
+def test_camera_up_and_broker_up_are_read_at_scrape_time():
+    """The gauges follow the camera's and the sink's state without anyone setting them (health checks
+    only read)."""
+    from datetime import UTC, datetime
+
+    from agent.sources.base import SourceStatus
+
+    m = AgentMetrics()
+    m.add_camera("cam-1")
+    state = ["starting"]
+    link = [(False, "connecting")]
+    m.watch_camera("cam-1", lambda: SourceStatus("cam-1", state[0], "", 0, 0, datetime.now(UTC)))
+    m.watch_sink("mqtt", lambda: link[0])
+    assert value(m, "genclip_camera_up", camera="cam-1") == 0
+    assert value(m, "genclip_broker_up", sink="mqtt") == 0
+    state[0], link[0] = "running", (True, "connected")
+    assert value(m, "genclip_camera_up", camera="cam-1") == 1
+    assert value(m, "genclip_broker_up", sink="mqtt") == 1
+    state[0], link[0] = "stalled", (False, "broker unreachable")
+    assert value(m, "genclip_camera_up", camera="cam-1") == 0
+    assert value(m, "genclip_broker_up", sink="mqtt") == 0

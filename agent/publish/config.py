@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -17,7 +17,7 @@ class TlsConfig(Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    insecure: bool = Field(False, description="Skip hostname verification (test benches only).")
+    insecure: bool = Field(default=False, description="Skip hostname verification (test benches only).")
 
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
@@ -36,6 +36,9 @@ class SecretSection(Section):
     """A section with a password that may come from the config, a file, or systemd credentials."""
 
     credential_name: ClassVar[str] = ""
+    if TYPE_CHECKING:  # each subclass declares them, in its own field order
+        password: SecretStr | None
+        password_file: Path | None
 
     @field_validator("password_file", check_fields=False)
     @classmethod

@@ -18,11 +18,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from agent.logs import get_logger
 from agent.publish.config import RedisConfig
 from agent.publish.outbox import DeliveryStats, Outbox, link_health
-from agent.results import Inspection, map_key, results_stream
+from agent.results import Inspection, JsonObject, results_stream
 
 log = get_logger(__name__)
 
@@ -32,7 +33,7 @@ IDLE_PING_S = 5.0  # how often an idle publisher checks that Redis still answers
 SOCKET_TIMEOUT_S = 5.0
 
 
-def stream_fields(inspection: Inspection) -> dict[str, str]:
+def stream_fields(inspection: Inspection) -> dict[FieldT, EncodableT]:
     """The stream entry: the result JSON plus plain copies of what dashboards filter on."""
     return {
         "payload": json.dumps(inspection.result, separators=(",", ":"), ensure_ascii=False, default=str),
@@ -44,6 +45,8 @@ def stream_fields(inspection: Inspection) -> dict[str, str]:
 
 class RedisStreamPublisher:
     """Appends every inspection of a line to its Redis stream; never blocks the pipeline."""
+
+    sink = "redis"
 
     def __init__(self, config: RedisConfig, line_id: str) -> None:
         self.config = config
@@ -85,7 +88,7 @@ class RedisStreamPublisher:
                 return
             self._outbox.put(inspection)
 
-    def publish_info(self, info: dict) -> None:
+    def publish_info(self, info: JsonObject) -> None:
         """SET genclip:<line>:info to this JSON (no TTL); the latest call wins."""
         with self._cv:
             self._info = json.dumps(info, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -177,12 +180,12 @@ class RedisStreamPublisher:
         """One pipelined round trip; False (nothing counted) when Redis could not be reached."""
         pipe = self._client.pipeline(transaction=False)
         kinds: list[tuple[str, Inspection | None]] = []
+        insp: Inspection | None
         for insp in batch:
             pipe.xadd(self.stream, stream_fields(insp), maxlen=self.config.stream_maxlen, approximate=True)
             kinds.append(("result", insp))
             if insp.map_png is not None:
-                key = insp.result.get("map_key") or map_key(insp.line, insp.camera, insp.seq)
-                pipe.set(key, insp.map_png, ex=self.config.map_ttl_s)
+                pipe.set(insp.stored_map_key, insp.map_png, ex=self.config.map_ttl_s)
                 kinds.append(("map", insp))
         if info is not None:
             pipe.set(self.info_key, info)

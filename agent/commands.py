@@ -1,0 +1,123 @@
+"""What each command from the line does: a table of handlers, one per command name.
+
+`InspectionService.handle_command` refuses every command until the engine is warm, then
+`dispatch` looks the command's name up in `COMMANDS` and calls its handler with the
+command's own arguments (the models in agent/control.py, validated before anything here
+runs). A handler returns the fields of the answer (`{"command": ..., "ok": true, ...}`) or
+raises `ValueError` with the reason the commander is told.
+
+Adding a command: its arguments model and row in `control.ARGS` (what the wire accepts),
+then one handler function and one row in `COMMANDS` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from agent.control import ARGS, Answer, CameraArgs, Command, CommandArgs, ReloadArgs, SnapshotArgs, ThresholdArgs
+from agent.logs import get_logger
+from model.config import normalise_class_name
+
+if TYPE_CHECKING:
+    from agent.service import InspectionService
+
+log = get_logger(__name__)
+
+ENGINE_LOADING = "the engine is still loading; try again once the line reports online"
+
+A = TypeVar("A", bound=CommandArgs)
+
+
+class Route(Protocol):
+    """A row of the table: the arguments a command takes and what runs it."""
+
+    @property
+    def args(self) -> type[CommandArgs]: ...
+
+    def __call__(self, line: InspectionService, args: CommandArgs) -> Answer: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRoute(Generic[A]):
+    """One command's handler, which gets the command's own arguments type."""
+
+    args: type[A]
+    run: Callable[[InspectionService, A], Answer]
+
+    def __call__(self, line: InspectionService, args: CommandArgs) -> Answer:
+        if not isinstance(args, self.args):
+            raise TypeError(f"{type(args).__name__} given where {self.args.__name__} is expected")
+        return self.run(line, args)
+
+
+def route(args: type[A], run: Callable[[InspectionService, A], Answer]) -> Route:
+    """A row of `COMMANDS`: `run` gets `args`, the command's own arguments type (checked by mypy)."""
+    return CommandRoute(args, run)
+
+
+def reload(line: InspectionService, args: ReloadArgs) -> Answer:
+    """Load the newest prompt checkpoint."""
+    return {"prompt_version": line.reload()}
+
+
+def set_threshold(line: InspectionService, args: ThresholdArgs) -> Answer:
+    """One class's threshold, until restart; it wins over [thresholds] and calibration."""
+    engine = line.worker.engine
+    if engine is None:
+        raise ValueError(ENGINE_LOADING)
+    name = normalise_class_name(args.product_class)
+    if engine.profile(name) is None:
+        raise ValueError(f"unknown product class {args.product_class!r} on this line")
+    line.thresholds = {k: v for k, v in line.thresholds.items() if normalise_class_name(k) != name}
+    line.thresholds[name] = args.value
+    line.commanded.add(name)
+    engine.set_thresholds(line.thresholds, {k: "command" for k in line.commanded})
+    log.info("threshold set by command", product_class=name, value=args.value)
+    line.publish_info()
+    return {"product_class": name, "threshold": args.value}
+
+
+def pause(line: InspectionService, args: CameraArgs) -> Answer:
+    """Stop scoring one camera's frames (or every camera's)."""
+    return _set_paused(line, args.camera, paused=True)
+
+
+def resume(line: InspectionService, args: CameraArgs) -> Answer:
+    """Score one camera's frames again (or every camera's)."""
+    return _set_paused(line, args.camera, paused=False)
+
+
+def snapshot(line: InspectionService, args: SnapshotArgs) -> Answer:
+    """Publish the retained info again, and answer with it."""
+    return {"info": line.publish_info()}
+
+
+def _set_paused(line: InspectionService, camera: str | None, *, paused: bool) -> Answer:
+    if camera is not None and camera not in line.sources:
+        known = ", ".join(line.sources) or "none running"
+        raise ValueError(f"unknown camera {camera!r} on this line (cameras: {known})")
+    cameras = line.batcher.set_paused(camera, paused)
+    log.info(f"cameras {'paused' if paused else 'resumed'}", cameras=cameras)
+    line.publish_info()
+    return {"cameras": cameras}
+
+
+COMMANDS: Mapping[str, Route] = {
+    "reload": route(ReloadArgs, reload),
+    "threshold": route(ThresholdArgs, set_threshold),
+    "pause": route(CameraArgs, pause),
+    "resume": route(CameraArgs, resume),
+    "snapshot": route(SnapshotArgs, snapshot),
+}
+if {name: route.args for name, route in COMMANDS.items()} != ARGS:  # a command the wire accepts and nothing runs
+    raise ImportError("agent.commands.COMMANDS and agent.control.ARGS name different commands or arguments")
+
+
+def dispatch(line: InspectionService, command: Command) -> Answer:
+    """Run a validated command on the line; the answer's fields, or ValueError with the reason."""
+    route = COMMANDS.get(command.name)
+    if route is None:
+        raise ValueError(f"unknown command {command.name!r}")
+    return route(line, command.args)

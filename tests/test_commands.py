@@ -1,0 +1,72 @@
+"""The table of command handlers: every command the wire accepts has one, and each gets its own arguments."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from agent.commands import COMMANDS, dispatch
+from agent.control import ARGS, CameraArgs, Command, ReloadArgs, parse_command
+
+
+class Batcher:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str | None, bool]] = []
+
+    def set_paused(self, camera: str | None, paused: bool) -> list[str]:
+        self.calls.append((camera, paused))
+        return [camera] if camera else ["cam-1", "cam-2"]
+
+
+def line(**overrides: Any) -> Any:
+    published: list[dict] = []
+
+    def publish_info() -> dict:
+        published.append({"schema": 1})
+        return published[-1]
+
+    fake = SimpleNamespace(
+        sources={"cam-1": object(), "cam-2": object()},
+        batcher=Batcher(),
+        publish_info=publish_info,
+        published=published,
+        reload=lambda: "v2@abc",
+    )
+    for key, value in overrides.items():
+        setattr(fake, key, value)
+    return fake
+
+
+def test_every_command_the_wire_accepts_has_a_handler_taking_its_arguments():
+    assert set(COMMANDS) == set(ARGS)
+    for name, route in COMMANDS.items():
+        assert route.args is ARGS[name], name
+
+
+def test_handlers_answer_with_their_fields():
+    fake = line()
+    assert dispatch(fake, parse_command("reload", b"")) == {"prompt_version": "v2@abc"}
+    assert dispatch(fake, parse_command("pause", b'{"camera": "cam-2"}')) == {"cameras": ["cam-2"]}
+    assert dispatch(fake, parse_command("resume", b"")) == {"cameras": ["cam-1", "cam-2"]}
+    assert fake.batcher.calls == [("cam-2", True), (None, False)]
+    assert dispatch(fake, parse_command("snapshot", b"")) == {"info": {"schema": 1}}
+    assert len(fake.published) == 3  # pause, resume and snapshot publish the info
+
+
+def test_unknown_camera_and_unknown_command_are_refused_with_the_reason():
+    fake = line()
+    with pytest.raises(ValueError, match=r"unknown camera 'cam-9' on this line \(cameras: cam-1, cam-2\)"):
+        dispatch(fake, parse_command("pause", b'{"camera": "cam-9"}'))
+    with pytest.raises(ValueError, match="none running"):
+        dispatch(line(sources={}), parse_command("resume", b'{"camera": "cam-1"}'))
+    assert fake.batcher.calls == [] and fake.published == []
+    with pytest.raises(ValueError, match="unknown command 'explode'"):
+        dispatch(fake, Command("explode", ReloadArgs()))
+
+
+def test_a_handler_never_gets_another_commands_arguments():
+    with pytest.raises(TypeError, match="CameraArgs"):
+        COMMANDS["pause"](line(), ReloadArgs())
+    assert COMMANDS["pause"](line(), CameraArgs(camera="cam-1")) == {"cameras": ["cam-1"]}
