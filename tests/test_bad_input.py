@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.images import UnreadableImageError, read_frame
+from model.image_files import ImageReadError, decode_image, header_size
 from model.outcomes import FrameError, Prediction
 from model.regions import Defect
-from trainer.images import ImageReadError, decode_image, header_size
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 50_000_000  # [model].max_frame_pixels' default

@@ -27,11 +27,11 @@ from model.profile import (
     resolvable_quantile,
     threshold_from_good,
 )
+from synthetic.textures import write_good_images
 from tests.factories import frames, tiny_config
 from tests.test_trainer import synthetic_set
 from trainer.config import TrainerConfig
 from trainer.datasets import DatasetError, open_dataset
-from trainer.textures import write_good_images
 from trainer.training import PromptTrainer, RunFolderError
 from trainer.validation import ValidationRecords, bootstrap_interval, plan_validation
 
