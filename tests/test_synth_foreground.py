@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from agent.cli import _register_verbs, app
+from cli.main import app
 from synthetic.defects import apply_defect
 from synthetic.kinds import DEFECT_KINDS
 from synthetic.textures import FAMILIES, render_texture, write_good_images
@@ -22,7 +22,6 @@ from trainer.foreground import ForegroundError, estimate_foreground
 from trainer.synth import MARKER_FILE, generate, synth_command
 
 runner = CliRunner()
-_register_verbs()
 
 ON_OBJECT = 0.9  # share of each defect mask's pixels that must lie on the product
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import _register_verbs, app
 from agent.logs import configure_logging
+from cli.main import app
 from model import Engine
 from model.profile import (
     Calibration,
@@ -37,7 +37,6 @@ from trainer.validation import ValidationRecords, bootstrap_interval, plan_valid
 
 FOUR = ("woven", "grain", "metal", "dots")
 runner = CliRunner()
-_register_verbs()
 
 
 def settings(**overrides) -> TrainerConfig:
