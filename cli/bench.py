@@ -71,9 +71,10 @@ def engine(
     quiet_logs_to_stderr()
     modes = bench_modes(mode)
     width, height = frame_size(frame)
+    sizes: list[int | None] = [*image_size] if image_size else [None]
     report = run_bench(
         backbone or ["genclip-tiny"],
-        list(image_size or [None]),
+        sizes,
         modes,
         sorted(set(batch or [1, 8])),
         threads=threads,

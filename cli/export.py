@@ -48,7 +48,7 @@ export_app = typer.Typer(no_args_is_help=True)
 
 def reference_frames(folder: Path, limit: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
     """Up to `limit` readable images from `folder` (sorted), for the class-name decision."""
-    frames = []
+    frames: list[np.ndarray] = []
     for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
         if len(frames) == limit:
             break

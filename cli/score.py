@@ -233,6 +233,7 @@ def score_group(
             log.warning("image not scored", path=str(path), error=error)
             emit(error_record(path, error))
             continue
+        assert not isinstance(item, str)  # an unread image is an error, handled above
         prediction = predictions[index]
         record = prediction_record(path, prediction, batch_ms, len(frames))
         if targets is not None and not write_overlay(item, prediction, targets[index], record):
