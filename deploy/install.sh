@@ -273,7 +273,8 @@ build_venv() {
     # Build from a clean copy: pip would otherwise write build/ and *.egg-info into the checkout.
     src="$WORK/src"
     mkdir -p "$src"
-    (cd "$REPO_DIR" && tar --exclude=__pycache__ --exclude='*.egg-info' -cf - pyproject.toml README.md agent model trainer) |
+    (cd "$REPO_DIR" && tar --exclude=__pycache__ --exclude='*.egg-info' -cf - \
+        pyproject.toml README.md agent model trainer cli synthetic) |
         tar -C "$src" -xf -
     local pip=("$staged/bin/python" -m pip install --quiet --no-compile)
     if [[ -n "$CONSTRAINTS" ]]; then
