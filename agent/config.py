@@ -1,10 +1,11 @@
 """The root configuration: one pydantic tree that mirrors `config.toml`.
 
-Each package owns its section (`model.config.EngineConfig` is `[model]`,
-`trainer.config.TrainerConfig` is `[trainer]`); this module composes them,
-adds the agent's own sections, and loads the file with environment overrides
-(`GENCLIP_MQTT__HOST=...`) on top. Unknown keys are errors everywhere, so a
-misspelt key is reported instead of silently ignored.
+Each package owns its section (`model.config.EngineConfig` is `[model]`); this module
+composes the sections the service runs on, adds the agent's own, and loads the file with
+environment overrides (`GENCLIP_MQTT__HOST=...`) on top. Unknown keys are errors everywhere,
+so a misspelt key is reported instead of silently ignored. `[trainer]` belongs to the trainer,
+which the agent does not import: `InspectConfig` keeps its place in the file, and the command
+line's file model (`cli.settings.GenclipConfig`) validates it as `trainer.config.TrainerConfig`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -22,7 +23,6 @@ from agent.publish.config import MqttConfig, RedisConfig
 from agent.section import Section
 from agent.sources.config import CameraConfig
 from model.config import EngineConfig, normalise_class_name
-from trainer.config import TrainerConfig
 
 ENV_PREFIX = "GENCLIP_"
 DEFAULT_CONFIG_PATHS = (Path("config.toml"), Path("/etc/genclip/config.toml"))
@@ -125,7 +125,11 @@ class InspectConfig(BaseSettings):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
-    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    trainer: object = Field(
+        default_factory=dict,
+        description="The trainer's section: kept as written, read by nothing in agent/; "
+        "cli.settings.GenclipConfig validates it.",
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @classmethod
@@ -199,8 +203,16 @@ def find_config(path: Path | None) -> Path | None:
     return next((p for p in DEFAULT_CONFIG_PATHS if p.is_file()), None)
 
 
+ConfigT = TypeVar("ConfigT", bound=InspectConfig)
+
+
 def load_config(path: Path | None = None) -> InspectConfig:
     """Read, merge with the environment, validate. Raises ConfigError listing every problem."""
+    return load_as(InspectConfig, path)
+
+
+def load_as(model: type[ConfigT], path: Path | None = None) -> ConfigT:
+    """`load_config` into `model`: InspectConfig, or a file model that adds sections' schemas to it."""
     path = find_config(path)
     source = str(path) if path else "defaults"
     data: dict[str, Any] = {}
@@ -214,9 +226,9 @@ def load_config(path: Path | None = None) -> InspectConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
     settings = environment_settings()
-    problems = [unknown_variable(var, loc) for var, loc in settings.items() if loc[0] not in InspectConfig.model_fields]
+    problems = [unknown_variable(var, loc) for var, loc in settings.items() if loc[0] not in model.model_fields]
     try:
-        config = InspectConfig(**data)
+        config = model(**data)
     except ValidationError as exc:
         raise ConfigError(source, problems + format_errors(exc, settings)) from None
     if problems:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.images import IMAGE_EXTENSIONS, ImageReadError, decode_image
+from model.image_files import IMAGE_EXTENSIONS, ImageReadError, decode_image
 
 if TYPE_CHECKING:
     import numpy as np

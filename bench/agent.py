@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import tomli_w
 import typer
@@ -260,7 +260,7 @@ def run_agent_bench(
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         exe = str(Path(sys.executable).with_name("genclip"))
         command = [exe, "run", "--config", str(config)] if Path(exe).exists() else [
-            sys.executable, "-m", "agent.cli", "run", "--config", str(config)
+            sys.executable, "-m", "cli", "run", "--config", str(config)
         ]  # fmt: skip
         started = time.monotonic()
         with log_path.open("w") as log:
@@ -336,89 +336,6 @@ def run_agent_bench(
     finally:
         for server in servers:
             server.stop()
-
-
-def register(bench_app: typer.Typer, load_config: Callable[[Path | None], Any]) -> None:
-    """Add `genclip bench agent` to the `bench` sub-command."""
-
-    @bench_app.command("agent")
-    def agent(
-        cameras: Annotated[int, typer.Option(min=1, max=64, help="Synthetic cameras.")] = 4,
-        fps: Annotated[float, typer.Option(min=0.1, max=240, help="Frames/s per camera.")] = 5.0,
-        seconds: Annotated[float, typer.Option(min=1, help="Measured time, after the warm-up.")] = 60.0,
-        warmup: Annotated[float, typer.Option(min=0, help="Seconds before measuring (model load, warm-up).")] = 20.0,
-        threads: Annotated[int, typer.Option(min=0, help="[engine].threads for the agent (0: its config).")] = 0,
-        batch_size: Annotated[
-            int | None, typer.Option("--batch-size", min=1, help="[engine].batch_size; default the config's.")
-        ] = None,
-        device: Annotated[
-            str | None, typer.Option(help="[model].device (auto, cpu, cuda, cuda:N); default the config's.")
-        ] = None,
-        backbone: Annotated[str | None, typer.Option(help="[model].backbone; default the config's.")] = None,
-        precision: Annotated[
-            str | None, typer.Option(help="[model].precision (fp32, bf16, fp16); default the config's.")
-        ] = None,
-        image_size: Annotated[
-            int | None, typer.Option("--image-size", min=16, help="[model].image_size; default the config's.")
-        ] = None,
-        compile_model: Annotated[
-            bool | None, typer.Option("--compile/--no-compile", help="[model].compile; default the config's.")
-        ] = None,
-        defect_rate: Annotated[
-            float, typer.Option("--defect-rate", min=0, max=1, help="Share of defective parts the cameras make, 0..1.")
-        ] = 0.2,
-        pipeline: Annotated[
-            bool | None, typer.Option("--pipeline/--no-pipeline", help="[engine].pipeline; default the config's.")
-        ] = None,
-        brokers: Annotated[
-            str, typer.Option(help="start: own Mosquitto and Redis on free ports; config: the config's brokers.")
-        ] = "start",
-        config: Annotated[
-            Path | None, typer.Option("--config", "-c", help="Base config (default: the repository's config.toml).")
-        ] = None,
-        work: Annotated[
-            Path | None,
-            typer.Option(help="Folder for the config, logs and brokers' files; default a new temporary folder."),
-        ] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
-    ) -> None:
-        """Sustained frames/s, capture-to-publish latency of results and rejects, drops by reason."""
-        if brokers not in ("start", "config"):
-            raise typer.BadParameter("--brokers must be start or config")
-        overrides: dict[str, dict[str, Any]] = {}
-        if batch_size:
-            overrides.setdefault("engine", {})["batch_size"] = batch_size
-        if device:
-            overrides.setdefault("model", {})["device"] = device
-        if backbone:
-            overrides.setdefault("model", {})["backbone"] = backbone
-        if precision:
-            overrides.setdefault("model", {})["precision"] = precision
-        if pipeline is not None:
-            overrides.setdefault("engine", {})["pipeline"] = "on" if pipeline else "off"
-        if image_size:
-            overrides.setdefault("model", {})["image_size"] = image_size
-        if compile_model is not None:
-            overrides.setdefault("model", {})["compile"] = compile_model
-        report = run_agent_bench(
-            cameras=cameras,
-            fps=fps,
-            seconds=seconds,
-            warmup=warmup,
-            threads=threads,
-            base_config=config,
-            brokers=brokers,
-            overrides=overrides,
-            defect_rate=defect_rate,
-            work=work,
-            progress=lambda text: typer.echo(text, err=True),
-        )
-        if as_json:
-            typer.echo(json.dumps(report, indent=2))
-        else:
-            print_agent_report(report)
-        if not report["identity_holds"] or report["agent_exit_code"] != 0:
-            raise typer.Exit(1)
 
 
 def print_agent_report(r: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -328,3 +329,91 @@ def run_bench(
         for mode in modes
     ]
     return {"machine": machine_info() | applied, "points": points}
+
+
+def quiet_logs_to_stderr() -> None:
+    """Only warnings from the engine's logs, on stderr: stdout is for the figures."""
+    from agent.logs import configure_logging
+
+    configure_logging("bench", "WARNING", "console", stream=sys.stderr)
+
+
+def _spread(ratio: dict[str, float] | None) -> str:
+    if not ratio:
+        return "-"
+    return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})"
+
+
+def print_engine_table(report: dict[str, Any]) -> None:
+    """`genclip bench engine`'s table and notes (without --json)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="genclip bench engine (ratios: median of per-round ratios, min-max)")
+    columns = ("backbone", "size", "mode", "prec", "batch", "img/s", "p50 ms", "p99 ms", "vs naive", "vs b1", "vs fp32")
+    for column in columns:
+        table.add_column(column, justify="right" if column not in ("backbone", "mode") else "left")
+    for p in report["points"]:
+        if "naive" in p:
+            table.add_row(
+                p["backbone"], str(p["image_size"]), p["mode"], "fp32", "naive", f"{p['naive']['images_per_s']:.1f}"
+            )
+        if "fp32" in p:
+            table.add_row(
+                p["backbone"],
+                str(p["image_size"]),
+                p["mode"],
+                "fp32",
+                str(p["fp32"]["batch"]),
+                f"{p['fp32']['images_per_s']:.1f}",
+            )
+        for v in p["engine"]:
+            table.add_row(
+                p["backbone"],
+                str(p["image_size"]),
+                p["mode"],
+                p["precision"],
+                f"{v['batch']} pipelined" if v.get("pipelined") else str(v["batch"]),
+                f"{v['images_per_s']:.1f}",
+                "" if v["batch_ms_p50"] is None else f"{v['batch_ms_p50']:.1f}",
+                "" if v["batch_ms_p99"] is None else f"{v['batch_ms_p99']:.1f}",
+                _spread(v.get("vs_naive")),
+                _spread(v.get("vs_batch_1")),
+                _spread(v.get("vs_fp32")),
+            )
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
+    for p in report["points"]:
+        eq = (p.get("naive") or {}).get("equality")
+        console.print(
+            f"{p['backbone']} {p['image_size']}px {p['mode']}: first batch of a new class "
+            f"{p['new_class_first_batch_ms']['median']:.1f} ms; peak RSS {p['peak_rss_mib']} MiB"
+            + (f"; device max {p['device_max_allocated_mib']} MiB" if p["device_max_allocated_mib"] else "")
+            + (
+                f"; naive = engine within {eq['max_score_diff']:.1e} (score), {eq['max_map_diff']:.1e} (map), "
+                f"regions {'equal' if eq['same_regions'] else 'DIFFER'} ({eq['anomalous_frames']} NG frames)"
+                if eq
+                else ""
+            )
+        )
+        agree = (p.get("fp32") or {}).get("agreement")
+        if agree:
+            console.print(
+                f"  {p['precision']} vs fp32 on the same frames: scores within {agree['max_score_diff']:.1e}, maps "
+                f"within {agree['max_map_diff']:.1e} (correlation >= {agree['min_map_correlation']:.4f}), "
+                f"{agree['same_verdicts']}/{agree['frames']} verdicts equal"
+            )
+    if "winclip" in report:
+        w = report["winclip"]
+        console.print(
+            f"WinCLIP (anomalib) on {w['backbone']} at {w['image_size']} px, engine {w['precision']}, WinCLIP "
+            f"{w['winclip_precision']}, batch {w['batch']}: engine "
+            f"{w['images_per_s']['engine']} img/s, WinCLIP {w['images_per_s']['winclip batch']} img/s batched, "
+            f"{w['images_per_s']['winclip one by one']} img/s one by one; engine is "
+            f"{_spread(w['engine_vs_winclip_batch'])} / {_spread(w['engine_vs_winclip_one_by_one'])} faster"
+        )
+    m = report["machine"]
+    console.print(
+        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads, "
+        f"{m['interop_threads']} inter-op), gpu {m['gpu'] or 'none'}, load {m['load_average'][0]:.2f}, {m['date']}"
+    )

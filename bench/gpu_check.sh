@@ -40,15 +40,15 @@ for stage in "${stages[@]}"; do
             timeout 170 "$py" -m pytest -m gpu -q -p no:cacheprovider tests >"$out/pytest-gpu.txt" 2>&1
             ;;
         engine)
-            timeout 240 "$py" -m agent.cli bench engine "${L14[@]}" --batch 1 --batch 8 --batch 32 --pipelined \
+            timeout 240 "$py" -m cli bench engine "${L14[@]}" --batch 1 --batch 8 --batch 32 --pipelined \
                 --rounds 3 --json >"$out/engine-l14-bf16.json" 2>"$out/engine-l14-bf16.log"
             ;;
         compile)
-            timeout 240 "$py" -m agent.cli bench engine "${L14[@]}" --batch 8 --batch 32 --pipelined --compile --no-naive \
+            timeout 240 "$py" -m cli bench engine "${L14[@]}" --batch 8 --batch 32 --pipelined --compile --no-naive \
                 --rounds 3 --json >"$out/engine-l14-bf16-compiled.json" 2>"$out/engine-l14-bf16-compiled.log"
             ;;
         agent)
-            timeout 200 "$py" -m agent.cli bench agent "${cameras[@]}" --seconds 30 --warmup 20 "${L14[@]}" --threads 8 --json \
+            timeout 200 "$py" -m cli bench agent "${cameras[@]}" --seconds 30 --warmup 20 "${L14[@]}" --threads 8 --json \
                 >"$out/agent-l14-4x30.json" 2>"$out/agent-l14-4x30.log"
             ;;
         *)

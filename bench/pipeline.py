@@ -32,8 +32,8 @@ CLASSES = ("widget", "tile")
 
 def synthetic_parts(count: int, seed: int = 0) -> list[np.ndarray]:
     """Frames like the agent's synthetic cameras give (a textured surface, some with a drawn defect)."""
-    from trainer.synth import make_part
-    from trainer.textures import instance_seed, render_texture
+    from synthetic.defects import make_part
+    from synthetic.textures import instance_seed, render_texture
 
     surfaces = [render_texture(("metal", "tiles")[i % 2], instance_seed(seed, i), 400) for i in range(4)]
     rng = np.random.default_rng(seed)

@@ -131,10 +131,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--maps", action="store_true", help="Only the map-head microbenchmark.")
     args = parser.parse_args()
-    from bench.cli import _quiet_logs_to_stderr
+    from bench.engine import quiet_logs_to_stderr
     from model.threads import set_torch_threads
 
-    _quiet_logs_to_stderr()
+    quiet_logs_to_stderr()
     set_torch_threads(args.threads, 1)
     if args.maps:
         map_head()

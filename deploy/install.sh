@@ -273,7 +273,8 @@ build_venv() {
     # Build from a clean copy: pip would otherwise write build/ and *.egg-info into the checkout.
     src="$WORK/src"
     mkdir -p "$src"
-    (cd "$REPO_DIR" && tar --exclude=__pycache__ --exclude='*.egg-info' -cf - pyproject.toml README.md agent model trainer) |
+    (cd "$REPO_DIR" && tar --exclude=__pycache__ --exclude='*.egg-info' -cf - \
+        pyproject.toml README.md agent model trainer cli synthetic) |
         tar -C "$src" -xf -
     local pip=("$staged/bin/python" -m pip install --quiet --no-compile)
     if [[ -n "$CONSTRAINTS" ]]; then
@@ -291,7 +292,7 @@ build_venv() {
     site="$("$staged/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
     "$staged/bin/python" -m compileall -qq -f -j 0 --invalidation-mode checked-hash \
         -s "$staged" -p "$final" "$site" || true
-    "$staged/bin/python" -I -c 'import agent.cli, model, trainer.cli' 2>/dev/null ||
+    "$staged/bin/python" -I -c 'import cli.main, agent, model, trainer, synthetic' 2>/dev/null ||
         [[ " $PIP_ARGS " == *" --no-deps "* ]] || die "the new venv cannot import genclip; $venv is unchanged"
     # The service runs it as genclip: an interpreter in a place genclip cannot read (pyenv under
     # /root) would only show at `systemctl start`.

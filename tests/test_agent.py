@@ -238,8 +238,8 @@ def test_a_refused_checkpoint_in_the_prompt_folder_does_not_keep_the_line_down(t
     come up on the newest usable one, and `config check --model` must say what the line will run."""
     from typer.testing import CliRunner
 
-    from agent.cli import app
     from agent.service import StartupError
+    from cli.main import app
     from model.backbone import load_backbone
 
     prompts = tmp_path / "prompts"

@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.images import UnreadableImageError, read_frame
+from model.image_files import ImageReadError, decode_image, header_size
 from model.outcomes import FrameError, Prediction
 from model.regions import Defect
-from trainer.images import ImageReadError, decode_image, header_size
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 50_000_000  # [model].max_frame_pixels' default
@@ -396,14 +396,13 @@ def test_genclip_score_refuses_the_huge_png_by_the_configured_limit(
 ) -> None:
     from typer.testing import CliRunner
 
-    from agent import cli
+    from cli.main import app
 
     small = tmp_path / "small.png"
     small.write_bytes(encoded(".png", (48, 64, 3)))
-    cli._register_verbs()
     config = repo_config(tmp_path, max_frame_pixels=10_000_000)
     args = ["score", str(huge_png), str(small), "--class", "widget", "--config", str(config)]
-    result = CliRunner().invoke(cli.app, args)
+    result = CliRunner().invoke(app, args)
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.exit_code == 1, result.output  # one input failed
     assert records[0] == {
@@ -780,7 +779,7 @@ EXPECTED_ERRORS = {
 def test_config_check_names_every_bad_key_and_exits_2(tmp_path: Path, clean_env: None) -> None:
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from cli.main import app
 
     path = tmp_path / "line.toml"
     path.write_text(BROKEN)
@@ -804,7 +803,7 @@ def test_odd_paths_are_config_errors_not_crashes(tmp_path: Path, clean_env: None
     """pathlib raises on '~user' of an unknown user and on names over NAME_MAX; both used to escape as tracebacks."""
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from cli.main import app
 
     config = tmp_path / "line.toml"
     config.write_text(f'[model]\npretrained = "random"\ncheckpoint = "{path}"\n[references]\nwidget = "{path}"\n')

@@ -15,9 +15,10 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from agent.cli import app
-from agent.config import ConfigError, InspectConfig, load_config
+from agent.config import ConfigError, InspectConfig
 from agent.logs import configure_logging, get_logger
+from cli.main import app
+from cli.settings import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "config.toml"

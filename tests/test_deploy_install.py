@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
-from agent.config import load_config
+from cli.main import app
+from cli.settings import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = REPO / "deploy" / "install.sh"
@@ -111,9 +111,9 @@ def test_staged_tree_layout_and_modes(staged):
     assert leaks == [], f"staging path left in {leaks[:5]}"
     # Byte-code is compiled in advance (the service cannot write the venv) and names the final paths.
     site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    pyc = next((site / "agent" / "__pycache__").glob("cli.*.pyc"))
+    pyc = next((site / "cli" / "__pycache__").glob("main.*.pyc"))
     code = marshal.loads(pyc.read_bytes()[16:])
-    assert code.co_filename == f"{PREFIX}/venv/{site.relative_to(venv)}/agent/cli.py"
+    assert code.co_filename == f"{PREFIX}/venv/{site.relative_to(venv)}/cli/main.py"
 
     for unit in UNITS:  # default prefix: installed exactly as shipped
         installed = staged / "etc/systemd/system" / unit

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from model import Engine
+from synthetic.textures import write_good_images
 from tests.factories import tiny_config
 from trainer.datasets import open_dataset
 from trainer.evaluate import evaluate, grid_choice, write_evaluation
 from trainer.report import SCALE_WIDTH, TILE, TITLE_HEIGHT, GridExample, write_sample_grid
 from trainer.synth import generate
-from trainer.textures import write_good_images
 
 KINDS = ["scratch", "hole", "stain"]
 

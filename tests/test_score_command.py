@@ -22,7 +22,7 @@ import tomli_w
 import typer.main
 from typer.testing import CliRunner
 
-from agent import cli
+from cli.main import app
 from model.backbone import Backbone, load_backbone
 from tests.factories import perturbed_checkpoint, tiny_config
 
@@ -63,8 +63,7 @@ def config_file(tmp_path_factory) -> Path:
 
 
 def invoke(*args: str | Path) -> Any:
-    cli._register_verbs()
-    return CliRunner().invoke(cli.app, [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def json_lines(stdout: str) -> list[dict[str, Any]]:
@@ -271,8 +270,7 @@ def verbs(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]
 
 def test_every_option_of_every_verb_is_explained():
     """--help is the manual on a line PC: no option without a text, no text cut off at a bare section name."""
-    cli._register_verbs()
-    commands = dict(verbs(typer.main.get_command(cli.app)))
+    commands = dict(verbs(typer.main.get_command(app)))
     assert {"score", "export onnx", "train", "eval", "bench engine", "bench agent", "config check"} <= set(commands)
     for name, command in commands.items():
         assert command.help, name
@@ -283,8 +281,7 @@ def test_every_option_of_every_verb_is_explained():
 
 
 def test_score_help_names_the_real_threshold_sources():
-    cli._register_verbs()
-    score = dict(verbs(typer.main.get_command(cli.app)))["score"].help
+    score = dict(verbs(typer.main.get_command(app)))["score"].help
     for source in ("config", "calibration", "stale-calibration", "default", "[agent].prompt_dir"):
         assert source in score, source
     assert "checkpoint's calibrated" not in score and "config, checkpoint or default" not in score

@@ -32,12 +32,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from typer.testing import CliRunner
 
-from agent.cli import app
 from agent.config import InspectConfig
 from agent.publish.config import MqttConfig, RedisConfig
 from agent.publish.mqtt import MqttPublisher
 from agent.publish.redis_streams import RedisStreamPublisher
 from agent.service import InspectionService, StartupError
+from cli.main import app
 from tests.brokers import MosquittoServer, RedisServer, free_port, require_binary
 from tests.factories import tiny_config
 from tests.test_publish_mqtt import make_inspection, wait_until
@@ -381,7 +381,7 @@ def genclip(config: Path, env: dict[str, str] | None = None, **kwargs: Any) -> s
     """`genclip run` as systemd starts it, from this checkout, stderr (the JSON log) captured."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GENCLIP_") and k != "CREDENTIALS_DIRECTORY"}
     environment |= {"PYTHONPATH": str(REPO), **(env or {})}
-    command = [sys.executable, "-c", "from agent.cli import main; main()", "run", "--config", str(config)]
+    command = [sys.executable, "-c", "from cli.main import main; main()", "run", "--config", str(config)]
     return subprocess.Popen(command, env=environment, **{"stderr": subprocess.PIPE, "text": True, **kwargs})
 
 
@@ -560,7 +560,7 @@ def test_config_show_masks_passwords_from_files_and_the_environment(
 
 # --- nothing is ever unpickled ---------------------------------------------------------------------------
 
-SCANNED = ("agent", "model", "trainer", "bench", "deploy")
+SCANNED = ("agent", "model", "trainer", "bench", "deploy", "cli", "synthetic")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}
 
 

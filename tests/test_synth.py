@@ -11,24 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from synthetic.defects import NOTICEABLE, apply_defect, crack, dent, hole, missing_part, scratch, stain
+from synthetic.kinds import DEFECT_KINDS, normalise_kind
+from synthetic.textures import FAMILIES, render_texture, write_good_images
 from trainer.datasets import load_sample, read_bgr8, read_mvtec
-from trainer.synth import (
-    DEFECT_KINDS,
-    MARKER_FILE,
-    NOTICEABLE,
-    NoGoodImagesError,
-    apply_defect,
-    crack,
-    dent,
-    generate,
-    hole,
-    missing_part,
-    normalise_kind,
-    scratch,
-    stain,
-    synth_command,
-)
-from trainer.textures import FAMILIES, render_texture, write_good_images
+from trainer.synth import MARKER_FILE, NoGoodImagesError, generate, synth_command
 
 DrawDefect = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 CLEARLY_CHANGED = 15  # grey levels: a change anyone would see

@@ -12,15 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from agent.cli import _register_verbs, app
+from cli.main import app
+from synthetic.defects import apply_defect
+from synthetic.kinds import DEFECT_KINDS
+from synthetic.textures import FAMILIES, render_texture, write_good_images
 from tests.test_synth import check_defect
 from trainer.datasets import read_bgr8, read_mvtec
 from trainer.foreground import ForegroundError, estimate_foreground
-from trainer.synth import DEFECT_KINDS, MARKER_FILE, apply_defect, generate, synth_command
-from trainer.textures import FAMILIES, render_texture, write_good_images
+from trainer.synth import MARKER_FILE, generate, synth_command
 
 runner = CliRunner()
-_register_verbs()
 
 ON_OBJECT = 0.9  # share of each defect mask's pixels that must lie on the product
 

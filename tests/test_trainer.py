@@ -22,25 +22,24 @@ import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from agent.cli import _register_verbs, app
+from cli.main import app
+from cli.train import default_run_dir
 from model import Engine
 from model.checkpoint import read_checkpoint, read_metadata
 from model.profile import ClassProfile, profile_path
+from synthetic.textures import write_good_images
 from tests.factories import perturbed_checkpoint, tiny_config
 from trainer.calibrate import calibrate, good_images, threshold_from_scores
-from trainer.cli import default_run_dir
 from trainer.config import TrainerConfig
 from trainer.datasets import open_dataset, read_bgr8
 from trainer.evaluate import evaluate
 from trainer.losses import dice_loss, focal_loss, top_patch_loss
 from trainer.synth import generate
-from trainer.textures import write_good_images
 from trainer.training import PromptTrainer
 
 TRAIN_FAMILIES = ("woven", "grain", "metal", "leather")
 UNSEEN_FAMILIES = ("dots", "tiles")
 runner = CliRunner()
-_register_verbs()
 
 
 def synthetic_set(root: Path, families: tuple[str, ...], count: int, seed: int, size: int = 224) -> Path:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import _register_verbs, app
 from agent.logs import configure_logging
+from cli.main import app
 from model import Engine
 from model.profile import (
     Calibration,
@@ -27,17 +27,16 @@ from model.profile import (
     resolvable_quantile,
     threshold_from_good,
 )
+from synthetic.textures import write_good_images
 from tests.factories import frames, tiny_config
 from tests.test_trainer import synthetic_set
 from trainer.config import TrainerConfig
 from trainer.datasets import DatasetError, open_dataset
-from trainer.textures import write_good_images
 from trainer.training import PromptTrainer, RunFolderError
 from trainer.validation import ValidationRecords, bootstrap_interval, plan_validation
 
 FOUR = ("woven", "grain", "metal", "dots")
 runner = CliRunner()
-_register_verbs()
 
 
 def settings(**overrides) -> TrainerConfig:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from model.engine import Engine
+from model.image_files import is_image_name
 from model.profile import ClassProfile, threshold_at_quantile
 from trainer.datasets import BadSampleError, folder_name, read_bgr8
-from trainer.images import is_image_name
 
 threshold_from_scores = threshold_at_quantile  # the trainer's name for it, kept for callers
 

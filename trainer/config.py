@@ -7,21 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# The procedural surfaces `trainer/textures.py` renders (here, so configs can name them without OpenCV).
-TEXTURE_FAMILIES = ("woven", "grain", "metal", "dots", "tiles", "leather")
-DEFECT_KINDS = ("scratch", "crack", "hole", "stain", "missing part", "dent")
-"""What `genclip synth` and synthetic cameras can draw."""
 DATASET_KINDS = ("mvtec", "visa", "synthetic")
 """The KIND of a `KIND:PATH[@split]` data set spec (`--data`, `[trainer].data`)."""
 SPLITS = ("train", "test", "all")
-
-
-def normalise_kind(kind: str) -> str:
-    """`missing_part`, `Missing Part` -> `missing part`; raises ValueError for an unknown kind."""
-    name = " ".join(kind.replace("_", " ").lower().split())
-    if name not in DEFECT_KINDS:
-        raise ValueError(f"unknown defect kind {kind!r}; expected one of {', '.join(DEFECT_KINDS)}")
-    return name
 
 
 class TrainerConfig(BaseModel):

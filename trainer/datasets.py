@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from model.image_files import IMAGE_EXTENSIONS, ImageReadError, decode_image
 from trainer.config import DATASET_KINDS, SPLITS
-from trainer.images import IMAGE_EXTENSIONS, ImageReadError, decode_image
 
 UNKNOWN_MASK_VALUE = -1.0
 """Mask fill value for an anomalous sample without a mask: the pixel loss must ignore it."""

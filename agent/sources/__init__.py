@@ -39,7 +39,7 @@ def open_source(
 ) -> FrameSource:
     """The source for `camera.resolved_kind`, not started yet.
 
-    Each kind's module is imported here, so a line without synthetic cameras never loads the trainer.
+    Each kind's module is imported here, so a line without synthetic cameras never loads the defect drawing.
     `max_frame_pixels` ([model].max_frame_pixels): image files over it are rejected undecoded.
     """
     kind = camera.resolved_kind

@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from agent.section import Section
-from trainer.config import DEFECT_KINDS, normalise_kind
-from trainer.config import TEXTURE_FAMILIES as FAMILIES
+from synthetic.kinds import DEFECT_KINDS, normalise_kind
+from synthetic.kinds import TEXTURE_FAMILIES as FAMILIES
 
 SYNTHETIC_PREFIX = "synthetic:"
 TEMP_SUFFIXES = (".tmp", ".part")

@@ -2,7 +2,7 @@
 
 Rendering a texture takes 10-100 ms, so a few good surfaces are rendered once at start,
 larger than the frame; each frame is a random crop and flip of one of them, and defects come
-from the trainer's generator (`trainer.synth.make_part`, 1-3 ms). Frame n of a seed is the same
+from the shared generator (`synthetic.defects.make_part`, 1-3 ms). Frame n of a seed is the same
 part every run. The truth about each emitted part (defective, kind) goes to a JSONL file,
 never into the results, so detection rates can be measured against it.
 """
@@ -16,8 +16,8 @@ from typing import IO
 import numpy as np
 
 from agent.sources.base import FrameSource
-from trainer.synth import make_part
-from trainer.textures import instance_seed, render_texture
+from synthetic.defects import make_part
+from synthetic.textures import instance_seed, render_texture
 
 BACKGROUNDS = 4
 MARGIN = 1.25  # backgrounds are this much larger than the frame, for the random crops

@@ -1,20 +1,16 @@
-"""`genclip score` and `genclip export onnx`: the engine from the command line.
+"""`genclip score`: the engine from the command line.
 
 `score` tries a line's config and prompts on saved images: one JSON line per image
 on stdout (logs go to stderr, so stdout can be piped to `jq`), and optionally an
-overlay PNG per image. `export onnx` writes the image path for a set of classes as
-an ONNX graph and checks it against torch. Torch and OpenCV are imported inside
-the verbs so that `genclip config check` stays quick.
+overlay PNG per image. Torch and OpenCV are imported inside the verb so that
+`genclip config check` stays quick.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import math
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,7 +19,7 @@ import typer
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
 from agent.logs import get_logger
 from agent.results import defect_json
-from trainer.verb_options import ConfigOption, fail, open_engine
+from cli.options import ConfigOption, fail, load_for_verb, open_engine
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,11 +27,8 @@ if TYPE_CHECKING:
     from agent.config import InspectConfig
     from model import Engine, FrameError, Prediction
 
-ONNX_TOLERANCE = 1e-3
-ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # the 'export' extra
-log = get_logger("agent.score_command")
+log = get_logger("agent.score_command")  # the logger name in the log lines, as before the verb moved to cli/
 
-LoadConfig = Callable[[Path | None], "InspectConfig"]
 CheckpointOption = Annotated[
     Path | None,
     typer.Option(
@@ -73,24 +66,6 @@ profile's calibration does not hold for them, default when there is none).
 
 Logs go to stderr. Exit status: 0 all scored, 1 some image failed, 2 bad
 config, options or checkpoint.
-"""
-
-EXPORT_ONNX_HELP = """Export the image path for some product classes as an ONNX graph, checked against torch.
-
-The graph takes RGB images in [0, 1] already resized to [model].image_size
-(N x 3 x S x S) and a class index per image (the position in --classes), and
-returns image scores (N) and anomaly maps (N x S x S). Prompts are folded in.
-
-With --reference DIR, the images of good parts in DIR/<class>/ decide each
-class word (class name filtering; at least [model].min_reference_images, at
-most 64 are used). Otherwise the class's profile in [model].profile_dir is
-used, or the class name as given. Prompts: --checkpoint, else the newest
-checkpoint in [agent].prompt_dir, else [model].checkpoint (as the agent starts).
-
-Prints one JSON line with the largest differences between onnxruntime and
-torch on random input; exits 1 if either is above 1e-3, and then writes no
-file (the graph is moved to --out only once it has passed). Needs the 'export'
-extra (onnx, onnxscript, onnxruntime).
 """
 
 
@@ -183,7 +158,6 @@ def emit(record: dict[str, Any]) -> None:
     typer.echo(json.dumps(record, allow_nan=False))
 
 
-# --- engine -----------------------------------------------------------------------------------------------
 # --- score ------------------------------------------------------------------------------------------------
 def run_score(
     cfg: InspectConfig,
@@ -259,6 +233,7 @@ def score_group(
             log.warning("image not scored", path=str(path), error=error)
             emit(error_record(path, error))
             continue
+        assert not isinstance(item, str)  # an unread image is an error, handled above
         prediction = predictions[index]
         record = prediction_record(path, prediction, batch_ms, len(frames))
         if targets is not None and not write_overlay(item, prediction, targets[index], record):
@@ -284,135 +259,39 @@ def write_overlay(frame: np.ndarray, prediction: Prediction, target: Path, recor
     return bool(written)
 
 
-# --- export -----------------------------------------------------------------------------------------------
-def reference_frames(folder: Path, limit: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
-    """Up to `limit` readable images from `folder` (sorted), for the class-name decision."""
-    frames = []
-    for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
-        if len(frames) == limit:
-            break
-        try:
-            frames.append(read_frame(path, max_pixels))
-        except UnreadableImageError as exc:
-            log.warning("reference image skipped", path=str(path), error=str(exc))
-    return frames
-
-
-def run_export_onnx(
-    cfg: InspectConfig, classes: list[str], out: Path, checkpoint: Path | None, reference: Path | None
-) -> bool:
-    """Export, check against torch, print the result line; True when within tolerance (only then is `out` written)."""
-    missing = [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        fail(f"export onnx needs {', '.join(missing)}: pip install -e '.[export]'")
-    if reference is not None and not reference.is_dir():
-        fail(f"--reference: folder not found: {reference}")
-    from model import ClassSetupError
-    from model.export import export_checked
-
-    engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size, prompt_dir=cfg.agent.prompt_dir)
-    for name in classes:
-        folder = reference / name if reference is not None else None
-        frames = []
-        if folder is not None and folder.is_dir():
-            frames = reference_frames(folder, 64, cfg.model.max_frame_pixels)
-        try:
-            profile = engine.setup_class(name, frames, save=False)
-        except ClassSetupError as exc:
-            fail(str(exc))
-        log.info("class registered", product_class=name, images=len(frames), class_word=profile.class_word)
-    with contextlib.redirect_stdout(sys.stderr):  # torch.onnx prints progress; stdout is for the result
-        diffs, ok = export_checked(engine, classes, out, ONNX_TOLERANCE)
-    used = {name: engine.class_info(name)["class_word"] for name in classes}
-    result = {name: finite(value) for name, value in diffs.items()}
-    emit({"path": str(out), "classes": classes, "used_names": used, **result, "tolerance": ONNX_TOLERANCE, "ok": ok})
-    if not ok:
-        log.error("ONNX output differs from torch; nothing written", path=str(out), tolerance=ONNX_TOLERANCE, **diffs)
-    return ok
-
-
-def parse_classes(text: str | None, cfg: InspectConfig) -> list[str]:
-    """'a, b,c' -> ['a', 'b', 'c'] (duplicates dropped, order kept); none given -> the cameras' classes."""
-    names = [n.strip() for n in text.split(",")] if text is not None else cfg.product_classes()
-    names = list(dict.fromkeys(n for n in names if n))
-    if not names:
-        fail("no product classes: give --classes a,b,c (or cameras in the config)")
-    return names
-
-
-# --- registration -----------------------------------------------------------------------------------------
-def register(app: typer.Typer, load_config: LoadConfig) -> None:
-    """Add `score` and `export onnx` to the root CLI; `load_config` exits 2 on a bad config.
-
-    Calling it again (tests build the CLI more than once per process) adds nothing.
-    """
-    if any(info.name == "score" for info in app.registered_commands):
-        return
-
-    start = load_config  # loads, validates and sets logging up (the root's loader)
-
-    @app.command("score", help=SCORE_HELP)
-    def score(
-        images: Annotated[
-            list[Path], typer.Argument(metavar="IMAGE", help="Image files or folders of images.", show_default=False)
-        ],
-        product_class: Annotated[
-            str, typer.Option("--class", help="Product class of every image, e.g. 'bottle'.", show_default=False)
-        ],
-        checkpoint: CheckpointOption = None,
-        out: Annotated[
-            Path | None,
-            typer.Option(
-                "--out",
-                help="Folder for overlay PNGs <stem>_overlay.png (heat map, defect boxes, verdict), "
-                "image-sized; a repeated stem gets <stem>-2_overlay.png.",
-                show_default=False,
-            ),
-        ] = None,
-        config: ConfigOption = None,
-        batch_size: Annotated[
-            int | None,
-            typer.Option("--batch-size", min=1, max=1024, help="Images per batch; default: [engine].batch_size."),
-        ] = None,
-        threshold: Annotated[
-            float | None,
-            typer.Option(
-                "--threshold",
-                min=0.0,
-                max=1.0,
-                help="Image-score threshold for this class, over [thresholds] and its calibration.",
-            ),
-        ] = None,
-    ) -> None:
-        cfg = start(config)
-        failed = run_score(cfg, images, product_class, checkpoint, out, batch_size, threshold)
-        raise typer.Exit(1 if failed else 0)
-
-    export_app = typer.Typer(no_args_is_help=True)
-    app.add_typer(export_app, name="export", help="Export the engine to other runtimes (onnx).")
-
-    @export_app.command("onnx", help=EXPORT_ONNX_HELP)
-    def onnx(
-        out: Annotated[Path, typer.Option("--out", help="ONNX file to write.", show_default=False)],
-        classes: Annotated[
-            str | None,
-            typer.Option(
-                "--classes",
-                help="Comma-separated product classes, in class-index order (default: the cameras' classes).",
-                show_default=False,
-            ),
-        ] = None,
-        config: ConfigOption = None,
-        checkpoint: CheckpointOption = None,
-        reference: Annotated[
-            Path | None,
-            typer.Option(
-                "--reference",
-                help="Folder with a sub-folder of images per class, DIR/<class>/, to decide class names.",
-                show_default=False,
-            ),
-        ] = None,
-    ) -> None:
-        cfg = start(config)
-        ok = run_export_onnx(cfg, parse_classes(classes, cfg), out, checkpoint, reference)
-        raise typer.Exit(0 if ok else 1)
+# --- the verb ---------------------------------------------------------------------------------------------
+def score(
+    images: Annotated[
+        list[Path], typer.Argument(metavar="IMAGE", help="Image files or folders of images.", show_default=False)
+    ],
+    product_class: Annotated[
+        str, typer.Option("--class", help="Product class of every image, e.g. 'bottle'.", show_default=False)
+    ],
+    checkpoint: CheckpointOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Folder for overlay PNGs <stem>_overlay.png (heat map, defect boxes, verdict), "
+            "image-sized; a repeated stem gets <stem>-2_overlay.png.",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOption = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", min=1, max=1024, help="Images per batch; default: [engine].batch_size."),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            help="Image-score threshold for this class, over [thresholds] and its calibration.",
+        ),
+    ] = None,
+) -> None:
+    cfg = load_for_verb(config)
+    failed = run_score(cfg, images, product_class, checkpoint, out, batch_size, threshold)
+    raise typer.Exit(1 if failed else 0)

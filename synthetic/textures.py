@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trainer.config import TEXTURE_FAMILIES as FAMILIES
+from synthetic.kinds import TEXTURE_FAMILIES as FAMILIES
 
 _Rng = np.random.Generator
 

@@ -1,8 +1,4 @@
-"""Pieces every `genclip` verb shares (the trainer's and the agent's): --config, failing, opening the engine.
-
-They live here because the agent mounts the trainer's verbs and may import the
-trainer, never the other way round.
-"""
+"""Pieces every `genclip` verb shares: --config, loading the config file, failing, opening the engine."""
 
 from __future__ import annotations
 
@@ -11,6 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+from agent.config import ConfigError, find_config
+from cli.settings import GenclipConfig, load_config
 
 if TYPE_CHECKING:
     from model import Engine, EngineConfig
@@ -57,3 +56,29 @@ def open_engine(
         return engine
     except (BackboneError, CheckpointError, RuntimeError, ValueError, OSError) as exc:
         fail(f"cannot start the engine: {exc}")
+
+
+def load_or_exit(path: Path | None) -> GenclipConfig:
+    """Load the config for a verb; on error print every problem and exit 2."""
+    if find_config(path) is None:
+        typer.echo(
+            "note: no config file (--config, $GENCLIP_CONFIG, ./config.toml, /etc/genclip/config.toml): "
+            "using built-in defaults and GENCLIP_* environment variables",
+            err=True,
+        )
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"config error in {exc.source}:", err=True)
+        for line in exc.errors:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(2) from None
+
+
+def load_for_verb(path: Path | None) -> GenclipConfig:
+    """Every verb's first step: the validated config (or exit 2), and logging set up from it."""
+    from agent.logs import configure_logging
+
+    cfg = load_or_exit(path)
+    configure_logging(cfg.line.id, cfg.logging.level, cfg.logging.format)
+    return cfg

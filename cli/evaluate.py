@@ -1,0 +1,73 @@
+"""`genclip eval`: image and pixel metrics per class on labelled data, with a report and sample grids.
+
+Exit codes: 0 done, 1 some images could not be read, 2 bad arguments or configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.options import ConfigOption, fail, load_for_verb, open_engine
+
+DataOption = Annotated[
+    list[str],
+    typer.Option(
+        "--data",
+        help="KIND:PATH[@split], KIND one of mvtec, visa, synthetic; split train|test|all (default test). Repeatable.",
+    ),
+]
+
+
+def evaluate_command(
+    data: DataOption,
+    out: Annotated[Path, typer.Option(help="Folder for report.json, report.md and sample grids.")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Prompts to evaluate; default: those the line runs ([agent].prompt_dir, else [model].checkpoint)."
+        ),
+    ] = None,
+    config: ConfigOption = None,
+    grid_good: Annotated[
+        int, typer.Option("--grid-good", min=0, help="Good parts per class in its picture (spread evenly).")
+    ] = 2,
+    grid_per_kind: Annotated[
+        int, typer.Option("--grid-per-kind", min=0, help="Images of each defect kind per class in its picture.")
+    ] = 1,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Images per batch; default: [engine].batch_size.")
+    ] = None,
+) -> None:
+    """Image and pixel AUROC/AP/F1-max and AUPRO per class, like the zero-shot papers."""
+    from trainer.datasets import DatasetError, open_dataset
+    from trainer.evaluate import evaluate, write_evaluation
+
+    cfg = load_for_verb(config)
+    try:
+        items = [s for spec in data for s in open_dataset(spec)]
+    except DatasetError as exc:
+        fail(str(exc))
+    engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size, prompt_dir=cfg.agent.prompt_dir)
+    outcome = evaluate(
+        engine,
+        items,
+        batch_size=batch_size or cfg.engine.batch_size,
+        grid_good=grid_good,
+        grid_per_kind=grid_per_kind,
+    )
+    meta = {"checkpoint": str(checkpoint or cfg.model.checkpoint or "untrained"), "data": data}
+    written = write_evaluation(out, outcome, meta)
+    mean = outcome.results["mean"]
+    typer.echo(
+        f"{outcome.images} image(s): image AUROC {mean['image_auroc']:.3f} AP {mean['image_ap']:.3f}, "
+        f"pixel AUROC {mean['pixel_auroc']:.3f} AUPRO {mean['pixel_aupro']:.3f}"
+    )
+    for path in written:
+        typer.echo(f"wrote {path}")
+    for skipped in outcome.skipped:
+        typer.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
+    if outcome.skipped:
+        raise typer.Exit(1)
