@@ -164,7 +164,7 @@ class InspectionService:
         log.info(
             "inspection running",
             cameras=len(self.sources),
-            classes=engine.registered_classes(),
+            classes=engine.classes.names(),
             prompt_version=engine.prompt_version,
             health=f"http://{cfg.agent.health_host}:{self.health.port}/healthz",
         )
@@ -278,18 +278,18 @@ class InspectionService:
             threading.Thread(target=self._on_checkpoint, args=(newest[0],), name="catch-up", daemon=True).start()
 
     def _setup_classes(self, engine: Any) -> None:
-        engine.set_thresholds(self.thresholds)
+        engine.classes.set_thresholds(self.thresholds)
         for name in self.config.product_classes():
             folder = self.config.references.get(name)
             try:
                 loader = reference_loader(folder, self.config.model.max_frame_pixels) if folder else ()
-                profile = engine.setup_class(name, loader)
+                profile = engine.classes.setup(name, loader)
                 log.info(
                     "class ready",
                     product_class=name,
                     class_word=profile.class_word,
                     class_word_source=profile.class_word_source,
-                    threshold_source=engine.threshold(name)[1],
+                    threshold_source=engine.classes.threshold(name)[1],
                 )
             except Exception as exc:  # one class that cannot be set up must not stop the others
                 self.class_errors[name] = str(exc)
@@ -384,12 +384,12 @@ class InspectionService:
         if command.name == "threshold":
             engine = self.worker.engine
             name = normalise_class_name(args.product_class)
-            if engine.profile(name) is None:
+            if engine.classes.profile(name) is None:
                 raise ValueError(f"unknown product class {args.product_class!r} on this line")
             self.thresholds = {k: v for k, v in self.thresholds.items() if normalise_class_name(k) != name}
             self.thresholds[name] = args.value
             self._commanded.add(name)
-            engine.set_thresholds(self.thresholds, {k: "command" for k in self._commanded})
+            engine.classes.set_thresholds(self.thresholds, {k: "command" for k in self._commanded})
             log.info("threshold set by command", product_class=name, value=args.value)
             self.publish_info()
             return {"product_class": name, "threshold": args.value}
@@ -410,8 +410,8 @@ class InspectionService:
         engine = self.worker.engine
         classes = {}
         if engine is not None:
-            for name in engine.registered_classes():
-                ci = engine.class_info(name)
+            for name in engine.classes.names():
+                ci = engine.classes.status(name).as_dict()
                 classes[name] = {
                     k: ci.get(k) for k in ("class_word", "class_word_source", "threshold", "threshold_source")
                 }
@@ -454,8 +454,8 @@ class InspectionService:
         for name, error in self.class_errors.items():
             reasons.append(f"class {name}: {error}")
         engine = self.worker.engine
-        for name in engine.registered_classes() if engine is not None else ():
-            info = engine.class_info(name)
+        for name in engine.classes.names() if engine is not None else ():
+            info = engine.classes.status(name).as_dict()
             if info["threshold_source"] == "stale-calibration":  # e.g. hand-calibrated, then retrained
                 reasons.append(
                     f"class {name}: {info['stale_reason']}; scoring against default_threshold "

@@ -32,7 +32,7 @@ class ExportedScorer(nn.Module):
         names = [normalise_class_name(c) for c in classes]
         for name in names:
             if name not in engine.snapshot.classes:
-                engine.register_class(name)  # the plain name, as predict would use for an unfiltered class
+                engine.classes.register(name)  # the plain name, as predict would use for an unfiltered class
         model, prompts = engine.cpu_copy()
         self.model = model
         self.settings = engine.settings
