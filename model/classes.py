@@ -257,7 +257,8 @@ class ClassRegistry:
         """
         name = normalise_class_name(product_class)
         loader = references if callable(references) else None
-        frames = [check_frame(f, i) for i, f in enumerate(loader() if loader is not None else references)]
+        given = references() if callable(references) else references
+        frames = [check_frame(f, i) for i, f in enumerate(given)]
         if frames and len(frames) < self.config.min_reference_images:
             raise ClassSetupError(
                 f"class '{name}': {len(frames)} reference image(s) of good parts are too few to decide its class "

@@ -25,6 +25,12 @@ from model.engine import Engine, normalise_class_name
 class ExportedScorer(nn.Module):
     """The engine's scoring for `classes`, as one traceable module on a CPU copy of the model."""
 
+    suffixes: torch.Tensor  # buffers
+    lengths: torch.Tensor
+    query_text: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, engine: Engine, classes: list[str]) -> None:
         super().__init__()
         if not classes:
