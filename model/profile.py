@@ -89,28 +89,38 @@ class CalibrationSettings:
     temperature: float
     precision: str
     class_word: str
-    extra: tuple[tuple[str, Any], ...] = ()  # keys a profile file holds beyond these (always a difference)
+    # Only for settings read from a profile file unlike the engine's (hand-edited, or another version):
+    extra: tuple[tuple[str, Any], ...] = ()  # keys the file holds beyond these
+    missing: tuple[str, ...] = ()  # keys the file lacks (their fields hold None and are not written back)
 
     def for_word(self, class_word: str) -> CalibrationSettings:
         return replace(self, class_word=class_word)
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON object a profile stores (layers a list, keys in this order)."""
-        data: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-        data["layers"] = list(self.layers)
+        """The JSON object a profile stores (layers a list, keys in this order, as read from a file)."""
+        data = {name: getattr(self, name) for name in self._keys() if name not in self.missing}
+        if "layers" in data:
+            data["layers"] = list(self.layers)
         return {**data, **dict(self.extra)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CalibrationSettings:
-        """From a profile's JSON object; raises KeyError for a missing key (the profile is then unusable)."""
-        names = [f.name for f in fields(cls) if f.name != "extra"]
-        values = {name: data[name] for name in names}
+        """From a profile's JSON object, values as they are (compared as recorded, never converted)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"calibration settings are a JSON {type(data).__name__}, not an object")
+        names = cls._keys()
+        values: dict[str, Any] = {name: data.get(name) for name in names}
         if isinstance(values["layers"], list):
             values["layers"] = tuple(values["layers"])
-        return cls(**values, extra=tuple((k, v) for k, v in data.items() if k not in values))
+        extra = tuple((k, v) for k, v in data.items() if k not in values)
+        return cls(**values, extra=extra, missing=tuple(name for name in names if name not in data))
+
+    @classmethod
+    def _keys(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in ("extra", "missing")]
 
     def changed_from(self, other: CalibrationSettings) -> list[str]:
-        """The keys whose values differ, sorted (an extra key of either side counts as changed)."""
+        """The keys whose values differ, sorted; a key only one side has counts as None on the other."""
         mine, theirs = self.as_dict(), other.as_dict()
         return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
 
