@@ -68,12 +68,12 @@ def set_threshold(line: InspectionService, args: ThresholdArgs) -> Answer:
     if engine is None:
         raise ValueError(ENGINE_LOADING)
     name = normalise_class_name(args.product_class)
-    if engine.profile(name) is None:
+    if engine.classes.profile(name) is None:
         raise ValueError(f"unknown product class {args.product_class!r} on this line")
     line.thresholds = {k: v for k, v in line.thresholds.items() if normalise_class_name(k) != name}
     line.thresholds[name] = args.value
     line.commanded.add(name)
-    engine.set_thresholds(line.thresholds, {k: "command" for k in line.commanded})
+    engine.classes.set_thresholds(line.thresholds, {k: "command" for k in line.commanded})
     log.info("threshold set by command", product_class=name, value=args.value)
     line.publish_info()
     return {"product_class": name, "threshold": args.value}

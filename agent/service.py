@@ -32,7 +32,7 @@ from agent.frames import Frame
 from agent.health import HealthServer
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
 from agent.ledger import FrameLedger
-from agent.line_status import class_summary
+from agent.line_status import info_entry, stale_calibration_reason
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
 from agent.outcomes import Outcome, Prediction
@@ -178,7 +178,7 @@ class InspectionService:
         log.info(
             "inspection running",
             cameras=len(self.sources),
-            classes=engine.registered_classes(),
+            classes=engine.classes.names(),
             prompt_version=engine.prompt_version,
             health=f"http://{cfg.agent.health_host}:{self.health.port}/healthz",
         )
@@ -292,18 +292,18 @@ class InspectionService:
             threading.Thread(target=self._on_checkpoint, args=(newest[0],), name="catch-up", daemon=True).start()
 
     def _setup_classes(self, engine: Engine) -> None:
-        engine.set_thresholds(self.thresholds)
+        engine.classes.set_thresholds(self.thresholds)
         for name in self.config.product_classes():
             folder = self.config.references.get(name)
             try:
                 loader = reference_loader(folder, self.config.model.max_frame_pixels) if folder else ()
-                profile = engine.setup_class(name, loader)
+                profile = engine.classes.setup(name, loader)
                 log.info(
                     "class ready",
                     product_class=name,
                     class_word=profile.class_word,
                     class_word_source=profile.class_word_source,
-                    threshold_source=engine.threshold(name)[1],
+                    threshold_source=engine.classes.threshold(name).source,
                 )
             except Exception as exc:  # one class that cannot be set up must not stop the others
                 self.class_errors[name] = str(exc)
@@ -403,7 +403,7 @@ class InspectionService:
         engine = self.worker.engine
         classes: JsonObject = {}
         if engine is not None:
-            classes.update({name: class_summary(engine, name).info_entry() for name in engine.registered_classes()})
+            classes.update({name: info_entry(engine.classes.status(name)) for name in engine.classes.names()})
         classes.update({name: {"error": error} for name, error in self.class_errors.items()})
         paused = set(self.batcher.paused())
         return {
@@ -444,7 +444,7 @@ class InspectionService:
         reasons = [f"class {name}: {error}" for name, error in self.class_errors.items()]
         engine = self.worker.engine
         if engine is not None:
-            stale = (class_summary(engine, name).health_reason(name) for name in engine.registered_classes())
+            stale = (stale_calibration_reason(engine.classes.status(name)) for name in engine.classes.names())
             reasons += [reason for reason in stale if reason is not None]
         for camera_id, source in self.sources.items():
             status = source.status()

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.image_size:
             config = config.model_copy(update={"image_size": args.image_size})
         engine = Engine(config, max_batch=args.batch)
-        engine.register_class("bottle")
+        engine.classes.register("bottle")
         warmup[label] = engine.warmup()
         engines[label] = engine
     times: dict[str, list[float]] = {"eager": [], "compiled": []}

@@ -164,7 +164,7 @@ def bench_point(
         )
     size = engine.config.image_size
     for name in CLASSES:
-        engine.register_class(name)
+        engine.classes.register(name)
     warmup_s = engine.warmup()
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (*frame_size, 3), dtype=np.uint8) for _ in range(largest)]
@@ -176,7 +176,7 @@ def bench_point(
         twin = engine.config.model_copy(update={"precision": "fp32"})
         fp32 = Engine(twin, backbone=engine.backbone, max_batch=largest)
         for name in CLASSES:
-            fp32.register_class(name)
+            fp32.classes.register(name)
         fp32.warmup()
     loop = NaiveLoop(fp32) if naive else None
     precision_check = _precision_check(engine, fp32, frames, classes) if fp32 is not engine else None
@@ -237,7 +237,7 @@ def bench_point(
             timings.add("fp32", time.perf_counter() - began)
         fresh = f"new class {r}"
         began = time.perf_counter()
-        engine.register_class(fresh)
+        engine.classes.register(fresh)
         engine.predict(frames[:1], [fresh])
         _synchronise(engine.device)
         new_class_ms.append((time.perf_counter() - began) * 1000)

@@ -27,7 +27,7 @@ def count(backbone: str, image_size: int | None) -> dict[str, float]:
     if image_size:
         config = config.model_copy(update={"image_size": image_size})
     engine = Engine(config, max_batch=1)
-    engine.register_class("bottle")
+    engine.classes.register("bottle")
     model = engine.snapshot.prompts.model
     text = engine.snapshot.classes["bottle"].text
     images = torch.zeros(1, 3, engine.config.image_size, engine.config.image_size)

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         config = config.model_copy(update={"image_size": args.image_size})
     engine = Engine(config, max_batch=args.batch)
     for name in CLASSES:
-        engine.register_class(name)
+        engine.classes.register(name)
     engine.warmup()
     images = synthetic_parts(args.frames)
     times: dict[str, list[float]] = {"on": [], "off": []}

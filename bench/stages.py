@@ -42,7 +42,7 @@ def stage_times(backbone: str, image_size: int | None, precision: str, rounds: i
     if image_size:
         config = config.model_copy(update={"image_size": image_size})
     engine = Engine(config, max_batch=batch)
-    engine.register_class("bottle")
+    engine.classes.register("bottle")
     engine.warmup()
     spent: dict[str, float] = collections.defaultdict(float)
     tower = engine._base.vision
@@ -60,7 +60,7 @@ def stage_times(backbone: str, image_size: int | None, precision: str, rounds: i
     model.head = _timed(spent, "head", model.head)
     model.image_features = _timed(spent, "adapters", model.image_features)
     engine.preprocess = _timed(spent, "preprocess", engine.preprocess)
-    engine._assemble = _timed(spent, "regions", engine._assemble)
+    engine.assemble = _timed(spent, "regions", engine.assemble)
     variants = {
         "batch 1": (1, _timed(spent, "tower", tower)),
         f"batch {batch}": (batch, _timed(spent, "tower", tower)),

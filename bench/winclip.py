@@ -53,7 +53,7 @@ def winclip_point(
     )
     theirs = winclip_precision or engine.precision
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(theirs)
-    engine.register_class("bottle")
+    engine.classes.register("bottle")
     engine.warmup()
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (*frame_size, 3), dtype=np.uint8) for _ in range(batch)]

@@ -78,13 +78,13 @@ def run_export_onnx(
         if folder is not None and folder.is_dir():
             frames = reference_frames(folder, 64, cfg.model.max_frame_pixels)
         try:
-            profile = engine.setup_class(name, frames, save=False)
+            profile = engine.classes.setup(name, frames, save=False)
         except ClassSetupError as exc:
             fail(str(exc))
         log.info("class registered", product_class=name, images=len(frames), class_word=profile.class_word)
     with contextlib.redirect_stdout(sys.stderr):  # torch.onnx prints progress; stdout is for the result
         diffs, ok = export_checked(engine, classes, out, ONNX_TOLERANCE)
-    used = {name: engine.class_info(name)["class_word"] for name in classes}
+    used = {name: engine.classes.status(name).class_word for name in classes}
     result = {name: finite(value) for name, value in diffs.items()}
     emit({"path": str(out), "classes": classes, "used_names": used, **result, "tolerance": ONNX_TOLERANCE, "ok": ok})
     if not ok:

@@ -185,9 +185,9 @@ def run_score(
     thresholds = dict(cfg.thresholds)
     if threshold is not None:
         thresholds[product_class] = threshold
-    engine.set_thresholds(thresholds)
+    engine.classes.set_thresholds(thresholds)
     try:
-        engine.setup_class(product_class, save=False)  # the line's class profile, when it has one
+        engine.classes.setup(product_class, save=False)  # the line's class profile, when it has one
     except ValueError as exc:
         fail(f"--class: {exc}")
     if engine.device.type == "cuda":  # so the first batch's timing is not CUDA start-up

@@ -2,7 +2,7 @@
 
     from model import Engine, EngineConfig
     engine = Engine(EngineConfig(backbone="genclip-tiny", pretrained="random"))
-    engine.register_class("bottle", good_bottle_frames)   # class word (CNF) and threshold
+    engine.classes.register("bottle", good_bottle_frames)   # class word (CNF) and threshold
     results = engine.predict(frames, ["bottle"] * len(frames))   # Prediction or FrameError per frame
 
 Names are imported on first use, so `model.config` (read by `genclip config check`)
@@ -21,7 +21,9 @@ _EXPORTS = {
     "Engine": "model.engine",
     "Prediction": "model.outcomes",
     "FrameError": "model.outcomes",
-    "ClassSetupError": "model.engine",
+    "ClassSetupError": "model.classes",
+    "ClassStatus": "model.classes",
+    "CalibrationSettings": "model.profile",
     "ClassProfile": "model.profile",
     "Calibration": "model.profile",
     "ProfileError": "model.profile",

@@ -15,15 +15,21 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
-from torch import nn
 
 from model.digests import sha256_file
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 RANDOM_INIT_SEED = 0
+
+
+OpenClipModule = Any
+"""An open_clip model, tower or block. open_clip ships no type information, and torch types what a module
+reaches by attribute name (`visual.conv1`, `transformer.resblocks`, `attn.out_proj`) as `Tensor | Module`,
+so the frozen CLIP's parts are reached untyped, at this one named boundary."""
 
 
 class BackboneError(RuntimeError):
@@ -34,7 +40,7 @@ class BackboneError(RuntimeError):
 class Backbone:
     """A frozen open_clip CLIP plus what the rest of the engine needs to know about it."""
 
-    clip: nn.Module
+    clip: OpenClipModule
     tokenizer: open_clip.tokenizer.SimpleTokenizer
     name: str
     weights: str  # identity of the weights: "random-init:seed=0", "tag:openai", "sha256:<hex>"
@@ -166,13 +172,13 @@ def _without_random_init_warning() -> Iterator[None]:
         logging.getLogger().removeFilter(quiet)
 
 
-def _describe(clip: nn.Module, name: str, weights: str) -> Backbone:
+def _describe(clip: OpenClipModule, name: str, weights: str) -> Backbone:
     visual = clip.visual
     if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
         raise BackboneError(f"{name} has no ViT image tower; GenCLIP needs a ViT backbone (ViT-B-16, ViT-L-14-336...)")
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
         raise BackboneError(f"{name} pools its image tokens differently from CLIP (class-token pooling needed)")
-    text = getattr(clip, "text", clip)
+    text: OpenClipModule = getattr(clip, "text", clip)
     if not hasattr(text, "token_embedding"):
         raise BackboneError(f"{name} uses a Hugging Face text tower; GenCLIP needs CLIP's own text transformer")
     clip.eval()

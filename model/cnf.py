@@ -18,7 +18,7 @@ TEMPLATE = "a photo of a {}."
 
 @dataclass(frozen=True)
 class CnfDecision:
-    """Why a class name was kept or replaced; logged and reported by `Engine.class_info`."""
+    """Why a class name was kept or replaced; logged and reported by `ClassRegistry.status`."""
 
     class_name: str
     used_name: str

@@ -25,6 +25,12 @@ from model.engine import Engine, normalise_class_name
 class ExportedScorer(nn.Module):
     """The engine's scoring for `classes`, as one traceable module on a CPU copy of the model."""
 
+    suffixes: torch.Tensor  # buffers
+    lengths: torch.Tensor
+    query_text: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, engine: Engine, classes: list[str]) -> None:
         super().__init__()
         if not classes:
@@ -32,7 +38,7 @@ class ExportedScorer(nn.Module):
         names = [normalise_class_name(c) for c in classes]
         for name in names:
             if name not in engine.snapshot.classes:
-                engine.register_class(name)  # the plain name, as predict would use for an unfiltered class
+                engine.classes.register(name)  # the plain name, as predict would use for an unfiltered class
         model, prompts = engine.cpu_copy()
         self.model = model
         self.settings = engine.settings

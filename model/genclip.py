@@ -97,6 +97,8 @@ def prompt_shape(backbone: Backbone, config: EngineConfig, layers: int) -> Promp
 class GenClip(nn.Module):
     """Frozen CLIP + learned prompts: image features, text features, layer maps."""
 
+    sot: torch.Tensor  # a buffer: the start-of-text token's embedding
+
     def __init__(self, backbone: Backbone, config: EngineConfig, shape: PromptShape | None = None) -> None:
         super().__init__()
         layers = config.layers or default_layers(backbone.depth)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,62 @@ def threshold_from_good(scores: np.ndarray, quantile: float, margin: float) -> t
 
 
 @dataclass(frozen=True)
+class CalibrationSettings:
+    """What a calibration depends on besides the prompts: the model, the numbers that make the score, the
+    towers' precision and the class word. A calibration holds while these equal the running engine's.
+
+    Not `model.genclip.ScoringSettings` (the four numbers the scoring path computes with); these are what a
+    threshold measured once was measured under. Stored in a profile as a JSON object of these keys.
+    """
+
+    backbone: str
+    weights: str
+    image_size: int
+    layers: tuple[int, ...]
+    vv_from_layer: int | None
+    branch_weight: float
+    score_alpha: float
+    blur_sigma: float
+    temperature: float
+    precision: str
+    class_word: str
+    # Only for settings read from a profile file unlike the engine's (hand-edited, or another version):
+    extra: tuple[tuple[str, Any], ...] = ()  # keys the file holds beyond these
+    missing: tuple[str, ...] = ()  # keys the file lacks (their fields hold None and are not written back)
+
+    def for_word(self, class_word: str) -> CalibrationSettings:
+        return replace(self, class_word=class_word)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object a profile stores (layers a list, keys in this order, as read from a file)."""
+        data = {name: getattr(self, name) for name in self._keys() if name not in self.missing}
+        if "layers" in data:
+            data["layers"] = list(self.layers)
+        return {**data, **dict(self.extra)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CalibrationSettings:
+        """From a profile's JSON object, values as they are (compared as recorded, never converted)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"calibration settings are a JSON {type(data).__name__}, not an object")
+        names = cls._keys()
+        values: dict[str, Any] = {name: data.get(name) for name in names}
+        if isinstance(values["layers"], list):
+            values["layers"] = tuple(values["layers"])
+        extra = tuple((k, v) for k, v in data.items() if k not in values)
+        return cls(**values, extra=extra, missing=tuple(name for name in names if name not in data))
+
+    @classmethod
+    def _keys(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name not in ("extra", "missing")]
+
+    def changed_from(self, other: CalibrationSettings) -> list[str]:
+        """The keys whose values differ, sorted; a key only one side has counts as None on the other."""
+        mine, theirs = self.as_dict(), other.as_dict()
+        return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+
+
+@dataclass(frozen=True)
 class Calibration:
     """A threshold measured on good parts, with everything it depends on."""
 
@@ -81,7 +138,7 @@ class Calibration:
     score_max: float
     prompt_version: str
     prompt_digest: str
-    settings: dict[str, Any]  # Engine.scoring_settings(class_word) when measured
+    settings: CalibrationSettings  # the running engine's when measured
     measured_at: str = field(default_factory=now_iso)
     rule: str = "quantile"  # "quantile" or "max+margin" (too few images to resolve the quantile)
     margin: float = 0.0
@@ -94,7 +151,7 @@ class Calibration:
         quantile: float,
         prompt_version: str,
         prompt_digest: str,
-        settings: dict[str, Any],
+        settings: CalibrationSettings,
         margin: float = 0.0,
     ) -> Calibration:
         values = np.asarray(scores, dtype=np.float64)
@@ -109,7 +166,7 @@ class Calibration:
             score_max=float(values.max()),
             prompt_version=prompt_version,
             prompt_digest=prompt_digest,
-            settings=dict(settings),
+            settings=settings,
             rule=rule,
             margin=margin if rule == "max+margin" else 0.0,
             false_reject_rate=float(np.mean(values >= threshold)),
@@ -137,14 +194,22 @@ class Calibration:
         rate = "" if self.false_reject_rate is None else f"; rejects {self.false_reject_rate:.1%} of these images"
         return f"{spread}; {how}{rate}"
 
-    def stale_because(self, prompt_digest: str, settings: dict[str, Any]) -> str | None:
+    def stale_because(self, prompt_digest: str, settings: CalibrationSettings) -> str | None:
         """Why this calibration does not hold for the running engine, or None when it does."""
         if self.prompt_digest != prompt_digest:
             return f"measured on prompts {self.prompt_version}, running other prompts"
-        changed = sorted(k for k in set(self.settings) | set(settings) if self.settings.get(k) != settings.get(k))
+        changed = self.settings.changed_from(settings)
         if changed:
             return "scoring settings changed since calibration: " + ", ".join(changed)
         return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object a profile stores."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"settings": self.settings.as_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        return cls(**{**data, "settings": CalibrationSettings.from_dict(data["settings"])})
 
 
 @dataclass(frozen=True)
@@ -169,6 +234,7 @@ class ClassProfile:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["defect_types"] = list(self.defect_types)
+        data["calibration"] = self.calibration.as_dict() if self.calibration is not None else None
         if data["cnf"] is not None:
             data["cnf"] = _json_safe(data["cnf"])
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
@@ -216,7 +282,7 @@ class ClassProfile:
                 cnf=data.get("cnf"),
                 reference_images=int(data.get("reference_images", 0)),
                 reference_digest=data.get("reference_digest"),
-                calibration=Calibration(**calibration) if calibration else None,
+                calibration=Calibration.from_dict(calibration) if calibration else None,
                 updated_at=str(data.get("updated_at", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -74,10 +74,11 @@ class PromptLearner(nn.Module):
             self.normal = nn.Parameter(torch.zeros(shape.state_tokens, w))
             self.abnormal = nn.Parameter(torch.zeros(shape.state_tokens, w))
             self.defect = nn.Parameter(torch.zeros(shape.defect_tokens, w))
-        self.mvp = nn.ModuleList(nn.Linear(shape.vision_width, w) for _ in range(shape.layers))
-        for m in self.mvp:
+        mvp = [nn.Linear(shape.vision_width, w) for _ in range(shape.layers)]
+        for m in mvp:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        self.mvp = nn.ModuleList(mvp)
 
     def vision_prompts(self, layer_tokens: list[torch.Tensor]) -> torch.Tensor:
         """V_i for each image and layer from the mean patch token: [B, L, W]."""
@@ -124,14 +125,15 @@ class PatchAdapters(nn.Module):
 
     def __init__(self, shape: PromptShape, projection: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.maps = nn.ModuleList(nn.Linear(shape.vision_width, shape.embed_dim) for _ in range(shape.layers))
+        maps = [nn.Linear(shape.vision_width, shape.embed_dim) for _ in range(shape.layers)]
         with torch.no_grad():
-            for m in self.maps:
+            for m in maps:
                 if projection is not None:
                     m.weight.copy_(projection.detach().t().float())
                 else:
                     nn.init.eye_(m.weight)
                 nn.init.zeros_(m.bias)
+        self.maps = nn.ModuleList(maps)
 
     def forward(self, layer_tokens: list[torch.Tensor]) -> torch.Tensor:
         """Normalised patch features [B, L, HW, D]."""

@@ -63,8 +63,8 @@ def find_defects(
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     keep = [r for r in range(1, count) if stats[r, cv2.CC_STAT_AREA] >= min_area]
     if not keep and keep_peak:
-        peak = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
-        keep = [int(labels[peak])] if labels[peak] > 0 else []
+        at = np.unravel_index(int(np.argmax(anomaly_map)), anomaly_map.shape)
+        keep = [int(labels[at])] if labels[at] > 0 else []
     if not keep:
         return []
     size = anomaly_map.shape[0]

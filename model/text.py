@@ -11,18 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.backbone import OpenClipModule
+
 
 class TextEncoder(nn.Module):
     """Prompt embeddings [N, T, W] plus EOT positions -> normalised text features [N, D]."""
 
-    def __init__(self, clip: nn.Module, tokenizer) -> None:
+    attn_mask: torch.Tensor | None  # a buffer
+
+    def __init__(self, clip: OpenClipModule, tokenizer: OpenClipModule) -> None:
         super().__init__()
-        text = getattr(clip, "text", clip)
-        self.token_embedding = text.token_embedding
-        self.positional_embedding = text.positional_embedding
-        self.transformer = text.transformer
-        self.ln_final = text.ln_final
-        self.text_projection = text.text_projection
+        text: OpenClipModule = getattr(clip, "text", clip)
+        self.token_embedding: nn.Embedding = text.token_embedding
+        self.positional_embedding: torch.Tensor = text.positional_embedding
+        self.transformer: OpenClipModule = text.transformer
+        self.ln_final: nn.Module = text.ln_final
+        self.text_projection: torch.Tensor | nn.Linear | None = text.text_projection
         self.register_buffer("attn_mask", text.attn_mask, persistent=False)
         self.batch_first = getattr(text.transformer, "batch_first", True)
         self.tokenizer = tokenizer

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.backbone import OpenClipModule
+
 
 @dataclass
 class VisionOutput:
@@ -63,7 +65,9 @@ def _standard_block(block: nn.Module) -> bool:
 class PatchEncoder(nn.Module):
     """Runs the frozen ViT once and returns the global embedding plus the used layers' patch tokens."""
 
-    def __init__(self, visual: nn.Module, image_size: int, layers: list[int], vv_from: int | None) -> None:
+    position_embedding: torch.Tensor  # a buffer
+
+    def __init__(self, visual: OpenClipModule, image_size: int, layers: list[int], vv_from: int | None) -> None:
         super().__init__()
         patch = visual.conv1.kernel_size[0]
         if image_size % patch:
@@ -71,7 +75,7 @@ class PatchEncoder(nn.Module):
         depth = len(visual.transformer.resblocks)
         if layers[-1] > depth:
             raise ValueError(f"layers {layers} reach past the backbone's {depth} blocks")
-        self.visual = visual
+        self.visual: OpenClipModule = visual
         self.layers = list(layers)
         self.vv_from = vv_from
         self.grid = image_size // patch
@@ -80,7 +84,7 @@ class PatchEncoder(nn.Module):
             "position_embedding", resize_position_embedding(visual.positional_embedding.detach(), self.grid)
         )
 
-    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _block(self, block: OpenClipModule, x: torch.Tensor) -> torch.Tensor:
         if self.batch_first and _standard_block(block):
             return self.sdpa_block(block, x)
         if self.batch_first:
@@ -88,7 +92,7 @@ class PatchEncoder(nn.Module):
         return block(x.transpose(0, 1)).transpose(0, 1)
 
     @staticmethod
-    def sdpa_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def sdpa_block(block: OpenClipModule, x: torch.Tensor) -> torch.Tensor:
         """open_clip's residual block with `F.scaled_dot_product_attention` for its self-attention.
 
         Same weights and arithmetic as `block(x)`, but torch's fused attention kernels (flash or
@@ -101,7 +105,7 @@ class PatchEncoder(nn.Module):
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     @staticmethod
-    def sdpa_block_with_vv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sdpa_block_with_vv(block: OpenClipModule, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`sdpa_block(block, x)` and the V-V stream's update `ls_1(value_value_attention(block, ln_1(x)))`,
         sharing one ln_1 and one qkv projection: the V-V stream's v is the CLIP stream's v."""
         q, k, v = PatchEncoder._qkv(block, x)
@@ -110,7 +114,7 @@ class PatchEncoder(nn.Module):
         return x + block.ls_2(block.mlp(block.ln_2(x))), update
 
     @staticmethod
-    def _qkv(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _qkv(block: OpenClipModule, x: torch.Tensor) -> torch.Tensor:
         """q, k, v stacked as [3, B, heads, T, head width], from ln_1(x) and the block's in-projection."""
         b, t, width = x.shape
         heads = block.attn.num_heads
@@ -118,7 +122,7 @@ class PatchEncoder(nn.Module):
         return qkv.view(b, t, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
 
     @staticmethod
-    def value_value_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def value_value_attention(block: OpenClipModule, x: torch.Tensor) -> torch.Tensor:
         """softmax(v v^T / sqrt(d)) v per head, with the block's own v projection and out_proj."""
         attn = block.attn
         width = x.shape[-1]

@@ -356,7 +356,7 @@ def test_commands_answered_with_correlation(tmp_path, mosquitto, redis_server, r
         "req-11": True,
         "req-12": False,
     }
-    assert service.worker.engine.threshold("widget") == (0.71, "command")
+    assert service.worker.engine.classes.threshold("widget") == (0.71, "command")
     assert answers["req-12"]["error"] == "unknown camera 'nobody' on this line (cameras: cam-1, cam-2)"
     assert answers["req-3"]["cameras"] == ["cam-2"] and service.batcher.paused() == []
     assert "unknown command" in answers["req-7"]["error"]

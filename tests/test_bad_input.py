@@ -302,7 +302,7 @@ def engine() -> Any:
     from tests.factories import tiny_config
 
     engine = Engine(tiny_config(max_frame_pixels=4_000_000), max_batch=4)
-    engine.register_class("widget")
+    engine.classes.register("widget")
     return engine
 
 
@@ -621,18 +621,18 @@ def test_a_saved_profile_of_other_prompts_is_stale_or_recalibrated_never_used(en
     perturbed_checkpoint(first, engine.backbone, tiny_config(), seed=1, scale=0.2)
     perturbed_checkpoint(second, engine.backbone, tiny_config(), seed=2, scale=0.2)
     old = Engine(tiny_config(checkpoint=first, profile_dir=profiles), backbone=engine.backbone)
-    saved = old.setup_class("widget", good_parts())
-    assert saved.calibration is not None and old.threshold("widget")[1] == "calibration"
+    saved = old.classes.setup("widget", good_parts())
+    assert saved.calibration is not None and old.classes.threshold("widget")[1] == "calibration"
     path = profile_path(profiles, "widget")
     assert ClassProfile.load(path).calibration.prompt_version == old.prompt_version
 
     new = Engine(tiny_config(checkpoint=second, profile_dir=profiles), backbone=engine.backbone)
     with structlog.testing.capture_logs() as logs:
-        new.setup_class("widget")  # no reference images: nothing to recalibrate on
-    value, source = new.threshold("widget")
+        new.classes.setup("widget")  # no reference images: nothing to recalibrate on
+    value, source = new.classes.threshold("widget")
     assert (value, source) == (new.config.default_threshold, "stale-calibration")
     assert (
-        new.class_info("widget")["stale_reason"] == f"measured on prompts {old.prompt_version}, running other prompts"
+        new.classes.status("widget").stale_reason == f"measured on prompts {old.prompt_version}, running other prompts"
     )
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
         "calibration does not hold; using the default threshold"
@@ -641,8 +641,8 @@ def test_a_saved_profile_of_other_prompts_is_stale_or_recalibrated_never_used(en
     assert prediction.threshold_source == "stale-calibration" and prediction.threshold == value
 
     again = Engine(tiny_config(checkpoint=second, profile_dir=profiles), backbone=engine.backbone)
-    recalibrated = again.setup_class("widget", good_parts)  # with references: measured anew on these prompts
-    assert again.threshold("widget") == (recalibrated.calibration.threshold, "calibration")
+    recalibrated = again.classes.setup("widget", good_parts)  # with references: measured anew on these prompts
+    assert again.classes.threshold("widget") == (recalibrated.calibration.threshold, "calibration")
     assert recalibrated.calibration.prompt_version == again.prompt_version != old.prompt_version
     assert ClassProfile.load(path).calibration.prompt_version == again.prompt_version  # saved for the next start
 
@@ -652,7 +652,7 @@ def test_a_saved_profile_of_other_prompts_is_stale_or_recalibrated_never_used(en
     perturbed_checkpoint(third, engine.backbone, tiny_config(), seed=3, scale=0.2)
     before = len(profile_history(profiles, "widget"))
     version = again.load_prompts(third)
-    assert again.threshold("widget")[1] == "calibration"
+    assert again.classes.threshold("widget")[1] == "calibration"
     assert ClassProfile.load(path).calibration.prompt_version == version == again.prompt_version
     assert len(profile_history(profiles, "widget")) == before + 1
 
@@ -668,7 +668,7 @@ def test_a_stale_calibration_shows_in_health(engine: Any, tmp_path: Path, mosqui
     first, second, profiles = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "profiles"
     perturbed_checkpoint(first, engine.backbone, tiny_config(), seed=1, scale=0.2)
     perturbed_checkpoint(second, engine.backbone, tiny_config(), seed=2, scale=0.2)
-    Engine(tiny_config(checkpoint=first, profile_dir=profiles), backbone=engine.backbone).setup_class(
+    Engine(tiny_config(checkpoint=first, profile_dir=profiles), backbone=engine.backbone).classes.setup(
         "widget", good_parts()
     )
     model = tiny_config(checkpoint=second, profile_dir=profiles).model_dump(mode="json", exclude_none=True)
@@ -699,8 +699,8 @@ def test_an_unreadable_profile_is_set_up_again_with_a_warning(engine: Any, tmp_p
         profile_path(profiles, "widget").write_text(text)
         fresh = Engine(tiny_config(profile_dir=profiles), backbone=engine.backbone)
         with structlog.testing.capture_logs() as logs:
-            profile = fresh.setup_class("widget")
-        assert profile.class_word_source == "unfiltered" and fresh.threshold("widget")[1] == "default"
+            profile = fresh.classes.setup("widget")
+        assert profile.class_word_source == "unfiltered" and fresh.classes.threshold("widget")[1] == "default"
         [warning] = [e for e in logs if e["event"] == "class profile unusable; setting the class up again"]
         assert str(profile_path(profiles, "widget")) in warning["error"]
 

@@ -24,7 +24,7 @@ GENCLIP = str(Path(sys.executable).with_name("genclip"))
 def test_the_naive_loop_computes_what_the_engine_computes(branch_weight):
     engine = Engine(tiny_config(image_size=96, branch_weight=branch_weight), max_batch=4)
     for name in ("bottle", "metal nut"):
-        engine.register_class(name)
+        engine.classes.register(name)
     shots = frames(5, seed=3, size=(120, 160))
     classes = ["bottle", "metal nut", "bottle", "metal nut", "bottle"]
     fast = engine.predict(shots, classes)

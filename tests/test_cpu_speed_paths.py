@@ -32,7 +32,7 @@ def test_bf16_on_a_cpu_without_native_bf16_falls_back_to_fp32_and_says_so(backbo
     monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: False)
     with structlog.testing.capture_logs() as logs:
         engine = Engine(tiny_config(precision="bf16"), backbone=backbone)
-    assert engine.precision == "fp32" and engine.info()["precision"] == "fp32"
+    assert engine.precision == "fp32" and engine.info().precision == "fp32"
     (warning,) = [e for e in logs if e["event"] == "precision not available here"]
     assert warning["used"] == "fp32" and "no native bf16" in warning["reason"]
 
@@ -46,7 +46,7 @@ def test_bf16_towers_on_the_cpu_stay_close_to_fp32(backbone, monkeypatch):
     assert bf16.precision == "bf16" and fp32.precision == "fp32"
     batch = frames(6, seed=4)
     for engine in (fp32, bf16):
-        engine.register_class("bottle")
+        engine.classes.register("bottle")
     a = fp32.predict(batch, ["bottle"] * 6)
     b = bf16.predict(batch, ["bottle"] * 6)
     scores_a, scores_b = np.array([p.score for p in a]), np.array([p.score for p in b])

@@ -31,7 +31,7 @@ COMMON_CLASSES = ("bottle", "pcb1", "screw", "metal nut", "a")
 def registered(engine: Engine, *names: str) -> Engine:
     """Register classes with their plain names (no reference images: class_word_source 'unfiltered')."""
     for name in names or COMMON_CLASSES:
-        engine.register_class(name)
+        engine.classes.register(name)
     return engine
 
 
@@ -204,33 +204,33 @@ def test_engine_cnf_replaces_unrecognisable_name_and_keeps_known_one(backbone, m
         }
     refs = frames(8)
     for name, embedding in looks.items():
-        monkeypatch.setattr(engine, "_global_embeddings", lambda f, e=embedding: e.expand(len(f), -1))
-        engine.register_class(name, refs)
-    replaced, kept = engine.class_info("qx7-pcb4"), engine.class_info("gizmo")
-    assert replaced["class_word"] == "object" and replaced["class_word_source"] == "cnf"
-    assert not replaced["cnf"]["kept"] and replaced["cnf"]["generic_similarities"]
-    assert kept["class_word"] == "gizmo" and kept["cnf"]["kept"]
+        monkeypatch.setattr(engine.classes.scorer, "image_embeddings", lambda f, e=embedding: e.expand(len(f), -1))
+        engine.classes.register(name, refs)
+    replaced, kept = engine.classes.status("qx7-pcb4"), engine.classes.status("gizmo")
+    assert replaced.class_word == "object" and replaced.class_word_source == "cnf"
+    assert not replaced.cnf["kept"] and replaced.cnf["generic_similarities"]
+    assert kept.class_word == "gizmo" and kept.cnf["kept"]
 
 
 def test_class_setup_rules(backbone):
     words = {"pcb4": "circuit board", "long": "very " * 70}
     engine = Engine(tiny_config(class_words=words, min_reference_images=4), backbone=backbone)
     with pytest.raises(ClassSetupError, match=r"3 reference image\(s\).*at least 4"):
-        engine.register_class("widget", frames(3))
-    assert engine.register_class("pcb4").class_word_source == "config"
-    assert engine.class_info("pcb4")["class_word"] == "circuit board"
-    unfiltered = engine.register_class("  wid   get ")
+        engine.classes.register("widget", frames(3))
+    assert engine.classes.register("pcb4").class_word_source == "config"
+    assert engine.classes.status("pcb4").class_word == "circuit board"
+    unfiltered = engine.classes.register("  wid   get ")
     assert (unfiltered.product_class, unfiltered.class_word_source) == ("wid get", "unfiltered")
-    assert engine.register_class("object").class_word_source == "generic"
+    assert engine.classes.register("object").class_word_source == "generic"
     with pytest.raises(ClassSetupError, match="too long: its prompts need"):
-        engine.register_class("long")
+        engine.classes.register("long")
 
 
 def test_cnf_off_keeps_names(backbone):
     engine = Engine(tiny_config(cnf=False), backbone=backbone)
-    engine.register_class("pcb4", frames(8))
-    assert engine.class_info("pcb4")["class_word"] == "pcb4"
-    assert engine.class_info("pcb4")["class_word_source"] == "cnf-off"
+    engine.classes.register("pcb4", frames(8))
+    assert engine.classes.status("pcb4").class_word == "pcb4"
+    assert engine.classes.status("pcb4").class_word_source == "cnf-off"
 
 
 # --- the batched API ---------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_batched_equals_one_at_a_time(backbone):
     batch = frames(4, seed=5)
     classes = ["bottle", "pcb1", "bottle", "screw"]
     for name in set(classes):
-        engine.register_class(name)
+        engine.classes.register(name)
     together = engine.predict(batch, classes)
     alone = [engine.predict([f], [c])[0] for f, c in zip(batch, classes, strict=True)]
     for a, b in zip(together, alone, strict=True):
@@ -329,13 +329,13 @@ def test_query_only_mode_runs_no_text_per_batch(backbone):
 
 def test_thresholds_come_from_config_then_calibration_then_default(backbone):
     engine = Engine(tiny_config(), backbone=backbone)
-    engine.register_class("bottle", frames(8, seed=4))  # good parts: class word and calibration
-    engine.register_class("screw")
-    value, source = engine.threshold("bottle")
-    assert source == "calibration" and value == engine.profile("bottle").calibration.threshold
-    assert engine.threshold("screw") == (engine.config.default_threshold, "default")
-    engine.set_thresholds({"bottle": 0.9})
-    assert engine.threshold("bottle") == (0.9, "config")
+    engine.classes.register("bottle", frames(8, seed=4))  # good parts: class word and calibration
+    engine.classes.register("screw")
+    value, source = engine.classes.threshold("bottle")
+    assert source == "calibration" and value == engine.classes.profile("bottle").calibration.threshold
+    assert engine.classes.threshold("screw") == (engine.config.default_threshold, "default")
+    engine.classes.set_thresholds({"bottle": 0.9})
+    assert engine.classes.threshold("bottle") == (0.9, "config")
     assert engine.predict(frames(1), ["bottle"])[0].threshold == 0.9
 
 
@@ -421,7 +421,7 @@ def test_swap_happens_between_batches(tmp_path, backbone):
     assert {p.prompt_version for p in in_flight} == {old_version}
     assert {p.prompt_version for p in after} == {swapped[0]} and swapped[0] != old_version
     assert engine.stats.prompt_swaps == 1
-    assert engine.registered_classes() == ["bottle", "pcb1"]  # class texts rebuilt before the swap
+    assert engine.classes.names() == ["bottle", "pcb1"]  # class texts rebuilt before the swap
 
 
 # --- backbone loading ------------------------------------------------------------------------------

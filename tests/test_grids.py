@@ -49,7 +49,7 @@ def test_rows_carry_score_threshold_and_verdict_and_the_picture_is_written(two_c
     outcome = evaluate(engine, open_dataset(f"synthetic:{two_classes}"), grid_good=2, grid_per_kind=1)
     rows = outcome.examples["woven"]
     assert [r.kind for r in rows] == ["good", "good", *sorted(KINDS)]  # good parts first, then kinds
-    threshold = engine.threshold("woven")[0]
+    threshold = engine.classes.threshold("woven")[0]
     for row in rows:
         assert row.threshold == threshold and row.score is not None
         assert row.verdict == ("NG" if row.score >= threshold else "OK")

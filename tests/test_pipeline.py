@@ -21,8 +21,8 @@ from tests.factories import frames, tiny_config
 @pytest.fixture(scope="module")
 def engine():
     engine = Engine(tiny_config(), backbone=load_backbone("genclip-tiny", "random"))
-    engine.register_class("bottle")
-    engine.register_class("tile")
+    engine.classes.register("bottle")
+    engine.classes.register("tile")
     return engine
 
 
@@ -57,14 +57,14 @@ def test_launch_then_outcomes_on_another_thread_equals_predict(engine):
 
 def test_results_keep_the_snapshot_they_were_launched_with(engine):
     pending = engine.launch(frames(2, seed=6), ["bottle"] * 2)
-    before = engine.threshold("bottle")
-    engine.set_thresholds({"bottle": 0.123})
+    before = engine.classes.threshold("bottle")
+    engine.classes.set_thresholds({"bottle": 0.123})
     try:
         built = pending.outcomes()
         assert {p.threshold for p in built} == {before[0]}
         assert {p.threshold for p in engine.predict(frames(1), ["bottle"])} == {0.123}
     finally:
-        engine.set_thresholds({})
+        engine.classes.set_thresholds({})
 
 
 def make_frames(count: int, seed: int = 0) -> list[Frame]:
@@ -104,7 +104,7 @@ def test_next_batch_is_launched_before_the_last_ones_regions_are_built(engine, m
     second_launched = threading.Event()
     overlapped: list[bool] = []
     launches = 0
-    launch, assemble = engine.launch, engine._assemble
+    launch, assemble = engine.launch, engine.assemble
 
     def counting_launch(images, classes):
         nonlocal launches
@@ -119,7 +119,7 @@ def test_next_batch_is_launched_before_the_last_ones_regions_are_built(engine, m
         return assemble(*args)
 
     monkeypatch.setattr(engine, "launch", counting_launch)
-    monkeypatch.setattr(engine, "_assemble", assemble_after_next_launch)
+    monkeypatch.setattr(engine, "assemble", assemble_after_next_launch)
     delivered = [None]
 
     def build_on_result_thread(scored: LaunchedBatch) -> None:
@@ -142,7 +142,7 @@ def test_next_batch_is_launched_before_the_last_ones_regions_are_built(engine, m
 
 
 def test_a_batch_whose_results_cannot_be_built_fails_alone(engine, monkeypatch):
-    assemble = engine._assemble
+    assemble = engine.assemble
     calls = 0
 
     def first_batch_breaks(*args):
@@ -152,7 +152,7 @@ def test_a_batch_whose_results_cannot_be_built_fails_alone(engine, monkeypatch):
             raise RuntimeError("device lost")
         return assemble(*args)
 
-    monkeypatch.setattr(engine, "_assemble", first_batch_breaks)
+    monkeypatch.setattr(engine, "assemble", first_batch_breaks)
     delivered = run_worker(engine, make_frames(8, seed=10), pipeline="on")
     first, second = delivered[0].outcomes(), delivered[1].outcomes()
     assert [o.ok for o in first] == [False] * 4
@@ -185,7 +185,7 @@ def test_cuda_batches_launched_back_to_back_keep_their_own_outputs(compiled):
     """Two batches queued on the GPU before either is read back (with CUDA graphs, whose outputs the next
     replay overwrites): each batch's results are its own, as if it had run alone."""
     engine = Engine(tiny_config(device="cuda", precision="bf16", compile=compiled), max_batch=4)
-    engine.register_class("part")
+    engine.classes.register("part")
     engine.warmup()
     first_frames, second_frames = frames(4, seed=12), frames(4, seed=13)
     alone = [engine.predict(first_frames, ["part"] * 4), engine.predict(second_frames, ["part"] * 4)]
@@ -215,17 +215,19 @@ def test_pipeline_auto_is_off_on_the_cpu_and_the_setting_is_checked(engine):
 
 def test_a_non_finite_score_is_an_error_not_an_ok_part(engine, monkeypatch):
     """NaN compares false with every threshold: left alone it would pass a part as OK to the PLC."""
-    import model.engine as engine_module
+    from dataclasses import replace
 
-    result = engine_module.HostTransfer.result
+    import model.batch as batch_module
+
+    result = batch_module.HostTransfer.result
 
     def poisoned(self):
         host = result(self)
-        host["scores"] = host["scores"].copy()
-        host["scores"][1] = np.nan
-        return host
+        scores = host.scores.copy()
+        scores[1] = np.nan
+        return replace(host, scores=scores)
 
-    monkeypatch.setattr(engine_module.HostTransfer, "result", poisoned)
+    monkeypatch.setattr(batch_module.HostTransfer, "result", poisoned)
     built = engine.predict(frames(3, seed=8), ["bottle"] * 3)
     assert isinstance(built[0], Prediction) and isinstance(built[2], Prediction)
     assert isinstance(built[1], FrameError) and built[1].index == 1

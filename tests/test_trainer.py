@@ -191,7 +191,7 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint_and_resume_continues(small_set, 
     found = read_checkpoint(out / "last.safetensors")
     assert found.meta["interrupted"] is True and found.tensors
     engine = Engine(tiny_config(checkpoint=out / "last.safetensors"))
-    engine.register_class("woven")
+    engine.classes.register("woven")
     assert engine.predict([np.zeros((64, 64, 3), np.uint8)], ["woven"])[0].ok
 
     monkeypatch.setattr(PromptTrainer, "_batches", original)
@@ -326,7 +326,7 @@ def test_calibrated_threshold_flags_about_half_a_percent_of_good_parts(tmp_path)
     engine = Engine(tiny_config())
     result = calibrate(engine, "metal", calibration, quantile=0.995)
     assert result.images == 400
-    engine.set_thresholds({"metal": result.threshold})
+    engine.classes.set_thresholds({"metal": result.threshold})
     flagged = 0
     for start in range(0, len(held_out), 32):
         chunk = [read_bgr8(path) for path in held_out[start : start + 32]]
@@ -350,8 +350,8 @@ def test_threshold_quantile_and_profile(tmp_path):
     result.profile.save(profile_path(tmp_path / "profiles", "tiles"))
     config = tiny_config(checkpoint=checkpoint, profile_dir=tmp_path / "profiles")
     reloaded = Engine(config, backbone=engine.backbone)
-    reloaded.setup_class("tiles")
-    assert reloaded.threshold("tiles") == (result.threshold, "calibration")
+    reloaded.classes.setup("tiles")
+    assert reloaded.classes.threshold("tiles") == (result.threshold, "calibration")
     assert "thresholds" not in read_metadata(checkpoint)  # never written into the prompt checkpoint
 
 

@@ -20,6 +20,7 @@ from cli.main import app
 from model import Engine
 from model.profile import (
     Calibration,
+    CalibrationSettings,
     ClassProfile,
     images_to_resolve,
     profile_history,
@@ -173,7 +174,8 @@ def test_resolvable_quantile_and_the_rule_that_replaces_it():
     many = np.linspace(0.0, 1.0, 1001)
     threshold, rule = threshold_from_good(many, 0.995, 0.1)
     assert rule == "quantile" and threshold == pytest.approx(0.995)
-    c = Calibration.from_scores(scores, 0.995, "v", "d", {}, margin=0.1)
+    settings = CalibrationSettings("b", "w", 224, (2, 4), None, 0.5, 0.5, 4.0, 0.07, "fp32", "part")
+    c = Calibration.from_scores(scores, 0.995, "v", "d", settings, margin=0.1)
     assert c.false_reject_rate == 0.0 and "needs 200 images, 24 resolve at most 0.958" in c.describe()
 
 
@@ -274,8 +276,8 @@ def test_calibration_counts_only_the_images_given_not_the_batch_padding():
     """29 images are scored as 8+8+8+5 padded to 8: the 3 padding rows must not enter the statistics."""
     engine = Engine(tiny_config())
     goods = frames(29, seed=4, size=(96, 96))
-    engine.register_class("plate", goods[:8], calibrate=False)
-    profile = engine.calibrate_class("plate", goods, 0.9)
+    engine.classes.register("plate", goods[:8], calibrate=False)
+    profile = engine.classes.calibrate("plate", goods, 0.9)
     scores = [p.score for p in engine.predict(goods, ["plate"] * len(goods))]
     assert profile.calibration.images == 29
     assert profile.calibration.score_max == pytest.approx(max(scores), abs=1e-5)

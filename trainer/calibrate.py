@@ -109,8 +109,8 @@ def calibrate(
             + (f" ({len(skipped)} left out)" if skipped else "")
             + f"; calibration needs at least {min_images} ([trainer].calibrate_min_images or --min-images)"
         )
-    engine.register_class(product_class, frames, calibrate=False)
-    return CalibrationRun(engine.calibrate_class(product_class, frames, quantile), skipped)
+    engine.classes.register(product_class, frames, calibrate=False)
+    return CalibrationRun(engine.classes.calibrate(product_class, frames, quantile), skipped)
 
 
 def describe_change(old: ClassProfile | None, new: ClassProfile) -> str | None:

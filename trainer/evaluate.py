@@ -54,8 +54,8 @@ def evaluate(
     trainer's bootstrap keeps what it needs from them)."""
     started = time.perf_counter()
     for name in dict.fromkeys(s.product_class for s in samples):
-        if engine.profile(name) is None:
-            engine.register_class(name)  # the plain class name, as for a class without reference images
+        if engine.classes.profile(name) is None:
+            engine.classes.register(name)  # the plain class name, as for a class without reference images
     dataset = InspectionDataset(samples, engine.config.image_size, engine.config.defect_types)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_inspection
@@ -117,7 +117,7 @@ def _score_batch(
             for i in indices:
                 mask = masks[i] if masks[i].min() >= 0 else None
                 on_image(name, int(labels[i]), predictions[i].score, predictions[i].anomaly_map, mask)
-        threshold = engine.threshold(name)[0]
+        threshold = engine.classes.threshold(name)[0]
         for i in indices:
             kind = shown.get(str(batch["path"][i]))
             if kind is not None:
