@@ -113,7 +113,7 @@ class InspectConfig(BaseSettings):
     )
 
     line: LineConfig = Field(default_factory=LineConfig)
-    model: EngineConfig = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    model: EngineConfig = Field(default_factory=dict, validate_default=True)
     engine: BatchConfig = Field(default_factory=BatchConfig)
     cameras: list[CameraConfig] = Field(default_factory=list)
     thresholds: dict[str, float] = Field(default_factory=dict, description="Image-score threshold per class.")

@@ -227,7 +227,8 @@ def bench_point(
                 if pending is not None:
                     pending.outcomes()
                 pending = launched
-            pending.outcomes()
+            if pending is not None:
+                pending.outcomes()
             timings.add(f"batch {batch} pipelined", time.perf_counter() - began)
         if fp32 is not engine:
             _synchronise(engine.device)

@@ -20,7 +20,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             times[label].append(run["seconds"])
             ng = run["ng"]
     ratios = [off / on for on, off in zip(times["on"], times["off"], strict=True)]
-    report = {
+    report: dict[str, Any] = {
         "machine": machine_info(),
         "settings": {**vars(args), "torch_threads": threads},
         "frames_per_s": {k: round(args.frames / statistics.median(v), 1) for k, v in times.items()},

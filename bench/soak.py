@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             except OSError:
                 continue  # not listening yet
             lat = listener.take()
-            sample = {
+            sample: dict[str, Any] = {
                 "t_s": round(time.monotonic() - started, 1),
                 **process_sample(agent.pid),
                 "results": listener.count,

@@ -85,14 +85,21 @@ def stage_times(backbone: str, image_size: int | None, precision: str, rounds: i
     first = results["batch 1"]
     for name in list(variants)[1:]:
         rows = results[name]
-        total = sorted(a[0] / b[0] for a, b in zip(first, rows, strict=True))
+        total_r = sorted(a[0] / b[0] for a, b in zip(first, rows, strict=True))
         tower_r = sorted(a[1]["tower"] / b[1]["tower"] for a, b in zip(first, rows, strict=True))
         rest = sorted((a[0] - a[1]["tower"]) / (b[0] - b[1]["tower"]) for a, b in zip(first, rows, strict=True))
-        print(f"  {name}: total {_fmt(total)}; tower {_fmt(tower_r)}; everything else {_fmt(rest)}")
+        print(f"  {name}: total {_fmt(total_r)}; tower {_fmt(tower_r)}; everything else {_fmt(rest)}")
 
 
 def _fmt(values: list[float]) -> str:
     return " ".join(f"{v:.3f}" for v in values)
+
+
+def full_size_blur(maps: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """The reference map head: bilinear upsampling to full size, then the separable Gaussian."""
+    from model.scoring import gaussian_blur, grid_to_image
+
+    return gaussian_blur(grid_to_image(maps, size), sigma)
 
 
 def map_head(repeats: int = 20) -> None:
@@ -112,8 +119,8 @@ def map_head(repeats: int = 20) -> None:
                     fn()
                 return (time.perf_counter() - began) / repeats / batch * 1000
 
-            full = run(lambda m=maps, s=size, g=sigma: gaussian_blur(grid_to_image(m, s), g))
-            matrix = run(lambda m=maps, s=size, g=sigma: upsample_and_blur(m, s, g))
+            full = run(functools.partial(full_size_blur, maps, size, sigma))
+            matrix = run(functools.partial(upsample_and_blur, maps, size, sigma))
             diff = (gaussian_blur(grid_to_image(maps, size), sigma) - upsample_and_blur(maps, size, sigma)).abs().max()
             print(
                 f"  {size}px (grid {grid}), batch {batch}: full-size {full:.2f}, one matrix {matrix:.3f} "

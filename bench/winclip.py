@@ -65,16 +65,16 @@ def winclip_point(
         work()
         times[key].append(time.perf_counter() - began)
 
-    def winclip(x: torch.Tensor) -> Any:
+    def run_winclip(x: torch.Tensor) -> Any:
         with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
             return reference(x)
 
     with torch.inference_mode():
-        winclip(tensors[:1])  # warm
+        run_winclip(tensors[:1])  # warm
         for _ in range(rounds):
             timed("engine", lambda: engine.predict(frames, ["bottle"] * batch))
-            timed("winclip batch", lambda: winclip(tensors))
-            timed("winclip one by one", lambda: [winclip(tensors[i : i + 1]) for i in range(batch)])
+            timed("winclip batch", lambda: run_winclip(tensors))
+            timed("winclip one by one", lambda: [run_winclip(tensors[i : i + 1]) for i in range(batch)])
 
     def ratio(key: str) -> dict[str, float]:
         values = [w / e for w, e in zip(times[key], times["engine"], strict=True)]

@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from model.engine import Engine
+from model.outcomes import FrameError, Prediction
 from trainer.datasets import InspectionDataset, Sample, SkippedSample, collate_inspection
 from trainer.metrics import Evaluator
 from trainer.report import GridExample, write_report, write_sample_grid
@@ -95,13 +96,14 @@ def _score_batch(
 ) -> list[SkippedSample]:
     """Score one batch into the evaluator; returns the frames the engine could not score."""
     frames = [np.ascontiguousarray(img.permute(1, 2, 0).numpy()) for img in batch["image"]]
-    predictions = engine.predict(frames, batch["class_name"])
-    failed = [SkippedSample(batch["path"][p.index], p.reason) for p in predictions if not p.ok]
+    outcomes = engine.predict(frames, batch["class_name"])
+    failed = [SkippedSample(batch["path"][p.index], p.reason) for p in outcomes if isinstance(p, FrameError)]
+    predictions = {i: p for i, p in enumerate(outcomes) if isinstance(p, Prediction)}
     masks = batch["mask"][:, 0].numpy()
     labels = batch["label"].numpy()
     by_class: dict[str, list[int]] = {}
     for i, name in enumerate(batch["class_name"]):
-        if predictions[i].ok:
+        if i in predictions:
             by_class.setdefault(name, []).append(i)
     for name, indices in by_class.items():
         known = [i for i in indices if masks[i].min() >= 0]

@@ -107,7 +107,7 @@ def estimate_foreground(image: np.ndarray) -> tuple[np.ndarray | None, str]:
     if share > MAX_SHARE:
         return None, f"the object found covers {share:.0%} of the image"
     outline = np.count_nonzero(found - cv2.erode(found, _disc(1), borderType=cv2.BORDER_CONSTANT, borderValue=0))
-    thickness = 2 * np.count_nonzero(found) / max(1, outline)  # a ring of width w has area / outline = w / 2
+    thickness = 2 * np.count_nonzero(found) / max(1, int(outline))  # a ring of width w has area / outline = w / 2
     if thickness < MIN_THICKNESS * size:
         return None, f"the object found is {thickness / scale:.0f} px thick on average (the lines of a pattern?)"
     _, _, pieces, _ = cv2.connectedComponentsWithStats(1 - found, connectivity=4)

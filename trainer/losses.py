@@ -74,4 +74,7 @@ def defect_type_loss(
         return None
     targets = defect_index.view(n, 1).expand(n, hw)[use]
     logits = defect_logits.permute(0, 2, 1, 3)[use]  # [P, L, K]
-    return sum(F.cross_entropy(logits[:, i].float(), targets) for i in range(layers)) / layers
+    total = F.cross_entropy(logits[:, 0].float(), targets)
+    for i in range(1, layers):
+        total = total + F.cross_entropy(logits[:, i].float(), targets)
+    return total / layers

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,8 +129,8 @@ def _sources(
         if family not in FAMILIES:
             raise ValueError(f"unknown texture family {family!r}; expected one of {', '.join(FAMILIES)}")
         size = image_size or 256
-        loaders = [
-            (f"{text}#{i}", lambda i=i: render_texture(family, instance_seed(seed, i), size)) for i in range(needed)
+        loaders: list[_Loader] = [
+            (f"{text}#{i}", partial(render_texture, family, instance_seed(seed, i), size)) for i in range(needed)
         ]
         return loaders, family
     source_dir = Path(source)
@@ -137,8 +138,8 @@ def _sources(
         raise NoGoodImagesError(f"source {source_dir} is not a directory")
     files = list_images(source_dir, exclude=exclude)
     order = np.random.default_rng([seed % (1 << 64), 0]).permutation(len(files))
-    loaders = [(str(files[i]), lambda p=files[i]: read_bgr8(p)) for i in order]
-    return loaders, source_dir.resolve().name
+    file_loaders: list[_Loader] = [(str(files[i]), partial(read_bgr8, files[i])) for i in order]
+    return file_loaders, source_dir.resolve().name
 
 
 class _Foregrounds:

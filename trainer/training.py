@@ -169,7 +169,7 @@ class PromptTrainer:
         model = GenClip(backbone, cfg).to(device)
         prep = Preprocessor(self.image_size, backbone.mean, backbone.std, device)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=self.settings.lr, betas=tuple(self.settings.betas))
+        optimizer = torch.optim.Adam(params, lr=self.settings.lr, betas=self.settings.betas)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         last, best = self.run_dir / "last.safetensors", self.run_dir / "best.safetensors"
         start_epoch, best_metrics, baseline = 1, None, None

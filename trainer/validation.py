@@ -153,10 +153,10 @@ def bootstrap_interval(records: ValidationRecords, rounds: int, seed: int = 0) -
     """95 % percentile intervals of image AUROC, pixel AUROC and their mean (the selection score), by
     resampling images with replacement within each class and label; with the counts they rest on."""
     rows = records.rows
-    groups: dict[str, dict[int, np.ndarray]] = {}
+    members: dict[str, dict[int, list[int]]] = {}
     for i, r in enumerate(rows):
-        groups.setdefault(r.product_class, {}).setdefault(r.label, []).append(i)  # type: ignore[arg-type]
-    groups = {c: {lab: np.asarray(ix) for lab, ix in by.items()} for c, by in groups.items()}
+        members.setdefault(r.product_class, {}).setdefault(r.label, []).append(i)
+    groups = {c: {lab: np.asarray(ix) for lab, ix in by.items()} for c, by in members.items()}
     counts = {c: {"good": len(by.get(0, ())), "defective": len(by.get(1, ()))} for c, by in sorted(groups.items())}
     result: dict[str, Any] = {"rounds": rounds, "counts": counts}
     if rounds == 0 or not rows:
