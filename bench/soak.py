@@ -47,7 +47,7 @@ class ResultListener:
         self.client.connect(host, port)
         self.client.loop_start()
 
-    def _on_message(self, client, userdata, msg) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         now = time.time()
         captured = datetime.fromisoformat(json.loads(msg.payload)["captured_at"].replace("Z", "+00:00")).timestamp()
         with self._lock:
@@ -141,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     return report(args, samples, baseline, final, stopped, agent.returncode)
 
 
-def report(args, samples, baseline, final, frames, returncode) -> int:
+def report(
+    args: argparse.Namespace,
+    samples: list[dict[str, Any]],
+    baseline: dict[str, Any] | None,
+    final: dict[str, Any] | None,
+    frames: dict[str, Any] | None,
+    returncode: int | None,
+) -> int:
     if not samples or baseline is None or final is None:
         print("soak: too few samples (did the agent start? see the log)")
         return 1

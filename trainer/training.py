@@ -18,7 +18,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,7 +250,7 @@ class PromptTrainer:
         (self.run_dir / "summary.json").write_text(json.dumps(jsonable(asdict(summary)), indent=2))
         return summary
 
-    def _autocast(self, device: torch.device):
+    def _autocast(self, device: torch.device) -> AbstractContextManager[object]:
         if device.type == "cuda" and self.settings.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()

@@ -13,7 +13,8 @@ from typing import ClassVar, Literal
 
 import cv2
 
-from agent.sources.base import FrameSource, SourceError
+from agent.sources.base import Emit, FrameSource, SourceError
+from agent.sources.config import CameraConfig
 
 Outcome = Literal["stopped", "ended", "lost"]
 
@@ -23,8 +24,8 @@ class OpenCvSource(FrameSource):
 
     watch_stalls: ClassVar[bool] = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, camera: CameraConfig, emit: Emit, *, line_id: str = "") -> None:
+        super().__init__(camera, emit, line_id=line_id)
         self._lost_reason = ""
 
     def _open(self) -> cv2.VideoCapture:

@@ -44,8 +44,8 @@ from watchdog.observers import Observer
 
 from agent.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, UnreadableImageError, read_frame
 from agent.logs import get_logger
-from agent.sources.base import FrameSource, SourceError
-from agent.sources.config import TEMP_SUFFIXES
+from agent.sources.base import Emit, FrameSource, SourceError
+from agent.sources.config import TEMP_SUFFIXES, CameraConfig
 
 DECODE_RETRIES = 2
 DECODE_RETRY_S = 0.2  # at least this long between decode attempts of a settled file
@@ -90,8 +90,15 @@ class _Handler(FileSystemEventHandler):
 class FolderSource(FrameSource):
     """Watches `camera.source` (not its sub-folders) and emits each settled image file once."""
 
-    def __init__(self, *args, max_frame_pixels: int | None = DEFAULT_MAX_PIXELS, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        camera: CameraConfig,
+        emit: Emit,
+        *,
+        line_id: str = "",
+        max_frame_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__(camera, emit, line_id=line_id)
         self.max_frame_pixels = max_frame_pixels  # larger images are rejected from their header, undecoded
         self.folder = self.camera.folder
         self._settle_s = self.camera.settle_ms / 1000

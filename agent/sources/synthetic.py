@@ -15,7 +15,8 @@ from typing import IO
 
 import numpy as np
 
-from agent.sources.base import FrameSource
+from agent.sources.base import Emit, FrameSource
+from agent.sources.config import CameraConfig
 from synthetic.defects import make_part
 from synthetic.textures import instance_seed, render_texture
 
@@ -26,8 +27,8 @@ MARGIN = 1.25  # backgrounds are this much larger than the frame, for the random
 class SyntheticSource(FrameSource):
     """Emits generated parts at `fps`; part ids are `<camera>-<seq>`."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, camera: CameraConfig, emit: Emit, *, line_id: str = "") -> None:
+        super().__init__(camera, emit, line_id=line_id)
         self.settings = self.camera.synthetic
         self._backgrounds: list[np.ndarray] = []
         self._truth: IO[str] | None = None
