@@ -245,12 +245,7 @@ class InspectionService:
         log.info("stopping", queued=self.batcher.depth(), drain_s=drain_s)
         if self.watcher is not None:
             self.watcher.stop(timeout=WATCHER_STOP_S)  # a reload in progress is abandoned, not waited for
-        for source in self.sources.values():
-            source.request_stop()
-        self.batcher.close()  # what is queued is still scored; a source waiting in `put` is let go
-        sources_by = time.monotonic() + SOURCES_STOP_S
-        for source in self.sources.values():
-            source.stop(timeout=max(0.0, sources_by - time.monotonic()))
+        self._stop_sources()
         deadline = time.monotonic() + drain_s
         if self.worker.ready.is_set() and self.worker.error is None:
             self.worker.stop(deadline, grace_s=BATCH_GRACE_S)
@@ -260,6 +255,19 @@ class InspectionService:
             publisher.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
         self.health.stop()
         log.info("stopped", dropped_at_shutdown=dropped, frames=self.ledger.snapshot().as_dict())
+
+    def _stop_sources(self) -> None:
+        """Cameras stop before the batcher closes, so a frame a camera is handing over as the stop comes is
+        queued and scored, not dropped. A paused 'block' camera waits in `put` until the batcher closes, so
+        with a camera paused it closes first (that waiting frame is dropped as 'shutdown', counted)."""
+        for source in self.sources.values():
+            source.request_stop()
+        if self.batcher.paused():
+            self.batcher.close()
+        sources_by = time.monotonic() + SOURCES_STOP_S
+        for source in self.sources.values():
+            source.stop(timeout=max(0.0, sources_by - time.monotonic()))
+        self.batcher.close()  # what is queued is still scored; a source still waiting in `put` is let go
 
     # --- engine set-up (on the worker thread) ---------------------------------------------------------------
     def _checkpoint_target(self) -> Path | None:
