@@ -6,12 +6,30 @@ can always be traced back to its camera, sequence number and part.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
+
+
+class DecisionLatch:
+    """Set once when the part's decision is handed to the publishers: a part never gets two decisions."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        """True the first time only (an atomic test-and-set: the lock is taken and never released)."""
+        return self._lock.acquire(blocking=False)
+
+    @property
+    def claimed(self) -> bool:
+        return self._lock.locked()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -27,6 +45,10 @@ class Frame:
     captured_mono: float = field(default_factory=time.monotonic)  # for latency and staleness
     on_end: Callable[[str], None] | None = field(default=None, repr=False)  # see `end`
     error: str | None = None  # the part was seen but its picture cannot be read: published as ERROR, no engine
+    # drop reasons after which the source offers the same part again (a folder keeps the file and retries it):
+    # such a drop is not answered with an ERROR decision, the retry is (see agent/failsafe.py)
+    redelivered_on: frozenset[str] = frozenset()
+    decided: DecisionLatch = field(default_factory=lambda: DecisionLatch(), repr=False, compare=False)
 
     def age_s(self, now: float | None = None) -> float:
         """Seconds since capture, on the monotonic clock."""

@@ -4,7 +4,9 @@ accepted = published + dropped (by reason) + expired + in_flight holds at every 
 after a clean shutdown in_flight is 0. Tests check it after every scenario; the agent logs it
 when it stops and /metrics exports the drops (`genclip_frames_dropped_total`, expired frames
 under the reason "stale"). Ending a frame here also tells its source how it ended
-(`Frame.end`), so a folder source clears a file away only once the file's result is out.
+(`Frame.end`), so a folder source clears a file away only once the file's result is out, and
+hands every dropped or expired frame to `on_dropped_frame(frame, reason)` (the fail-safe answer,
+agent/failsafe.py): a dropped frame stays counted as dropped, its answer is counted apart.
 """
 
 from __future__ import annotations
@@ -48,9 +50,14 @@ class LedgerSnapshot:
 class FrameLedger:
     """Thread-safe per-camera counts of where frames went; `on_drop(camera, reason)` hears every drop."""
 
-    def __init__(self, on_drop: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_drop: Callable[[str, str], None] | None = None,
+        on_dropped_frame: Callable[[Frame, str], None] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._on_drop = on_drop
+        self._on_dropped_frame = on_dropped_frame  # must not block: it may be called under the batcher's lock
         self._accepted: Counter[str] = Counter()
         self._published: Counter[str] = Counter()
         self._expired: Counter[str] = Counter()
@@ -70,12 +77,22 @@ class FrameLedger:
             self._expired[frame.camera] += 1
         self._tell(frame.camera, STALE)
         self._end(frame, STALE)
+        self._answer(frame, STALE)
 
     def dropped(self, frame: Frame, reason: DropReason) -> None:
         with self._lock:
             self._dropped[frame.camera, reason] += 1
         self._tell(frame.camera, reason)
         self._end(frame, reason)
+        self._answer(frame, reason)
+
+    def _answer(self, frame: Frame, reason: str) -> None:
+        if self._on_dropped_frame is None:
+            return
+        try:
+            self._on_dropped_frame(frame, reason)
+        except Exception:  # the answer must never break the count
+            log.exception("dropped frame not answered", camera=frame.camera, seq=frame.seq, reason=reason)
 
     def _tell(self, camera: str, reason: str) -> None:
         if self._on_drop is not None:

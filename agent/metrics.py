@@ -91,6 +91,13 @@ class AgentMetrics:
             namespace=ns,
             registry=r,
         )
+        self.frames_answered = Counter(
+            "frames_answered",
+            "Dropped frames answered with an ERROR decision (a folder file that is tried again is not), by reason.",
+            ["camera", "reason"],
+            namespace=ns,
+            registry=r,
+        )
         self.frames_processed = Counter(
             "frames_processed", "Frames scored by the engine.", ["camera"], namespace=ns, registry=r
         )
@@ -134,6 +141,7 @@ class AgentMetrics:
             counter.labels(camera=camera)
         for reason in DROP_REASONS:
             self.frames_dropped.labels(camera=camera, reason=reason)
+            self.frames_answered.labels(camera=camera, reason=reason)
         self.camera_up.labels(camera=camera).set(0)
 
     def dropped(self, camera: str, reason: str, n: int = 1) -> None:

@@ -1,6 +1,8 @@
 """What the agent publishes about a frame: the `Inspection`, and the JSON payloads made from it.
 
-One `Inspection` per accepted frame that reached the engine. The result payload
+One `Inspection` per accepted frame: `build_inspection` for a frame that reached the engine (or whose
+picture could not be read), `build_uninspected` for one the agent dropped before it was inspected
+(verdict ERROR, `error` "not inspected: <reason>"; see agent/failsafe.py). The result payload
 (schema 1) goes to MQTT `<prefix>/<line>/<camera>/result` and to the Redis stream;
 the reject payload to `.../reject` for NG (and ERROR) parts; the decision payload
 to `.../decision` for every part. See docs/integration.md for the field list.
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -60,11 +62,12 @@ class Inspection:
     result: JsonObject
     map_png: bytes | None = None  # stored under result["map_key"] when not None
     error: str | None = None
+    signal_reject: bool = True  # False: an uninspected part under [mqtt].reject_uninspected = false (no reject)
 
     @property
     def rejects(self) -> bool:
-        """NG parts are rejected; so are parts that could not be inspected."""
-        return self.verdict != "OK"
+        """NG parts are rejected; so are parts that could not be inspected (unless `signal_reject` is off)."""
+        return self.verdict != "OK" and self.signal_reject
 
     @property
     def stored_map_key(self) -> str:
@@ -84,10 +87,15 @@ class Inspection:
             "verdict": self.verdict,
             "score": self.score,
             "defect_types": self.defect_types,
+            **self.error_fields(),
         }
 
     def decision_payload(self) -> JsonObject:
         return {**self.reject_payload(), "reject": self.rejects}
+
+    def error_fields(self) -> JsonObject:
+        """`{"error": why}` for an ERROR part (added to its reject and decision), else nothing."""
+        return {"error": self.error} if self.verdict == "ERROR" and self.error is not None else {}
 
 
 def encode_map_png(anomaly_map: np.ndarray, size: int | None = None) -> bytes:
@@ -202,3 +210,45 @@ def build_inspection(
     png = encode_map_png(outcome.anomaly_map, map_size) if store_map else None
     types = list(dict.fromkeys(d.type for d in outcome.defects))
     return _inspection(frame, line, deadline, verdict, _finite(outcome.score), types, result, map_png=png)
+
+
+def build_uninspected(
+    frame: Frame,
+    reason: str,
+    *,
+    line: str,
+    window_s: float,
+    model: Mapping[str, str],
+    signal_reject: bool = True,
+    now: datetime | None = None,
+) -> Inspection:
+    """The ERROR Inspection of a frame dropped before it was inspected (`reason`: queue_full, stale, ...).
+
+    Same payloads as an inspected ERROR part: score null, `error` "not inspected: <reason>", no map.
+    With `signal_reject` False (`[mqtt].reject_uninspected = false`) it gets a decision but no reject.
+    """
+    published = now or datetime.now(UTC)
+    why = f"not inspected: {reason}"
+    result: JsonObject = {
+        "schema": SCHEMA,
+        "line": line,
+        "camera": frame.camera,
+        "seq": frame.seq,
+        "part_id": frame.part_id,
+        "product_class": frame.product_class,
+        "captured_at": iso(frame.captured_at),
+        "published_at": iso(published),
+        "latency_ms": round((time.monotonic() - frame.captured_mono) * 1000.0, 2),
+        "model": dict(model),
+        "score": None,
+        "threshold": None,
+        "threshold_source": None,
+        "verdict": "ERROR",
+        "error": why,
+        "inspected": False,
+        "defects": [],
+        "map_key": None,
+    }
+    deadline = frame.captured_at + timedelta(seconds=window_s)
+    inspection = _inspection(frame, line, deadline, "ERROR", None, ["not-inspected"], result, error=why)
+    return replace(inspection, signal_reject=signal_reject)

@@ -5,8 +5,10 @@ background), health server, the engine worker (engine, classes, warm-up, on its
 own thread), then the cameras whose class could be set up, then the checkpoint
 watcher; systemd hears READY=1 only then. Stop order is the reverse: cameras stop,
 what is queued is scored and published until `[agent].shutdown_timeout_s` has passed
-(the rest is dropped and counted), the brokers get what is left of that time (at least
-a few seconds) to take the last results, `stopped` is published.
+(the rest is dropped and counted), every part dropped on the way is answered (an ERROR
+decision, agent/failsafe.py: the fail-safe thread is stopped after the result thread and
+before the publishers), the brokers get what is left of that time (at least a few seconds)
+to take the last results and answers, `stopped` is published.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from agent.batcher import FrameBatcher
 from agent.commands import ENGINE_LOADING, dispatch
 from agent.config import InspectConfig
 from agent.control import Answer, Command
+from agent.failsafe import AnswerSettings, FailSafe
 from agent.frames import Frame
 from agent.health import HealthServer
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
@@ -89,7 +92,7 @@ class InspectionService:
         self.config = config
         self.line = config.line.id
         self.metrics = AgentMetrics()
-        self.ledger = FrameLedger(on_drop=self.metrics.dropped)
+        self.ledger = FrameLedger(on_drop=self.metrics.dropped, on_dropped_frame=self._answer_dropped)
         self.notifier = SystemdNotifier()
         self.thresholds = dict(config.thresholds)
         self.commanded: set[str] = set()  # classes whose threshold an operator set over MQTT (until restart)
@@ -106,6 +109,7 @@ class InspectionService:
             raise StartupError(str(exc)) from None
         self.redis = RedisStreamPublisher(config.redis, self.line)
         self.publishers: tuple[Publisher, ...] = (self.mqtt, self.redis)
+        self.failsafe = self._make_failsafe()
         self.health = HealthServer(
             config.agent.health_host, config.agent.health_port, self.metrics, self.health_reasons
         )
@@ -147,6 +151,7 @@ class InspectionService:
         except Exception as exc:
             raise StartupError(str(exc)) from None
         self.results.start()
+        self.failsafe.start()
         self.notifier.status("starting: loading the engine")
         self.worker.start()
         self.worker.ready.wait()
@@ -251,10 +256,12 @@ class InspectionService:
             self.worker.stop(deadline, grace_s=BATCH_GRACE_S)
         dropped = self.batcher.drain("shutdown")
         dropped += self.results.stop(max(deadline, time.monotonic() + FLUSH_MIN_S))
+        self.failsafe.stop(max(deadline, time.monotonic() + FLUSH_MIN_S))  # answers, before `stopped`
         for publisher in self.publishers:
             publisher.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
         self.health.stop()
-        log.info("stopped", dropped_at_shutdown=dropped, frames=self.ledger.snapshot().as_dict())
+        frames = self.ledger.snapshot().as_dict()
+        log.info("stopped", dropped_at_shutdown=dropped, frames=frames, answered=self.failsafe.answered)
 
     def _stop_sources(self) -> None:
         """Cameras stop before the batcher closes, so a frame a camera is handing over as the stop comes is
@@ -268,6 +275,20 @@ class InspectionService:
         for source in self.sources.values():
             source.stop(timeout=max(0.0, sources_by - time.monotonic()))
         self.batcher.close()  # what is queued is still scored; a source still waiting in `put` is let go
+
+    # --- fail-safe answers (agent/failsafe.py) -------------------------------------------------------------
+    def _make_failsafe(self) -> FailSafe:
+        mqtt = self.config.mqtt
+        settings = AnswerSettings(self.line, mqtt.decision_window_ms / 1000.0, mqtt.reject_uninspected)
+        return FailSafe(settings, self.publishers, self.metrics, self._model_fields)
+
+    def _model_fields(self) -> dict[str, str]:
+        """The `model` object of a result: backbone, weights, prompt version."""
+        return {**self._model_info, "prompt_version": self._prompt_version()}
+
+    def _answer_dropped(self, frame: Frame, reason: str) -> None:
+        """The ledger's `on_dropped_frame`: queue the dropped frame's ERROR decision (never blocks)."""
+        self.failsafe.submit(frame, reason)
 
     # --- engine set-up (on the worker thread) ---------------------------------------------------------------
     def _checkpoint_target(self) -> Path | None:
@@ -340,6 +361,7 @@ class InspectionService:
             map_size=cfg.redis.map_size,
             model={**self._model_info, "prompt_version": self._prompt_version()},
         )
+        frame.decided.claim()  # from here on a drop of this frame is not answered: one decision per part
         for publisher in self.publishers:
             publisher.publish_inspection(inspection)
         self.metrics.frames_processed.labels(camera=frame.camera).inc()

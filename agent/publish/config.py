@@ -72,6 +72,9 @@ class MqttConfig(SecretSection):
     qos: int = Field(1, ge=1, le=2, description="QoS of reject, decision and command-response messages.")
     result_qos: int = Field(0, ge=0, le=2, description="QoS of result messages; 0 drops them while disconnected.")
     decisions: bool = Field(True, description="Publish a decision (reject or pass) for every part.")
+    reject_uninspected: bool = Field(
+        True, description="Reject a part dropped before it was inspected (its decision is ERROR either way)."
+    )
     decision_window_ms: int = Field(
         2000, ge=1, le=3_600_000, description="How long a PLC waits for a decision; rejects expire after it."
     )

@@ -185,12 +185,14 @@ class FrameSource(ABC):
         seq: int | None = None,
         on_end: Callable[[str], None] | None = None,
         error: str | None = None,
+        redelivered_on: frozenset[str] = frozenset(),
     ) -> Frame | None:
         """Number the image, wrap it in a Frame and hand it to the pipeline; None when emit raised.
 
         `seq` is given when the part id needs it before the call; otherwise the next number is taken.
         `on_end` hears how the frame ended ("published" or a drop reason), from whichever thread ended it.
         `error` marks a part whose picture could not be read: it is published as ERROR (a reject).
+        `redelivered_on`: the drop reasons after which this source offers the same part again (not answered).
         """
         seq = self._next_seq() if seq is None else seq
         frame = Frame(
@@ -201,6 +203,7 @@ class FrameSource(ABC):
             image=image,
             on_end=on_end,
             error=error,
+            redelivered_on=redelivered_on,
         )
         with self._lock:
             self._emitting = True

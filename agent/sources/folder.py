@@ -51,6 +51,9 @@ DECODE_RETRIES = 2
 DECODE_RETRY_S = 0.2  # at least this long between decode attempts of a settled file
 IDLE_CHECK_S = 1.0  # how often an idle source checks that its folder and observer are still there
 DONE = "done"  # a pending action: clear the file away (to done_dir, or delete it); any other action is a reject reason
+# A dropped file stays in the folder and is tried again (at the next start after "shutdown"): its part is
+# answered by that try, never with an ERROR now (the PLC would get two decisions). Only "invalid" ends the file.
+RETRIED_DROPS = frozenset({"queue_full", "paused", "stale", "shutdown"})
 UNBUILDABLE = "inspected, but its result could not be built (see the agent's log)"
 
 log = get_logger(__name__)
@@ -296,7 +299,7 @@ class FolderSource(FrameSource):
             self._in_flight.add(path)
         error = f"{path.name}: {unreadable}" if unreadable is not None else None
         on_end = partial(self._on_end, path, unreadable)
-        frame = self._emit_frame(image, part_id=path.stem, on_end=on_end, error=error)
+        frame = self._emit_frame(image, part_id=path.stem, on_end=on_end, error=error, redelivered_on=RETRIED_DROPS)
         if frame is None:  # emit raised: keep the file and try it again later
             with self._guard:
                 self._in_flight.discard(path)
