@@ -66,8 +66,10 @@ class FailSafe:
         publishers: tuple[Publisher, ...],
         metrics: AgentMetrics,
         model: Callable[[], Mapping[str, str]],
+        on_decided: Callable[[Frame], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_decided = on_decided  # hears each answered frame (the part journal closes it)
         self._publishers = publishers
         self._metrics = metrics
         self._model = model
@@ -115,6 +117,8 @@ class FailSafe:
         for publisher in self._publishers:
             publisher.publish_inspection(inspection)
         self._metrics.frames_answered.labels(camera=frame.camera, reason=reason).inc()
+        if self._on_decided is not None:
+            self._on_decided(frame)
         with self._count_lock:
             self._answered += 1
         return inspection

@@ -34,6 +34,7 @@ from agent.failsafe import AnswerSettings, FailSafe
 from agent.frames import Frame
 from agent.health import HealthServer
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
+from agent.journal import PartJournal, journal_path
 from agent.ledger import FrameLedger
 from agent.line_status import info_entry, stale_calibration_reason
 from agent.logs import get_logger
@@ -109,6 +110,8 @@ class InspectionService:
             raise StartupError(str(exc)) from None
         self.redis = RedisStreamPublisher(config.redis, self.line)
         self.publishers: tuple[Publisher, ...] = (self.mqtt, self.redis)
+        path = journal_path(self.line)
+        self.journal = PartJournal(path) if path is not None else None
         self.failsafe = self._make_failsafe()
         self.health = HealthServer(
             config.agent.health_host, config.agent.health_port, self.metrics, self.health_reasons
@@ -145,6 +148,7 @@ class InspectionService:
         self.metrics.watch_queue("results", self.results.depth)
         for publisher in self.publishers:
             publisher.start()
+        self._report_lost()
         self._refuse_bad_credentials(LINK_CHECK_S)  # before the engine loads: fail in seconds, not minutes
         try:
             self.health.start()
@@ -260,6 +264,8 @@ class InspectionService:
         for publisher in self.publishers:
             publisher.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
         self.health.stop()
+        if self.journal is not None:
+            self.journal.close()
         frames = self.ledger.snapshot().as_dict()
         log.info("stopped", dropped_at_shutdown=dropped, frames=frames, answered=self.failsafe.answered)
 
@@ -280,7 +286,23 @@ class InspectionService:
     def _make_failsafe(self) -> FailSafe:
         mqtt = self.config.mqtt
         settings = AnswerSettings(self.line, mqtt.decision_window_ms / 1000.0, mqtt.reject_uninspected)
-        return FailSafe(settings, self.publishers, self.metrics, self._model_fields)
+        on_decided = self.journal.closed if self.journal is not None else None
+        return FailSafe(settings, self.publishers, self.metrics, self._model_fields, on_decided)
+
+    def _report_lost(self) -> None:
+        """Parts the previous run accepted and never answered (it was killed): the retained `lost` message."""
+        if self.journal is None:
+            return
+        try:
+            lost = self.journal.recover()
+        except OSError as exc:
+            log.warning("part journal cannot be read; lost parts are not reported", error=str(exc))
+            return
+        if not lost:
+            return
+        parts: list[JsonObject] = [{"camera": p.camera, "part_id": p.part_id} for p in lost]
+        log.warning("parts the previous run never answered", count=len(parts), path=str(self.journal.path))
+        self.mqtt.publish_lost({"schema": 1, "line": self.line, "reported_at": iso(datetime.now(UTC)), "parts": parts})
 
     def _model_fields(self) -> dict[str, str]:
         """The `model` object of a result: backbone, weights, prompt version."""
@@ -342,9 +364,12 @@ class InspectionService:
     def _emitter(self, camera: str) -> Callable[[Frame], None]:
         captured = self.metrics.frames_captured.labels(camera=camera)
         put = self.batcher.emitter(camera)
+        journal = self.journal
 
         def emit(frame: Frame) -> None:
             captured.inc()
+            if journal is not None:
+                journal.opened(frame)
             put(frame)
 
         return emit
@@ -362,6 +387,8 @@ class InspectionService:
             model={**self._model_info, "prompt_version": self._prompt_version()},
         )
         frame.decided.claim()  # from here on a drop of this frame is not answered: one decision per part
+        if self.journal is not None:
+            self.journal.closed(frame)
         for publisher in self.publishers:
             publisher.publish_inspection(inspection)
         self.metrics.frames_processed.labels(camera=frame.camera).inc()

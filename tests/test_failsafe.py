@@ -16,11 +16,20 @@ import redis
 
 from agent.failsafe import AnswerSettings, Dropped, FailSafe
 from agent.frames import Frame
+from agent.journal import LostPart, PartJournal
 from agent.ledger import FrameLedger
 from agent.metrics import AgentMetrics
 from agent.results import Inspection, build_uninspected
 from agent.service import InspectionService
-from tests.faults_support import Subscriber, assert_identity, fault_config, metric, synthetic_camera, wait_for
+from tests.faults_support import (
+    Subscriber,
+    assert_identity,
+    fault_config,
+    metric,
+    retained,
+    synthetic_camera,
+    wait_for,
+)
 
 
 class Recorder:
@@ -61,7 +70,7 @@ def test_a_dropped_frame_is_answered_once_through_the_ledger():
     safe, sink = failsafe()
     ledger = FrameLedger(on_dropped_frame=safe.submit)
     dropped, expired, retried = frame(1), frame(2), frame(3, frozenset({"queue_full"}))
-    for f in (dropped, expired, retried):
+    for _ in range(3):
         ledger.accepted("cam-1")
     ledger.dropped(dropped, "queue_full")
     ledger.expired(expired)
@@ -242,3 +251,58 @@ def test_a_part_dropped_after_a_partial_publish_gets_no_second_decision(tmp_path
     check_one_decision_each(watcher, accepted, reject_uninspected=True)
     assert metric(service, "genclip_frames_answered_total", reason="invalid") == 0
     assert counts["dropped"]["invalid"] >= 3
+
+
+# --- the part journal and the `lost` message --------------------------------------------------------------------
+def test_journal_keeps_open_parts_across_a_kill(tmp_path):
+    path = tmp_path / "l1.parts"
+    journal = PartJournal(path)
+    assert journal.recover() == []
+    a, b, c, folder_file = frame(1), frame(2), frame(3), frame(4, frozenset({"stale"}))
+    for f in (a, b, c, folder_file):
+        journal.opened(f)
+    journal.closed(b)
+    journal.closed(folder_file)  # never journaled: its file is its own journal
+    with path.open("a") as torn:
+        torn.write("+\tcam-1")  # a record cut short by the kill
+    # no close(): what a SIGKILL leaves behind
+    assert PartJournal(path).recover() == [LostPart("cam-1", "cam-1-1"), LostPart("cam-1", "cam-1-3")]
+    assert PartJournal(path).recover() == []  # reported once; the next run starts afresh
+
+
+def test_a_start_after_a_kill_reports_lost_parts_retained(tmp_path, mosquitto, redis_server, monkeypatch):
+    """The journal of a running line with a backlog (what a SIGKILL would leave) is reported by the next start in
+    a retained `lost` message: parts that had no decision then; a clean stop leaves nothing to report."""
+    line = "fs-lost"
+    monkeypatch.setenv("GENCLIP_STATE_DIR", str(tmp_path / "state"))
+    cameras = [synthetic_camera("cam-1", seed=1, fps=20, queue_policy="block", queue_size=12, max_age_ms=0)]
+    cfg = fault_config(mosquitto.port, redis_server.url, line, cameras, mqtt={"decision_window_ms": 120_000})
+    watcher = Subscriber(mosquitto.port, [f"genclip/{line}/#"], f"plc-{line}")
+    first = InspectionService(cfg)
+    first.start()
+    try:
+        first.worker.engine.fault_hook = lambda n: time.sleep(0.5)
+        wait_for(lambda: first.batcher.depth() >= 6, 30, "a backlog of 6 frames")
+        decided_before = {d["part_id"] for d in watcher.of("/decision")}
+        killed = (tmp_path / "state" / f"{line}.parts").read_bytes()  # what a SIGKILL now would leave
+    finally:
+        first.shutdown()
+    assert PartJournal(tmp_path / "state" / f"{line}.parts").recover() == []  # a clean stop answered every part
+    (tmp_path / "state" / f"{line}.parts").write_bytes(killed)
+    second = InspectionService(cfg)
+    second.start()
+    try:
+        lost = json.loads(wait_for_retained(mosquitto.port, f"genclip/{line}/lost"))
+    finally:
+        second.shutdown()
+        watcher.close()
+    ids = [p["part_id"] for p in lost["parts"]]
+    assert lost["line"] == line and len(ids) >= 6 and len(set(ids)) == len(ids)
+    assert not set(ids) & decided_before
+    assert retained(mosquitto.port, f"genclip/{line}/lost") is not None  # still there for a PLC that connects later
+
+
+def wait_for_retained(port: int, topic: str) -> str:
+    found: list[str] = []
+    wait_for(lambda: found.append(retained(port, topic, 0.5) or "") or found[-1], 20, f"retained {topic}")
+    return found[-1]

@@ -79,6 +79,10 @@ class MqttPublisher:
         """Publish retained service info now if connected, and again after every reconnect."""
         self.link.retain(self.topics.info_message(encode_json(info)))
 
+    def publish_lost(self, lost: JsonObject) -> None:
+        """Publish the retained `lost` message (parts a killed run never answered), again after reconnects."""
+        self.link.retain(self.topics.lost_message(encode_json(lost)))
+
     def stop(self, timeout: float = 5.0) -> None:
         """Flush within timeout, announce `stopped`, disconnect cleanly (no Last Will), join the threads."""
         if not self.link.started or self.link.closed:

@@ -1,7 +1,8 @@
 """What the agent puts on MQTT: the topics of a line, and each kind of message with its QoS, retain and expiry.
 
 Topics are `<prefix>/<line>/...`: `status` (online/offline/stopped, retained, QoS 1,
-offline as Last Will), `info` (retained, QoS 1), `<camera>/result` (`[mqtt].result_qos`),
+offline as Last Will), `info` (retained, QoS 1), `lost` (retained, QoS 1: parts a killed run left),
+`<camera>/result` (`[mqtt].result_qos`),
 `<camera>/reject` and `<camera>/decision` (`[mqtt].qos`, expiring at the part's deadline),
 `cmd/<name>` in and `cmd/response` (or a ResponseTopic below it) out (`[mqtt].qos`, with the
 request's CorrelationData). Payloads are compact UTF-8 JSON, except status (a plain word).
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from agent.publish.config import MqttConfig
 from agent.results import Inspection
 
-KINDS = ("result", "reject", "decision", "response", "info", "status")
+KINDS = ("result", "reject", "decision", "response", "info", "status", "lost")
 
 
 @dataclass(slots=True)
@@ -105,6 +106,10 @@ class MqttTopics:
 
     def info_message(self, payload: bytes) -> Message:
         return Message("info", self.topic("info"), payload, 1, retain=True, hold=False)
+
+    def lost_message(self, payload: bytes) -> Message:
+        """`lost`: parts the previous run accepted and never answered (retained, QoS 1; agent/journal.py)."""
+        return Message("lost", self.topic("lost"), payload, 1, retain=True, hold=False)
 
     def response_message(self, name: str, correlation: bytes | None, reply_to: str | None, body: object) -> Message:
         topic = reply_to or self.responses
