@@ -14,8 +14,9 @@ The contract (docs/integration.md, "Fail-safe rule"):
 - `submit` never blocks and takes no lock but the queue's: the ledger calls it under the batcher's
   lock and on camera threads. The answers are built and published on the "failsafe" thread.
 - `stop(until)` answers everything queued before it returns (on the caller's thread for what the
-  thread did not get to by `until`). The service calls it after the result stage has stopped and
-  before the publishers stop, so every answer is queued before `stopped` is published.
+  thread did not get to by `until`; a drop after it is answered at once). The service calls it after
+  the result stage has stopped and before the publishers stop, so every answer is queued before
+  `stopped` is published.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class FailSafe:
         self._queue: queue.SimpleQueue[Dropped | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="failsafe", daemon=True)
         self._answered = 0
+        self._stopped = threading.Event()  # from now on `submit` answers on the caller's thread
         self._count_lock = threading.Lock()
 
     @property
@@ -88,12 +90,18 @@ class FailSafe:
         self._thread.start()
 
     def submit(self, frame: Frame, reason: str) -> None:
-        """The ledger's `on_dropped_frame`: queue the frame for its answer; never blocks."""
-        if reason not in frame.redelivered_on:
+        """The ledger's `on_dropped_frame`: queue the frame for its answer; never blocks. After `stop` (a
+        camera that let go late) it is answered at once: publishers still open take it, closed ones count it."""
+        if reason in frame.redelivered_on:
+            return
+        if self._stopped.is_set():
+            self.answer(Dropped(frame, reason))
+        else:
             self._queue.put(Dropped(frame, reason))
 
     def stop(self, until: float) -> None:
         """Answer what is queued: on the thread until the monotonic time `until`, then on this one."""
+        self._stopped.set()
         if self._thread.ident is not None:
             self._queue.put(None)
             self._thread.join(max(0.0, until - time.monotonic()))
