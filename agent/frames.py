@@ -1,7 +1,8 @@
 """The `Frame`: one picture of one part, stamped where it was taken.
 
 Every source makes these and nothing else travels down the pipeline, so a frame
-can always be traced back to its camera, sequence number and part.
+can always be traced back to its camera, sequence number and part. Its `decided` latch is
+claimed once, when the part's one decision goes to the publishers (agent/failsafe.py).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Frame:
     # drop reasons after which the source offers the same part again (a folder keeps the file and retries it):
     # such a drop is not answered with an ERROR decision, the retry is (see agent/failsafe.py)
     redelivered_on: frozenset[str] = frozenset()
-    decided: DecisionLatch = field(default_factory=lambda: DecisionLatch(), repr=False, compare=False)
+    decided: DecisionLatch = field(default_factory=DecisionLatch, repr=False, compare=False)  # see DecisionLatch
 
     def age_s(self, now: float | None = None) -> float:
         """Seconds since capture, on the monotonic clock."""
