@@ -311,3 +311,46 @@ def wait_for_retained(port: int, topic: str) -> str:
     found: list[str] = []
     wait_for(lambda: found.append(retained(port, topic, 0.5) or "") or found[-1], 20, f"retained {topic}")
     return found[-1]
+
+
+def test_a_folder_file_dropped_and_retried_gets_one_decision(tmp_path, mosquitto, redis_server):
+    """Folder files go stale behind a slow engine (max_age_ms 300): each stays in the folder and is tried again,
+    so it gets no ERROR answer for the drop, and exactly one decision (its later inspection)."""
+    import cv2
+
+    inbox, line = tmp_path / "inbox", "fs-folder"
+    inbox.mkdir()
+    names = [f"part-{i}" for i in range(1, 7)]
+    rng = np.random.default_rng(1)
+    for name in names:
+        (inbox / f"{name}.png").write_bytes(cv2.imencode(".png", rng.integers(0, 256, (32, 32, 3), np.uint8))[1])
+    camera = {
+        "id": "grabber",
+        "source": str(inbox),
+        "product_class": "widget",
+        "settle_ms": 20,
+        "queue_size": 2,
+        "max_age_ms": 300,
+        "reconnect_min_s": 0.2,
+        "reconnect_max_s": 0.5,
+    }
+    cfg = fault_config(mosquitto.port, redis_server.url, line, [camera], mqtt={"decision_window_ms": 120_000})
+    cfg.engine.batch_size = 1
+    watcher = Subscriber(mosquitto.port, [f"genclip/{line}/#"], f"plc-{line}")
+    service = InspectionService(cfg)
+    service.start()
+    try:
+        service.worker.engine.fault_hook = lambda n: time.sleep(0.6)  # longer than a queued file may wait
+        wait_for(lambda: service.ledger.snapshot().expired >= 2, 60, "two stale folder frames")
+        service.worker.engine.fault_hook = None
+        wait_for(lambda: sorted(p.stem for p in (inbox / "done").glob("*.png")) == names, 60, "every file done")
+    finally:
+        service.shutdown()
+    counts = assert_identity(service)
+    assert counts["expired"] >= 2
+    wait_for(lambda: len(watcher.of("/decision")) >= len(names), 20, "a decision per file")
+    time.sleep(0.3)
+    watcher.close()
+    decisions = watcher.of("/decision")
+    assert Counter(d["part_id"] for d in decisions) == Counter(names)
+    assert uninspected(decisions) == [] and service.failsafe.answered == 0
