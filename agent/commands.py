@@ -58,8 +58,8 @@ def route(args: type[A], run: Callable[[InspectionService, A], Answer]) -> Route
 
 
 def reload(line: InspectionService, args: ReloadArgs) -> Answer:
-    """Load the newest prompt checkpoint."""
-    return {"prompt_version": line.reload()}
+    """Load the newest prompt checkpoint, then re-read the class profiles ([model].profile_dir)."""
+    return line.reload_all()
 
 
 def set_threshold(line: InspectionService, args: ThresholdArgs) -> Answer:

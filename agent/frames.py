@@ -19,14 +19,15 @@ class Frame:
     """One captured image with its provenance; `image` is uint8/uint16, BGR HxWx3 or gray HxW."""
 
     camera: str
-    seq: int  # per camera, from 1, never reused while the agent runs
-    part_id: str  # the part's identity: a file name, a PLC part number, or "<camera>-<seq>"
+    seq: int  # per camera, from 1, never reused while the agent runs (the acquisition counter)
+    part_id: str  # the part's identity: a file name, a PLC part number, or "<camera>-<run id>-<seq>"
     product_class: str
     image: np.ndarray
     captured_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # wall clock, UTC
     captured_mono: float = field(default_factory=time.monotonic)  # for latency and staleness
     on_end: Callable[[str], None] | None = field(default=None, repr=False)  # see `end`
     error: str | None = None  # the part was seen but its picture cannot be read: published as ERROR, no engine
+    run_id: str = ""  # the agent's run (agent/identity.py): (run_id, camera, seq) never repeats
 
     def age_s(self, now: float | None = None) -> float:
         """Seconds since capture, on the monotonic clock."""

@@ -7,6 +7,12 @@ watcher; systemd hears READY=1 only then. Stop order is the reverse: cameras sto
 what is queued is scored and published until `[agent].shutdown_timeout_s` has passed
 (the rest is dropped and counted), the brokers get what is left of that time (at least
 a few seconds) to take the last results, `stopped` is published.
+
+`run` (what `genclip run` calls) first takes the line's lock in its state directory
+(agent/instance_lock.py), before any broker is touched: a second agent for the line exits 1
+naming the running one's pid. Every start has a new run id (agent/identity.py), which the
+cameras put into part ids and map keys. `reload` (the MQTT command, SIGHUP) re-reads class
+profiles from [model].profile_dir after the prompts (`reload_profiles`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from agent.config import InspectConfig
 from agent.control import Answer, Command
 from agent.frames import Frame
 from agent.health import HealthServer
+from agent.identity import new_run_id
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
+from agent.instance_lock import LineLock, LineLockedError, state_dir_for
 from agent.ledger import FrameLedger
 from agent.line_status import info_entry, stale_calibration_reason
 from agent.logs import get_logger
@@ -95,7 +103,10 @@ class InspectionService:
         self.commanded: set[str] = set()  # classes whose threshold an operator set over MQTT (until restart)
         self.class_errors: dict[str, str] = {}
         self.last_reload_error: str | None = None
+        self.profile_reload: JsonObject | None = None  # when class profiles were last re-read, and what changed
         self.started_at = datetime.now(UTC)
+        self.run_id = new_run_id(self.started_at.timestamp())  # in every part id and map key of this start
+        self.line_lock = LineLock(state_dir_for(config.agent.state_dir, self.line))
         self._stop = threading.Event()
         self._stop_signalled = False  # set by the signal handler, which must not take locks
         self._reload_signalled = False
@@ -162,7 +173,11 @@ class InspectionService:
                 log.error("camera not started: its class is not set up", camera=camera.id)
                 continue
             source = open_source(
-                camera, self._emitter(camera.id), line_id=self.line, max_frame_pixels=cfg.model.max_frame_pixels
+                camera,
+                self._emitter(camera.id),
+                line_id=self.line,
+                max_frame_pixels=cfg.model.max_frame_pixels,
+                run_id=self.run_id,
             )
             self.sources[camera.id] = source
             self.metrics.watch_camera(camera.id, source.status)
@@ -206,6 +221,11 @@ class InspectionService:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, on_signal)
         try:
+            self.line_lock.acquire()  # before any broker is touched: a double start must not flap the status
+        except LineLockedError as exc:
+            log.error("cannot start", reason=str(exc))
+            return 1
+        try:
             self.start()
         except StartupError as exc:
             log.error("cannot start", reason=str(exc))
@@ -224,7 +244,7 @@ class InspectionService:
     def _reload_on_signal(self) -> None:
         """Off the main thread, which keeps watching for SIGTERM while new prompts are installed."""
         try:
-            self.reload()
+            self.reload_all()
         except Exception as exc:
             log.warning("reload on SIGHUP refused; the running prompts keep serving", error=str(exc))
 
@@ -255,6 +275,7 @@ class InspectionService:
             publisher.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
         self.health.stop()
         log.info("stopped", dropped_at_shutdown=dropped, frames=self.ledger.snapshot().as_dict())
+        self.line_lock.release()
 
     def _stop_sources(self) -> None:
         """Cameras stop before the batcher closes, so a frame a camera is handing over as the stop comes is
@@ -398,6 +419,35 @@ class InspectionService:
             self.publish_info()
             return version
 
+    # --- class profiles -----------------------------------------------------------------------------------
+    def reload_all(self) -> JsonObject:
+        """The `reload` command and SIGHUP: the newest prompts (when a checkpoint is watched), then the class
+        profiles in [model].profile_dir; the answer's fields. A refused checkpoint still raises (after the
+        profiles were re-read); with neither a checkpoint nor a profile folder it raises as `reload` does."""
+        error: Exception | None = None
+        version = self._prompt_version()
+        if self._checkpoint_target() is not None or self.config.model.profile_dir is None:
+            try:
+                version = self.reload()
+            except Exception as exc:
+                error = exc
+        changes = self.reload_profiles() if self.config.model.profile_dir is not None else []
+        if error is not None:
+            raise error
+        return {"prompt_version": version, "profiles": changes}
+
+    def reload_profiles(self, timeout: float = TASK_STALL_S) -> list[JsonObject]:
+        """Re-read the class profiles from [model].profile_dir on the worker (`ClassRegistry.reload_profiles`);
+        what changed, also logged and kept in the info (`profile_reload`)."""
+        if self.worker.engine is None:
+            raise ValueError(ENGINE_LOADING)
+        found = self.worker.submit(lambda engine: engine.classes.reload_profiles()).result(timeout)
+        changes: list[JsonObject] = [change.as_dict() for change in found]
+        log.info("class profiles re-read", folder=str(self.config.model.profile_dir), changes=changes)
+        self.profile_reload = {"at": iso(datetime.now(UTC)), "changes": changes}
+        self.publish_info()
+        return changes
+
     # --- commands -----------------------------------------------------------------------------------------
     def handle_command(self, command: Command) -> Answer:
         """Run a validated MQTT command (the table in agent/commands.py); the answer's fields (errors raise)."""
@@ -420,6 +470,8 @@ class InspectionService:
             "name": self.config.line.name,
             "version": __version__,
             "started_at": iso(self.started_at),
+            "run_id": self.run_id,
+            "profile_reload": self.profile_reload,
             "model": {
                 **self._model_info,
                 "prompt_version": self._prompt_version(),
