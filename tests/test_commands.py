@@ -32,7 +32,7 @@ def line(**overrides: Any) -> Any:
         batcher=Batcher(),
         publish_info=publish_info,
         published=published,
-        reload=lambda: "v2@abc",
+        reload_all=lambda: {"prompt_version": "v2@abc", "profiles": [{"product_class": "widget", "refused": "x"}]},
     )
     for key, value in overrides.items():
         setattr(fake, key, value)
@@ -47,7 +47,8 @@ def test_every_command_the_wire_accepts_has_a_handler_taking_its_arguments():
 
 def test_handlers_answer_with_their_fields():
     fake = line()
-    assert dispatch(fake, parse_command("reload", b"")) == {"prompt_version": "v2@abc"}
+    reloaded = {"prompt_version": "v2@abc", "profiles": [{"product_class": "widget", "refused": "x"}]}
+    assert dispatch(fake, parse_command("reload", b"")) == reloaded
     assert dispatch(fake, parse_command("pause", b'{"camera": "cam-2"}')) == {"cameras": ["cam-2"]}
     assert dispatch(fake, parse_command("resume", b"")) == {"cameras": ["cam-1", "cam-2"]}
     assert fake.batcher.calls == [("cam-2", True), (None, False)]

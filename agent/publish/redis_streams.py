@@ -38,9 +38,6 @@ def stream_fields(inspection: Inspection) -> dict[FieldT, EncodableT]:
     return {
         "payload": json.dumps(inspection.result, separators=(",", ":"), ensure_ascii=False, default=str),
         "camera": inspection.camera,
-        "part_id": inspection.part_id,
-        "seq": str(inspection.seq),
-        "run_id": inspection.run_id,
         "verdict": inspection.verdict,
         "score": "" if inspection.score is None else str(float(inspection.score)),
     }
