@@ -12,7 +12,7 @@ a few seconds) to take the last results, `stopped` is published.
 (agent/instance_lock.py), before any broker is touched: a second agent for the line exits 1
 naming the running one's pid. Every start has a new run id (agent/identity.py), which the
 cameras put into part ids and map keys. `reload` (the MQTT command, SIGHUP) re-reads class
-profiles from [model].profile_dir after the prompts (`reload_profiles`).
+profiles from [model].profile_dir after the prompts (agent/line_reload.py).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from agent.identity import new_run_id
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
 from agent.instance_lock import LineLock, LineLockedError, state_dir_for
 from agent.ledger import FrameLedger
+from agent.line_reload import reload_all
 from agent.line_status import info_entry, stale_calibration_reason
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
@@ -244,7 +245,7 @@ class InspectionService:
     def _reload_on_signal(self) -> None:
         """Off the main thread, which keeps watching for SIGTERM while new prompts are installed."""
         try:
-            self.reload_all()
+            reload_all(self)
         except Exception as exc:
             log.warning("reload on SIGHUP refused; the running prompts keep serving", error=str(exc))
 
@@ -418,35 +419,6 @@ class InspectionService:
             log.info("prompts reloaded", version=version, path=str(resolved))
             self.publish_info()
             return version
-
-    # --- class profiles -----------------------------------------------------------------------------------
-    def reload_all(self) -> JsonObject:
-        """The `reload` command and SIGHUP: the newest prompts (when a checkpoint is watched), then the class
-        profiles in [model].profile_dir; the answer's fields. A refused checkpoint still raises (after the
-        profiles were re-read); with neither a checkpoint nor a profile folder it raises as `reload` does."""
-        error: Exception | None = None
-        version = self._prompt_version()
-        if self._checkpoint_target() is not None or self.config.model.profile_dir is None:
-            try:
-                version = self.reload()
-            except Exception as exc:
-                error = exc
-        changes = self.reload_profiles() if self.config.model.profile_dir is not None else []
-        if error is not None:
-            raise error
-        return {"prompt_version": version, "profiles": changes}
-
-    def reload_profiles(self, timeout: float = TASK_STALL_S) -> list[JsonObject]:
-        """Re-read the class profiles from [model].profile_dir on the worker (`ClassRegistry.reload_profiles`);
-        what changed, also logged and kept in the info (`profile_reload`)."""
-        if self.worker.engine is None:
-            raise ValueError(ENGINE_LOADING)
-        found = self.worker.submit(lambda engine: engine.classes.reload_profiles()).result(timeout)
-        changes: list[JsonObject] = [change.as_dict() for change in found]
-        log.info("class profiles re-read", folder=str(self.config.model.profile_dir), changes=changes)
-        self.profile_reload = {"at": iso(datetime.now(UTC)), "changes": changes}
-        self.publish_info()
-        return changes
 
     # --- commands -----------------------------------------------------------------------------------------
     def handle_command(self, command: Command) -> Answer:
