@@ -210,7 +210,7 @@ class InspectionService:
                 raise StartupError(problem)
 
     def run(self) -> int:
-        """start(), then serve until SIGTERM/SIGINT (SIGHUP reloads the prompts); returns the exit code."""
+        """Take the line lock, start(), serve until SIGTERM/SIGINT (SIGHUP: prompts and profiles); the exit code."""
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             # Runs between two bytecodes of the main thread, maybe inside a lock it holds: no locks here.
