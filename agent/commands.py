@@ -58,8 +58,10 @@ def route(args: type[A], run: Callable[[InspectionService, A], Answer]) -> Route
 
 
 def reload(line: InspectionService, args: ReloadArgs) -> Answer:
-    """Load the newest prompt checkpoint."""
-    return {"prompt_version": line.reload()}
+    """Load the newest prompt checkpoint, then re-read the class profiles ([model].profile_dir)."""
+    from agent.line_reload import reload_all  # it imports this module (ENGINE_LOADING)
+
+    return reload_all(line)
 
 
 def set_threshold(line: InspectionService, args: ThresholdArgs) -> Answer:

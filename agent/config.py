@@ -36,6 +36,16 @@ def _reference_folder(value: Path) -> Path:
     return folder
 
 
+def _state_dir(value: Path | None) -> Path | None:
+    """The state directory may not exist yet (it is created at start), but must not be a file."""
+    if value is None:
+        return None
+    folder = Path(os.path.expanduser(value))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"not a directory: {value}")
+    return folder
+
+
 class LineConfig(Section):
     """Which production line this agent serves; the id appears in topics, streams and logs."""
 
@@ -93,6 +103,11 @@ class AgentConfig(Section):
     )
     reload_debounce_s: float = Field(
         0.5, ge=0, le=60, description="Quiet time after a checkpoint is published before it is loaded (bursts: once)."
+    )
+    state_dir: Annotated[Path | None, AfterValidator(_state_dir)] = Field(
+        None,
+        description="The line's state: the lock that keeps a second agent for the line from starting. Default: "
+        "$STATE_DIRECTORY/<line> under systemd (/var/lib/genclip/<line>), else $XDG_STATE_HOME/genclip/<line>.",
     )
 
 

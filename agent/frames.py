@@ -38,8 +38,8 @@ class Frame:
     """One captured image with its provenance; `image` is uint8/uint16, BGR HxWx3 or gray HxW."""
 
     camera: str
-    seq: int  # per camera, from 1, never reused while the agent runs
-    part_id: str  # the part's identity: a file name, a PLC part number, or "<camera>-<seq>"
+    seq: int  # per camera, from 1, never reused while the agent runs (the acquisition counter)
+    part_id: str  # the part's identity: a file name, a PLC part number, or "<camera>-<run id>-<seq>"
     product_class: str
     image: np.ndarray
     captured_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # wall clock, UTC
@@ -50,6 +50,7 @@ class Frame:
     # such a drop is not answered with an ERROR decision, the retry is (see agent/failsafe.py)
     redelivered_on: frozenset[str] = frozenset()
     decided: DecisionLatch = field(default_factory=DecisionLatch, repr=False, compare=False)  # see DecisionLatch
+    run_id: str = ""  # the agent's run (agent/identity.py): (run_id, camera, seq) never repeats
 
     def age_s(self, now: float | None = None) -> float:
         """Seconds since capture, on the monotonic clock."""

@@ -11,7 +11,8 @@ retained `<prefix>/<line>/lost` message (agent/service.py). The contract:
   on an O_APPEND descriptor: what was written survives a SIGKILL (not a power loss: no fsync).
 - `recover()` at start returns the previous run's open parts in the order they were accepted and
   starts the file afresh; the file is rewritten with only the open parts every COMPACT_EVERY records.
-- `journal_path()` says where the file lives (one function, to be re-pointed at `[agent].state_dir`).
+- `journal_path()` says where the file lives: `parts.journal` in the line's `[agent].state_dir`, beside the
+  lock that keeps a second agent of the line (which would read it) from starting.
 """
 
 from __future__ import annotations
@@ -27,14 +28,12 @@ from agent.logs import get_logger
 log = get_logger(__name__)
 COMPACT_EVERY = 20_000
 
+JOURNAL_NAME = "parts.journal"
 
-def journal_path(line: str) -> Path | None:
-    """`$GENCLIP_STATE_DIR` or systemd's `$STATE_DIRECTORY` (the unit's StateDirectory=), then
-    `<line>.parts`; None (no journal) when neither is set."""
-    folder = os.environ.get("GENCLIP_STATE_DIR") or os.environ.get("STATE_DIRECTORY")
-    if not folder:
-        return None
-    return Path(folder.split(":")[0]) / f"{line}.parts"
+
+def journal_path(state_dir: Path) -> Path:
+    """The journal in the line's state directory ([agent].state_dir, agent/instance_lock.py)."""
+    return state_dir / JOURNAL_NAME
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,5 +29,5 @@ def stale_calibration_reason(status: ClassStatus) -> str | None:
     return (
         f"class {status.product_class}: {status.stale_reason}; scoring against default_threshold "
         f"({status.threshold}) until it is recalibrated (set [references] so every new prompt "
-        "version is recalibrated, run `genclip calibrate`, or set [thresholds])"
+        "version is recalibrated, run `genclip calibrate` then `reload`, or set [thresholds])"
     )

@@ -6,6 +6,10 @@ picture could not be read), `build_uninspected` for one the agent dropped before
 (schema 1) goes to MQTT `<prefix>/<line>/<camera>/result` and to the Redis stream;
 the reject payload to `.../reject` for NG (and ERROR) parts; the decision payload
 to `.../decision` for every part. See docs/integration.md for the field list.
+
+Identity: every payload carries `part_id`, `seq` (the camera's acquisition counter) and `run_id`
+(the agent's start, agent/identity.py); map keys carry the run id too, so neither a part id the
+agent made nor a map key repeats after a restart.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ def iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def map_key(line: str, camera: str, seq: int) -> str:
-    """The Redis key of a frame's anomaly map PNG."""
-    return f"genclip:{line}:map:{camera}:{seq}"
+def map_key(line: str, camera: str, seq: int, run_id: str = "") -> str:
+    """The Redis key of a frame's anomaly map PNG: `genclip:<line>:map:<camera>:<run id>:<seq>`
+    (`...:<camera>:<seq>` for a frame made without a run id)."""
+    run = f"{run_id}:" if run_id else ""
+    return f"genclip:{line}:map:{camera}:{run}{seq}"
 
 
 def results_stream(line: str) -> str:
@@ -63,6 +69,7 @@ class Inspection:
     map_png: bytes | None = None  # stored under result["map_key"] when not None
     error: str | None = None
     signal_reject: bool = True  # False: an uninspected part under [mqtt].reject_uninspected = false (no reject)
+    run_id: str = ""  # the agent's run the frame was taken in (agent/identity.py)
 
     @property
     def rejects(self) -> bool:
@@ -73,7 +80,7 @@ class Inspection:
     def stored_map_key(self) -> str:
         """Where the map PNG is stored: the result's `map_key`, else the frame's usual key."""
         key = self.result.get("map_key")
-        return key if isinstance(key, str) and key else map_key(self.line, self.camera, self.seq)
+        return key if isinstance(key, str) and key else map_key(self.line, self.camera, self.seq, self.run_id)
 
     def reject_payload(self) -> JsonObject:
         return {
@@ -82,6 +89,7 @@ class Inspection:
             "camera": self.camera,
             "part_id": self.part_id,
             "seq": self.seq,
+            "run_id": self.run_id,
             "captured_at": iso(self.captured_at),
             "deadline": iso(self.deadline),
             "verdict": self.verdict,
@@ -152,6 +160,7 @@ def _inspection(
         result=result,
         map_png=map_png,
         error=error,
+        run_id=frame.run_id,
     )
 
 
@@ -173,6 +182,7 @@ def build_inspection(
         "line": line,
         "camera": frame.camera,
         "seq": frame.seq,
+        "run_id": frame.run_id,
         "part_id": frame.part_id,
         "product_class": frame.product_class,
         "captured_at": iso(frame.captured_at),
@@ -205,7 +215,7 @@ def build_inspection(
         "defects": [defect_json(d) for d in outcome.defects],
         "class_word": outcome.class_word,
         "model": {**model, "prompt_version": outcome.prompt_version},
-        "map_key": map_key(line, frame.camera, frame.seq) if store_map else None,
+        "map_key": map_key(line, frame.camera, frame.seq, frame.run_id) if store_map else None,
     }
     png = encode_map_png(outcome.anomaly_map, map_size) if store_map else None
     types = list(dict.fromkeys(d.type for d in outcome.defects))

@@ -9,6 +9,12 @@ what is queued is scored and published until `[agent].shutdown_timeout_s` has pa
 decision, agent/failsafe.py: the fail-safe thread is stopped after the result thread and
 before the publishers), the brokers get what is left of that time (at least a few seconds)
 to take the last results and answers, `stopped` is published.
+
+`run` (what `genclip run` calls) first takes the line's lock in its state directory
+(agent/instance_lock.py), before any broker is touched: a second agent for the line exits 1
+naming the running one's pid. Every start has a new run id (agent/identity.py), which the
+cameras put into part ids and map keys. `reload` (the MQTT command, SIGHUP) re-reads class
+profiles from [model].profile_dir after the prompts (agent/line_reload.py).
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ from agent.control import Answer, Command
 from agent.failsafe import AnswerSettings, FailSafe
 from agent.frames import Frame
 from agent.health import HealthServer
+from agent.identity import new_run_id
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
+from agent.instance_lock import LineLock, LineLockedError, state_dir_for
 from agent.journal import PartJournal, journal_path
 from agent.ledger import FrameLedger
+from agent.line_reload import reload_all
 from agent.line_status import info_entry, stale_calibration_reason
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
@@ -99,7 +108,11 @@ class InspectionService:
         self.commanded: set[str] = set()  # classes whose threshold an operator set over MQTT (until restart)
         self.class_errors: dict[str, str] = {}
         self.last_reload_error: str | None = None
+        self.profile_reload: JsonObject | None = None  # when class profiles were last re-read, and what changed
         self.started_at = datetime.now(UTC)
+        self.run_id = new_run_id(self.started_at.timestamp())  # in every part id and map key of this start
+        state_dir = state_dir_for(config.agent.state_dir, self.line)
+        self.line_lock = LineLock(state_dir)
         self._stop = threading.Event()
         self._stop_signalled = False  # set by the signal handler, which must not take locks
         self._reload_signalled = False
@@ -110,8 +123,7 @@ class InspectionService:
             raise StartupError(str(exc)) from None
         self.redis = RedisStreamPublisher(config.redis, self.line)
         self.publishers: tuple[Publisher, ...] = (self.mqtt, self.redis)
-        path = journal_path(self.line)
-        self.journal = PartJournal(path) if path is not None else None
+        self.journal: PartJournal | None = PartJournal(journal_path(state_dir))
         self.failsafe = self._make_failsafe()
         self.health = HealthServer(
             config.agent.health_host, config.agent.health_port, self.metrics, self.health_reasons
@@ -171,7 +183,11 @@ class InspectionService:
                 log.error("camera not started: its class is not set up", camera=camera.id)
                 continue
             source = open_source(
-                camera, self._emitter(camera.id), line_id=self.line, max_frame_pixels=cfg.model.max_frame_pixels
+                camera,
+                self._emitter(camera.id),
+                line_id=self.line,
+                max_frame_pixels=cfg.model.max_frame_pixels,
+                run_id=self.run_id,
             )
             self.sources[camera.id] = source
             self.metrics.watch_camera(camera.id, source.status)
@@ -203,7 +219,7 @@ class InspectionService:
                 raise StartupError(problem)
 
     def run(self) -> int:
-        """start(), then serve until SIGTERM/SIGINT (SIGHUP reloads the prompts); returns the exit code."""
+        """Take the line lock, start(), serve until SIGTERM/SIGINT (SIGHUP: prompts and profiles); the exit code."""
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             # Runs between two bytecodes of the main thread, maybe inside a lock it holds: no locks here.
@@ -214,6 +230,11 @@ class InspectionService:
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, on_signal)
+        try:
+            self.line_lock.acquire()  # before any broker is touched: a double start must not flap the status
+        except LineLockedError as exc:
+            log.error("cannot start", reason=str(exc))
+            return 1
         try:
             self.start()
         except StartupError as exc:
@@ -233,7 +254,7 @@ class InspectionService:
     def _reload_on_signal(self) -> None:
         """Off the main thread, which keeps watching for SIGTERM while new prompts are installed."""
         try:
-            self.reload()
+            reload_all(self)
         except Exception as exc:
             log.warning("reload on SIGHUP refused; the running prompts keep serving", error=str(exc))
 
@@ -268,6 +289,7 @@ class InspectionService:
             self.journal.close()
         frames = self.ledger.snapshot().as_dict()
         log.info("stopped", dropped_at_shutdown=dropped, frames=frames, answered=self.failsafe.answered)
+        self.line_lock.release()
 
     def _stop_sources(self) -> None:
         """Cameras stop before the batcher closes, so a frame a camera is handing over as the stop comes is
@@ -469,6 +491,8 @@ class InspectionService:
             "name": self.config.line.name,
             "version": __version__,
             "started_at": iso(self.started_at),
+            "run_id": self.run_id,
+            "profile_reload": self.profile_reload,
             "model": {
                 **self._model_info,
                 "prompt_version": self._prompt_version(),

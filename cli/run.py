@@ -8,7 +8,7 @@ from cli.options import ConfigOption, load_for_verb
 
 
 def run(config: ConfigOption = None) -> None:
-    """Run the inspection service for one line until SIGTERM/SIGINT (SIGHUP reloads the prompts)."""
+    """Run the inspection service for one line until SIGTERM/SIGINT (SIGHUP reloads prompts and class profiles)."""
     cfg = load_for_verb(config)
     from agent.logs import get_logger
     from agent.service import InspectionService, StartupError

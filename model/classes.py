@@ -8,6 +8,8 @@
   or the plain name; refused when its prompts would not fit CLIP's context;
 - calibration: a threshold measured on good parts (`calibrate`, or at set-up), measured again on new
   prompts for classes registered with a reference loader (`rebuilt_for`, called by the prompt swap);
+- profiles written while the engine runs (`genclip calibrate --profiles`): `reload_profiles` re-reads
+  every registered class's profile from [model].profile_dir and installs those that changed;
 - the threshold a frame is judged with, decided in one place, `decide_threshold`: an override
   ([thresholds] in the config or an operator's command) > a calibration that holds > the default
   threshold (reported "stale-calibration" when a calibration no longer holds, "default" without one).
@@ -80,6 +82,26 @@ class CalibrationStatus:
     quantile: float
     images: int
     prompt_version: str
+
+
+@dataclass(frozen=True)
+class ProfileChange:
+    """A class profile re-read from [model].profile_dir: the threshold before and after, or why it was refused."""
+
+    product_class: str
+    before: Threshold
+    after: Threshold
+    refused: str | None = None  # the profile on disk is unusable: the running one stays
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object the agent's reload answer and log carry."""
+        if self.refused is not None:
+            return {"product_class": self.product_class, "refused": self.refused}
+        return {
+            "product_class": self.product_class,
+            "threshold": {"before": self.before.value, "after": self.after.value},
+            "threshold_source": {"before": self.before.source, "after": self.after.source},
+        }
 
 
 @dataclass(frozen=True)
@@ -318,6 +340,37 @@ class ClassRegistry:
             if profile != saved:
                 self.save(profile)
         return profile
+
+    def reload_profiles(self) -> list[ProfileChange]:
+        """Re-read every registered class's profile from [model].profile_dir (device thread) and install each
+        that differs from the running one (class word, calibration ...); the changes, and the profiles refused
+        (unreadable, or made for other CLIP weights: the running profile stays). Nothing is calibrated here."""
+        directory = self.config.profile_dir
+        changes: list[ProfileChange] = []
+        for name in self.names() if directory is not None else []:
+            assert directory is not None
+            path = profile_path(directory, name)
+            current = self.profile(name)
+            if current is None or not path.is_file():
+                continue
+            before = self.threshold(name)
+            try:
+                saved = ClassProfile.load(path)
+                if (saved.backbone, saved.weights) != (self._settings.backbone, self._settings.weights):
+                    raise ProfileError(f"{path}: made for {saved.backbone} {saved.weights}, not the running weights")
+                new = self._profile_for(name, [], saved)
+                self._check_fits_context(self._cell.current.prompts.model, new.class_word, new.defect_types)
+            except (ProfileError, ClassSetupError) as exc:
+                log.warning("class profile not reloaded; the running one stays", product_class=name, error=str(exc))
+                changes.append(ProfileChange(name, before, before, refused=str(exc)))
+                continue
+            if new.as_dict() == current.as_dict():
+                continue
+            with self._cell.write_lock:
+                old = self._cell.current
+                self._publish_class(old, new, self.scorer.class_text(old.prompts.model, new))
+            changes.append(ProfileChange(name, before, self.threshold(name)))
+        return changes
 
     def save(self, profile: ClassProfile) -> None:
         """Into [model].profile_dir, for classes set up from there with saving on (the agent's)."""

@@ -33,6 +33,10 @@ def line(**overrides: Any) -> Any:
         publish_info=publish_info,
         published=published,
         reload=lambda: "v2@abc",
+        config=SimpleNamespace(  # neither a profile folder nor a watched checkpoint: reload is the prompts' only
+            agent=SimpleNamespace(prompt_dir=None), model=SimpleNamespace(checkpoint=None, profile_dir=None)
+        ),
+        worker=SimpleNamespace(engine=None),
     )
     for key, value in overrides.items():
         setattr(fake, key, value)
@@ -47,7 +51,7 @@ def test_every_command_the_wire_accepts_has_a_handler_taking_its_arguments():
 
 def test_handlers_answer_with_their_fields():
     fake = line()
-    assert dispatch(fake, parse_command("reload", b"")) == {"prompt_version": "v2@abc"}
+    assert dispatch(fake, parse_command("reload", b"")) == {"prompt_version": "v2@abc", "profiles": []}
     assert dispatch(fake, parse_command("pause", b'{"camera": "cam-2"}')) == {"cameras": ["cam-2"]}
     assert dispatch(fake, parse_command("resume", b"")) == {"cameras": ["cam-1", "cam-2"]}
     assert fake.batcher.calls == [("cam-2", True), (None, False)]

@@ -279,9 +279,9 @@ def test_a_start_after_a_kill_reports_lost_parts_retained(tmp_path, mosquitto, r
     """The journal of a running line with a backlog (what a SIGKILL would leave) is reported by the next start in
     a retained `lost` message: parts that had no decision then; a clean stop leaves nothing to report."""
     line = "fs-lost"
-    monkeypatch.setenv("GENCLIP_STATE_DIR", str(tmp_path / "state"))
     cameras = [synthetic_camera("cam-1", seed=1, fps=20, queue_policy="block", queue_size=12, max_age_ms=0)]
     cfg = fault_config(mosquitto.port, redis_server.url, line, cameras, mqtt={"decision_window_ms": 120_000})
+    cfg.agent.state_dir = tmp_path / "state"
     watcher = Subscriber(mosquitto.port, [f"genclip/{line}/#"], f"plc-{line}")
     first = InspectionService(cfg)
     first.start()
@@ -289,11 +289,11 @@ def test_a_start_after_a_kill_reports_lost_parts_retained(tmp_path, mosquitto, r
         first.worker.engine.fault_hook = lambda n: time.sleep(0.5)
         wait_for(lambda: first.batcher.depth() >= 6, 30, "a backlog of 6 frames")
         decided_before = {d["part_id"] for d in watcher.of("/decision")}
-        killed = (tmp_path / "state" / f"{line}.parts").read_bytes()  # what a SIGKILL now would leave
+        killed = (tmp_path / "state" / "parts.journal").read_bytes()  # what a SIGKILL now would leave
     finally:
         first.shutdown()
-    assert PartJournal(tmp_path / "state" / f"{line}.parts").recover() == []  # a clean stop answered every part
-    (tmp_path / "state" / f"{line}.parts").write_bytes(killed)
+    assert PartJournal(tmp_path / "state" / "parts.journal").recover() == []  # a clean stop answered every part
+    (tmp_path / "state" / "parts.journal").write_bytes(killed)
     second = InspectionService(cfg)
     second.start()
     try:

@@ -49,7 +49,7 @@ def test_video_file_plays_once_and_ends(video):
     assert wait_until(lambda: source.status().state == "ended")
     frames = emit.snapshot()
     assert [f.seq for f in frames] == list(range(1, FRAMES + 1))
-    assert [f.part_id for f in frames[:2]] == ["cam-1", "cam-2"]
+    assert [f.part_id for f in frames[:2]] == [f"cam-{source.run_id}-1", f"cam-{source.run_id}-2"]
     assert [round(float(f.image.mean()) / 20) for f in frames] == list(range(FRAMES))
     status = source.status()
     assert status.healthy and status.frames == FRAMES and status.detail == "end of video file"

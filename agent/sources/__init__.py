@@ -35,24 +35,30 @@ def __getattr__(name: str) -> Any:
 
 
 def open_source(
-    camera: CameraConfig, emit: Emit, *, line_id: str = "", max_frame_pixels: int | None = None
+    camera: CameraConfig,
+    emit: Emit,
+    *,
+    line_id: str = "",
+    max_frame_pixels: int | None = None,
+    run_id: str | None = None,
 ) -> FrameSource:
     """The source for `camera.resolved_kind`, not started yet.
 
     Each kind's module is imported here, so a line without synthetic cameras never loads the defect drawing.
     `max_frame_pixels` ([model].max_frame_pixels): image files over it are rejected undecoded.
+    `run_id`: the service's run (agent/identity.py); None: the source makes its own.
     """
     kind = camera.resolved_kind
     if kind == "folder":
         from agent.sources.folder import FolderSource
 
         if max_frame_pixels is None:
-            return FolderSource(camera, emit, line_id=line_id)
-        return FolderSource(camera, emit, line_id=line_id, max_frame_pixels=max_frame_pixels)
+            return FolderSource(camera, emit, line_id=line_id, run_id=run_id)
+        return FolderSource(camera, emit, line_id=line_id, max_frame_pixels=max_frame_pixels, run_id=run_id)
     if kind == "synthetic":
         from agent.sources.synthetic import SyntheticSource
 
-        return SyntheticSource(camera, emit, line_id=line_id)
+        return SyntheticSource(camera, emit, line_id=line_id, run_id=run_id)
     from agent.sources.capture import OpenCvSource
 
-    return OpenCvSource(camera, emit, line_id=line_id)
+    return OpenCvSource(camera, emit, line_id=line_id, run_id=run_id)

@@ -4,7 +4,9 @@ A source owns one daemon thread named `source-<camera id>`. Subclasses write `_r
 captures until `_stopping` is set; whatever it raises is logged with the camera id, counted,
 and `_run` is called again after a capped exponential backoff, so bad input never ends a
 source. Frames go out through `_emit_frame`, which numbers them and calls the pipeline's
-`emit` (that call may block when the camera's queue policy is 'block').
+`emit` (that call may block when the camera's queue policy is 'block'). Every frame carries the
+source's run id (the service's, else one of its own); a frame without an id from outside gets
+`<camera>-<run id>-<seq>` (agent/identity.py), so part ids never repeat across restarts.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from agent.frames import Frame
+from agent.identity import camera_part_id, new_run_id
 from agent.logs import get_logger
 from agent.sources.config import CameraConfig
 
@@ -69,8 +72,9 @@ class FrameSource(ABC):
 
     watch_stalls: ClassVar[bool] = False  # a source that should deliver steadily (not a folder waiting for files)
 
-    def __init__(self, camera: CameraConfig, emit: Emit, *, line_id: str = "") -> None:
+    def __init__(self, camera: CameraConfig, emit: Emit, *, line_id: str = "", run_id: str | None = None) -> None:
         self.camera = camera
+        self.run_id = new_run_id() if run_id is None else run_id
         self._emit = emit
         self.log = get_logger(f"agent.sources.{type(self).__name__}").bind(camera=camera.id)
         if line_id:
@@ -198,12 +202,13 @@ class FrameSource(ABC):
         frame = Frame(
             camera=self.camera.id,
             seq=seq,
-            part_id=part_id if part_id is not None else f"{self.camera.id}-{seq}",
+            part_id=part_id if part_id is not None else camera_part_id(self.camera.id, self.run_id, seq),
             product_class=self.camera.product_class,
             image=image,
             on_end=on_end,
             error=error,
             redelivered_on=redelivered_on,
+            run_id=self.run_id,
         )
         with self._lock:
             self._emitting = True

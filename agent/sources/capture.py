@@ -24,8 +24,8 @@ class OpenCvSource(FrameSource):
 
     watch_stalls: ClassVar[bool] = True
 
-    def __init__(self, camera: CameraConfig, emit: Emit, *, line_id: str = "") -> None:
-        super().__init__(camera, emit, line_id=line_id)
+    def __init__(self, camera: CameraConfig, emit: Emit, *, line_id: str = "", run_id: str | None = None) -> None:
+        super().__init__(camera, emit, line_id=line_id, run_id=run_id)
         self._lost_reason = ""
 
     def _open(self) -> cv2.VideoCapture:

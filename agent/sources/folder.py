@@ -15,6 +15,13 @@ that is no image at all goes there at once. When a file cannot be moved, the sou
 taking files, leaves them where they are, shows 'failed' and retries with the backoff. So a
 file is never lost, and it is inspected again only when the agent stopped before its result
 was handed over (at least once, never zero times).
+
+Part ids: a file's part id is its name without the extension (`part-000.png` -> `part-000`). A
+name that parts were already published under is a new part, not a repeat: the second part from a
+file of that name gets `part-000~2`, the third `part-000~3` (agent/identity.py). Earlier uses are
+counted in this run and, at the first sight of a name in a run, from the copies `move_into` left in
+`done_dir` (with `after = "move"`) and `rejected_dir` (`part-000.png`, `part-000-1.png` ...). A file
+tried again after its frame was dropped, or left for the next start, keeps its id (the same part).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from agent.identity import repeat_part_id
 from agent.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, UnreadableImageError, read_frame
 from agent.logs import get_logger
 from agent.sources.base import Emit, FrameSource, SourceError
@@ -100,8 +108,9 @@ class FolderSource(FrameSource):
         *,
         line_id: str = "",
         max_frame_pixels: int | None = DEFAULT_MAX_PIXELS,
+        run_id: str | None = None,
     ) -> None:
-        super().__init__(camera, emit, line_id=line_id)
+        super().__init__(camera, emit, line_id=line_id, run_id=run_id)
         self.max_frame_pixels = max_frame_pixels  # larger images are rejected from their header, undecoded
         self.folder = self.camera.folder
         self._settle_s = self.camera.settle_ms / 1000
@@ -117,6 +126,7 @@ class FolderSource(FrameSource):
         self._closed = False  # guarded: the capture thread is gone; ends are carried out where they happen
         self._pending: dict[Path, str] = {}  # capture thread: DONE or a reject reason, not carried out yet
         self._drops: dict[Path, int] = {}  # capture thread: how often a file's frame was dropped (its backoff)
+        self._uses: dict[str, int] = {}  # capture thread: file name -> parts published under it (see part ids)
 
     # --- called from the observer thread ---------------------------------------------------------------
     def _note(self, path: Path) -> None:
@@ -234,6 +244,7 @@ class FolderSource(FrameSource):
                 self._in_flight.discard(path)
             action = self._action(unreadable, how)
             if action is not None:
+                self._uses[path.name] = self._uses.get(path.name, 0) + 1  # its part id is taken
                 self._pending[path] = action
                 heapq.heappush(self._ready, (0, path.name, path))  # before any new file
             elif how != "shutdown":  # stale, queue_full: the part was not inspected; try again later
@@ -299,13 +310,24 @@ class FolderSource(FrameSource):
             self._in_flight.add(path)
         error = f"{path.name}: {unreadable}" if unreadable is not None else None
         on_end = partial(self._on_end, path, unreadable)
-        frame = self._emit_frame(image, part_id=path.stem, on_end=on_end, error=error, redelivered_on=RETRIED_DROPS)
+        frame = self._emit_frame(
+            image, part_id=self._part_id(path), on_end=on_end, error=error, redelivered_on=RETRIED_DROPS
+        )
         if frame is None:  # emit raised: keep the file and try it again later
             with self._guard:
                 self._in_flight.discard(path)
                 self._unsettled[path] = _Unsettled(time.monotonic() + self.backoff.next())
             return
         self.backoff.reset()
+
+    def _part_id(self, path: Path) -> str:
+        """The file's stem, or `<stem>~<n>` when n - 1 parts were already published under its name."""
+        if path.name not in self._uses:
+            dirs = [self.camera.resolved_rejected_dir]
+            if self.camera.after == "move":
+                dirs.append(self.camera.resolved_done_dir)
+            self._uses[path.name] = sum(copies_in(folder, path.name) for folder in dirs)
+        return repeat_part_id(path.stem, self._uses[path.name])
 
     def _carry_out(self, path: Path, action: str) -> None:
         """Clear an inspected file away (DONE) or reject it with `action` as the reason; raises _BlockedError."""
@@ -358,6 +380,17 @@ class FolderSource(FrameSource):
         except OSError as exc:
             raise _BlockedError(f"cannot create {folder}: {exc.strerror or exc}") from None
         return folder
+
+
+def copies_in(folder: Path, name: str) -> int:
+    """How many files `move_into` put into `folder` under `name`: `name`, then `<stem>-1<suffix>` ... in a row."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    if not (folder / name).exists():
+        return 0
+    count = 1
+    while (folder / f"{stem}-{count}{suffix}").exists():
+        count += 1
+    return count
 
 
 def move_into(path: Path, folder: Path) -> Path:

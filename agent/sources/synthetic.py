@@ -25,10 +25,10 @@ MARGIN = 1.25  # backgrounds are this much larger than the frame, for the random
 
 
 class SyntheticSource(FrameSource):
-    """Emits generated parts at `fps`; part ids are `<camera>-<seq>`."""
+    """Emits generated parts at `fps`; part ids are `<camera>-<run id>-<seq>`."""
 
-    def __init__(self, camera: CameraConfig, emit: Emit, *, line_id: str = "") -> None:
-        super().__init__(camera, emit, line_id=line_id)
+    def __init__(self, camera: CameraConfig, emit: Emit, *, line_id: str = "", run_id: str | None = None) -> None:
+        super().__init__(camera, emit, line_id=line_id, run_id=run_id)
         self.settings = self.camera.synthetic
         self._backgrounds: list[np.ndarray] = []
         self._truth: IO[str] | None = None
