@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from agent.publish.config import MqttConfig
 from agent.results import Inspection
 
-KINDS = ("result", "reject", "decision", "response", "info", "status")
+KINDS = ("result", "reject", "decision", "response", "info", "status", "heartbeat")
+BULK_KINDS = ("result",)  # the outbox's bulk lane; every other kind is urgent and sent first
 
 
 @dataclass(slots=True)
@@ -32,6 +33,22 @@ class Message:
     correlation: bytes | None = None
     part: str = ""  # for log lines
     order: int = 0  # stamped by the link when queued: messages going back to the outbox keep their order
+
+
+def is_urgent(msg: Message) -> bool:
+    """Urgent messages (rejects, decisions, status, ...) are sent before any queued result."""
+    return msg.kind not in BULK_KINDS
+
+
+def signal_expiry(left_s: float) -> int | None:
+    """MessageExpiryInterval for a message with `left_s` seconds to its deadline, or None: do not send.
+
+    Whole seconds rounded DOWN, so the broker never delivers it after the deadline. Under one
+    second left there is no such interval (0 means "never expires"), so it is withheld and
+    counted as expired: a PLC that rejects on silence past the deadline rejects the part, where
+    a late message could have been bound to the wrong part.
+    """
+    return int(left_s) if left_s >= 1.0 else None
 
 
 def encode_json(data: object) -> bytes:
