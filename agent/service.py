@@ -32,7 +32,8 @@ from agent.frames import Frame
 from agent.health import HealthServer
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
 from agent.ledger import FrameLedger
-from agent.line_status import info_entry, stale_calibration_reason
+from agent.line_state import LineChecks, StatusMonitor
+from agent.line_status import info_entry
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
 from agent.outcomes import Outcome, Prediction
@@ -106,8 +107,24 @@ class InspectionService:
             raise StartupError(str(exc)) from None
         self.redis = RedisStreamPublisher(config.redis, self.line)
         self.publishers: tuple[Publisher, ...] = (self.mqtt, self.redis)
+        self.sources: dict[str, FrameSource] = {}
+        self._running = threading.Event()  # set once the engine is warm, classes set up, cameras started
+        self.checks = LineChecks(
+            self.class_errors,
+            lambda: self.worker.engine,
+            self.sources,
+            self.publishers,
+            self.hang_reason,
+            self._running,
+            self.mqtt.sink,
+        )
+        self.status = StatusMonitor(self.checks.state, self.mqtt, self.publish_info, config.mqtt.heartbeat_s)
         self.health = HealthServer(
-            config.agent.health_host, config.agent.health_port, self.metrics, self.health_reasons
+            config.agent.health_host,
+            config.agent.health_port,
+            self.metrics,
+            self.health_reasons,
+            liveness=self.checks.liveness,
         )
         self.batcher = FrameBatcher(self.ledger, config.engine.batch_size, config.engine.max_wait_ms)
         batches = max(2, -(-config.agent.publish_queue // config.engine.batch_size))
@@ -115,7 +132,6 @@ class InspectionService:
         self.worker = InferenceWorker(
             self._build_engine, self._setup_classes, self.batcher, self.results.put, pipeline=config.engine.pipeline
         )
-        self.sources: dict[str, FrameSource] = {}
         self.watcher: CheckpointWatcher | None = None
         self._model_info: dict[str, str] = {}  # backbone, weights
         self._newest_at_start: tuple[Path, int, int] | None = None  # (path, size, mtime) when the engine loaded
@@ -139,8 +155,10 @@ class InspectionService:
             self.batcher.add_camera(camera.id, camera.queue_size, policy, max_age_ms)
             self.metrics.watch_queue(f"camera:{camera.id}", partial(self.batcher.depth, camera.id))
         self.metrics.watch_queue("results", self.results.depth)
+        self.status.refresh()  # `starting` is the retained status the first connection announces
         for publisher in self.publishers:
             publisher.start()
+        self.status.start()
         self._refuse_bad_credentials(LINK_CHECK_S)  # before the engine loads: fail in seconds, not minutes
         try:
             self.health.start()
@@ -172,7 +190,8 @@ class InspectionService:
             self.watcher = CheckpointWatcher(target, self._on_checkpoint, cfg.agent.reload_debounce_s)
             self.watcher.start()
             self._catch_up_on_checkpoints(target)
-        self.publish_info()
+        self._running.set()
+        self.status.refresh()  # online (or degraded, with reasons) and the info, now
         threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True).start()
         self.notifier.ready()
         log.info(
@@ -241,6 +260,7 @@ class InspectionService:
         """
         self._stop.set()
         self.notifier.stopping()
+        self.status.stop()  # no status or heartbeat after this: `stopped` is the last word
         drain_s = self.config.agent.shutdown_timeout_s
         log.info("stopping", queued=self.batcher.depth(), drain_s=drain_s)
         if self.watcher is not None:
@@ -438,6 +458,14 @@ class InspectionService:
                 for c in self.config.cameras
             ],
             "classes": classes,
+            "status": self.status.current.as_json(),
+            "operator_overrides": {  # threshold and pause commands last until a restart: none survive one
+                "reset_at_start": True,
+                "thresholds": {
+                    name: self.thresholds[name] for name in sorted(self.commanded) if name in self.thresholds
+                },
+                "paused_cameras": sorted(paused),
+            },
         }
 
     def publish_info(self) -> JsonObject:
@@ -448,24 +476,8 @@ class InspectionService:
 
     def health_reasons(self) -> list[str]:
         """Why the line is unhealthy (empty when it is not); reads only, changes nothing (the camera_up and
-        broker_up gauges read the same states at scrape time)."""
-        reasons = [f"class {name}: {error}" for name, error in self.class_errors.items()]
-        engine = self.worker.engine
-        if engine is not None:
-            stale = (stale_calibration_reason(engine.classes.status(name)) for name in engine.classes.names())
-            reasons += [reason for reason in stale if reason is not None]
-        for camera_id, source in self.sources.items():
-            status = source.status()
-            if not status.healthy:
-                reasons.append(f"camera {camera_id}: {status.state} ({status.detail})")
-        hang = self.hang_reason()
-        if hang is not None:
-            reasons.append(hang)
-        for publisher in self.publishers:
-            ok, why = publisher.health()
-            if not ok:
-                reasons.append(f"{publisher.sink}: {why}")
-        return reasons
+        broker_up gauges read the same states at scrape time). Until the line runs: STARTING_REASON first."""
+        return self.checks.health()
 
     def metrics_results_by_verdict(self) -> dict[str, int]:
         """Results published so far, by verdict (OK, NG, ERROR), over all cameras."""

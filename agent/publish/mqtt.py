@@ -14,6 +14,7 @@ its Last Will.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 from agent.logs import get_logger
 from agent.publish.config import MqttConfig
@@ -21,7 +22,7 @@ from agent.publish.mqtt_commands import CommandIntake, Handler
 from agent.publish.mqtt_link import MqttLink
 from agent.publish.mqtt_messages import Message, MqttTopics, encode_json
 from agent.publish.outbox import DeliveryStats
-from agent.results import Inspection, JsonObject
+from agent.results import Inspection, JsonObject, iso
 
 log = get_logger(__name__)
 
@@ -78,6 +79,14 @@ class MqttPublisher:
     def publish_info(self, info: JsonObject) -> None:
         """Publish retained service info now if connected, and again after every reconnect."""
         self.link.retain(self.topics.info_message(encode_json(info)))
+
+    def set_status(self, state: str) -> None:
+        """The retained status (starting, online, degraded): sent now if connected, and on every reconnect."""
+        self.link.retain(self.topics.status_message(state))
+
+    def heartbeat(self, count: int, state: str, reasons: tuple[str, ...]) -> None:
+        """Queue one heartbeat (QoS 0: dropped while disconnected); never waits for the broker."""
+        self.link.send(self.topics.heartbeat_message(count, state, reasons, iso(datetime.now(UTC))))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Flush within timeout, announce `stopped`, disconnect cleanly (no Last Will), join the threads."""

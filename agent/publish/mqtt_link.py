@@ -18,8 +18,8 @@ the held results. Messages with a deadline (rejects, decisions) expire in the br
 DOWN to whole seconds, and one with under a second left (expiry 0 would mean "never expires")
 or past its deadline is not sent at all and is counted as expired (`signal_expiry`): the PLC
 rejects on silence past the deadline. Messages that are not held across a disconnect (status,
-info, heartbeat, QoS 0 results) are dropped with it; status and the retained messages
-(`retain`) lead every new connection instead.
+info, heartbeat, QoS 0 results) are dropped with it; the status (`online` unless one was given to
+`retain`) and the retained messages lead every new connection instead.
 """
 
 from __future__ import annotations
@@ -258,8 +258,10 @@ class MqttLink:
         for topic in self._subscriptions:
             client.subscribe(topic, options=SubscribeOptions(qos=1, noLocal=True))
         with self._cv:
-            first = [self.topics.status_message("online")]
-            first += [dataclasses.replace(msg) for msg in self._retained.values()]
+            # The latest status given to `retain` (the service's starting/online/degraded), else online.
+            status = self._retained.get("status", self.topics.status_message("online"))
+            first = [dataclasses.replace(status)]
+            first += [dataclasses.replace(msg) for kind, msg in self._retained.items() if kind != "status"]
             self._queue(first, front=True)
             self._connected = self.stats.connected = True
             self._problem = "connected"
@@ -370,6 +372,8 @@ class MqttLink:
                 )
                 return True
             props.MessageExpiryInterval = expiry
+        elif msg.expiry_s is not None:
+            props.MessageExpiryInterval = msg.expiry_s
         if msg.correlation is not None:
             props.CorrelationData = msg.correlation
         try:
