@@ -3,8 +3,12 @@
 `MqttPublisher` is the line's MQTT sink (a `Publisher`); it puts three parts together:
 - agent/publish/mqtt_messages.py: the topics and each message's payload, QoS, retain and expiry;
 - agent/publish/mqtt_link.py: the connection (TLS, Last Will, reconnect) and the delivery rules
-  (one bounded outbox, at most `INFLIGHT` unacknowledged, sent on PUBACK, expired at the deadline);
+  (an outbox with an urgent lane for rejects and decisions drained before the results' lane, at
+  most `INFLIGHT` unacknowledged, sent on PUBACK, never delivered after the deadline);
 - agent/publish/mqtt_commands.py: the command thread (`cmd/<name>` in, `cmd/response` out).
+
+The retained status is `online` on connect unless the service gave another (`set_status`:
+starting, online, degraded; see agent/line_state.py); `heartbeat` queues one heartbeat.
 
 Stop order: the command thread first (what is queued is still answered, within the time),
 then the outbox is flushed, `stopped` is published and the connection closed without
