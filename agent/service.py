@@ -3,10 +3,12 @@
 Start order: publishers (non-blocking: a broker that is down is retried in the
 background), health server, the engine worker (engine, classes, warm-up, on its
 own thread), then the cameras whose class could be set up, then the checkpoint
-watcher; systemd hears READY=1 only then. Stop order is the reverse: cameras stop,
-what is queued is scored and published until `[agent].shutdown_timeout_s` has passed
-(the rest is dropped and counted), the brokers get what is left of that time (at least
-a few seconds) to take the last results, `stopped` is published.
+watcher; systemd hears READY=1 only then. The retained MQTT status is `starting` from
+the first connect until then, `online` (or `degraded`, with reasons) after, see
+agent/line_state.py. Stop order is the reverse: cameras stop, what is queued is scored
+and published until `[agent].shutdown_timeout_s` has passed (the rest is dropped and
+counted), the brokers get what is left of that time (at least a few seconds) to take the
+last results, `stopped` is published.
 """
 
 from __future__ import annotations
