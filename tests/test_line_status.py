@@ -186,3 +186,21 @@ def test_degraded_while_redis_is_down_and_overrides_in_info(
     assert watcher.of("/info")[-1]["status"] == {"state": "online", "reasons": []}
     service.shutdown()
     watcher.close()
+
+
+def test_livez_is_the_watchdog_rule() -> None:
+    from agent.health import HealthServer
+    from agent.metrics import AgentMetrics
+
+    hung: list[str] = []
+    server = HealthServer("127.0.0.1", 0, AgentMetrics(), lambda: [STARTING_REASON], liveness=lambda: list(hung))
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert http_get(base + "/livez") == (200, {"status": "alive"})
+        assert http_get(base + "/healthz") == (503, {"status": "unhealthy", "reasons": [STARTING_REASON]})
+        hung.append("engine worker stalled: one batch has run for 31 s")
+        assert http_get(base + "/livez") == (503, {"status": "hung", "reasons": hung})
+        assert http_get(base + "/")[1]["endpoints"] == ["/healthz", "/livez", "/metrics"]
+    finally:
+        server.stop()

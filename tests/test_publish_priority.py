@@ -130,3 +130,30 @@ def test_signals_with_under_a_second_left_or_past_are_never_sent(
     snap = pub.stats.snapshot()
     assert snap["reject"] == {"sent": 1, "dropped": 0, "expired": 2}
     assert snap["decision"] == {"sent": 1, "dropped": 0, "expired": 2}
+
+
+def test_after_an_outage_signals_lead_in_capture_order_per_camera(
+    fresh_mosquitto: MosquittoServer, clients: list[Any], line: str
+) -> None:
+    """Held through an outage: on reconnect every decision goes before any held result, in capture order."""
+    port = fresh_mosquitto.port
+    sub = subscribe(clients, port, f"genclip/{line}/+/+", persistent=True)
+    pub = start_publisher(clients, port, line, result_qos=1)
+    assert wait_until(lambda: pub.health()[0])
+    fresh_mosquitto.stop()
+    assert wait_until(lambda: not pub.health()[0])
+    for seq in range(1, 41):
+        camera = "cam-1" if seq % 2 else "cam-2"
+        pub.publish_inspection(make_inspection(line, seq, "NG" if seq % 5 == 0 else "OK", camera=camera))
+    fresh_mosquitto.restart()
+    assert wait_until(lambda: pub.stats["decision"].sent == 40 and pub.stats["result"].sent == 40)
+    assert wait_until(lambda: len({(m.topic, m.payload) for m in sub.messages}) == 40 + 40 + 8)
+    first: dict[tuple[str, bytes], int] = {}
+    for i, m in enumerate(sub.messages):
+        first.setdefault((m.topic, m.payload), i)
+    order = sorted(first, key=first.__getitem__)
+    kinds = [topic.rsplit("/", 1)[1] for topic, _ in order]
+    assert "result" not in kinds[:48] and set(kinds[48:]) == {"result"}, kinds
+    for camera in ("cam-1", "cam-2"):
+        seqs = [json.loads(p)["seq"] for t, p in order if t == pub.topic(camera, "decision")]
+        assert seqs == sorted(seqs) and len(seqs) == 20
