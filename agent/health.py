@@ -1,4 +1,10 @@
-"""`/healthz` and `/metrics` over HTTP, on a daemon thread beside the inspection loop.
+"""`/healthz`, `/livez` and `/metrics` over HTTP, on a daemon thread beside the inspection loop.
+
+`/healthz` (readiness): 200 `{"status": "ok"}` only when the line is running and healthy, else 503
+with the reasons (the first, until warm-up ends: "starting: loading the engine / warming up").
+`/livez` (liveness, for a k8s liveness probe or a supervisor): 200 `{"status": "alive"}` while the
+agent's threads are alive and not hung (the same rule the systemd watchdog pings on), also while
+starting; 503 `{"status": "hung", "reasons": [...]}` otherwise.
 
 The server is the standard library's threaded one: a slow scrape or a hanging
 check holds only its own request. Requests are logged at DEBUG, never printed,
@@ -24,6 +30,7 @@ from agent.metrics import AgentMetrics
 log = get_logger(__name__)
 
 HEALTH_PATHS = ("/healthz", "/health")  # /health: the name config.toml has always used
+LIVE_PATH = "/livez"
 POLL_S = 0.1  # how soon stop() is noticed by the serving loop
 
 
@@ -55,6 +62,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "unhealthy", "reasons": reasons})
             else:
                 self._json(HTTPStatus.OK, {"status": "ok"})
+        elif path == LIVE_PATH and self.server.owner.serves_liveness:
+            hung = self.server.owner.liveness()
+            if hung:
+                self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "hung", "reasons": hung})
+            else:
+                self._json(HTTPStatus.OK, {"status": "alive"})
         elif path == "/metrics":
             try:
                 body = self.server.owner.metrics.render()
@@ -64,7 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
         elif path == "/":
-            self._json(HTTPStatus.OK, {"endpoints": ["/healthz", "/metrics"]})
+            live = [LIVE_PATH] if self.server.owner.serves_liveness else []
+            self._json(HTTPStatus.OK, {"endpoints": ["/healthz", *live, "/metrics"]})
         else:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {path}"})
 
@@ -86,11 +100,20 @@ class _Handler(BaseHTTPRequestHandler):
 class HealthServer:
     """Serves `checks()` as /healthz (200 or 503 with the reasons) and the metrics as /metrics."""
 
-    def __init__(self, host: str, port: int, metrics: AgentMetrics, checks: Callable[[], list[str]]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: AgentMetrics,
+        checks: Callable[[], list[str]],
+        *,
+        liveness: Callable[[], list[str]] | None = None,
+    ) -> None:
         self.host = host
         self.metrics = metrics
         self._port = port
         self._checks = checks
+        self._liveness = liveness
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -106,6 +129,21 @@ class HealthServer:
         except Exception as exc:
             log.warning("health check raised", exc_info=True)
             return [f"health check failed: {type(exc).__name__}: {exc}"]
+
+    @property
+    def serves_liveness(self) -> bool:
+        """/livez exists only with a liveness check (the service always gives one)."""
+        return self._liveness is not None
+
+    def liveness(self) -> list[str]:
+        """Why the agent is hung (/livez 503); empty when alive."""
+        if self._liveness is None:
+            return []
+        try:
+            return [str(r) for r in self._liveness()]
+        except Exception as exc:
+            log.warning("liveness check raised", exc_info=True)
+            return [f"liveness check failed: {type(exc).__name__}: {exc}"]
 
     def start(self) -> None:
         if self._server is not None:

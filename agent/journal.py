@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.frames import Frame
@@ -129,3 +130,19 @@ class PartJournal:
             os.close(self._fd)
         self._fd = fd
         self._records = 0
+
+
+def lost_report(journal: PartJournal, line: str) -> dict[str, object] | None:
+    """The retained `lost` message for the parts the previous run accepted and never answered (it was
+    killed), or None when there are none or the journal cannot be read (logged)."""
+    try:
+        lost = journal.recover()
+    except OSError as exc:
+        log.warning("part journal cannot be read; lost parts are not reported", error=str(exc))
+        return None
+    if not lost:
+        return None
+    log.warning("parts the previous run never answered", count=len(lost), path=str(journal.path))
+    parts = [{"camera": p.camera, "part_id": p.part_id} for p in lost]
+    reported_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"schema": 1, "line": line, "reported_at": reported_at, "parts": parts}

@@ -3,12 +3,14 @@
 Start order: publishers (non-blocking: a broker that is down is retried in the
 background), health server, the engine worker (engine, classes, warm-up, on its
 own thread), then the cameras whose class could be set up, then the checkpoint
-watcher; systemd hears READY=1 only then. Stop order is the reverse: cameras stop,
-what is queued is scored and published until `[agent].shutdown_timeout_s` has passed
-(the rest is dropped and counted), every part dropped on the way is answered (an ERROR
-decision, agent/failsafe.py: the fail-safe thread is stopped after the result thread and
-before the publishers), the brokers get what is left of that time (at least a few seconds)
-to take the last results and answers, `stopped` is published.
+watcher; systemd hears READY=1 only then. The retained MQTT status is `starting` from
+the first connect until then, `online` (or `degraded`, with reasons) after, see
+agent/line_state.py. Stop order is the reverse: cameras stop, what is queued is scored
+and published until `[agent].shutdown_timeout_s` has passed (the rest is dropped and
+counted), every part dropped on the way is answered (an ERROR decision, agent/failsafe.py:
+the fail-safe thread is stopped after the result thread and before the publishers), the
+brokers get what is left of that time (at least a few seconds) to take the last results and
+answers, `stopped` is published.
 
 `run` (what `genclip run` calls) first takes the line's lock in its state directory
 (agent/instance_lock.py), before any broker is touched: a second agent for the line exits 1
@@ -42,10 +44,11 @@ from agent.health import HealthServer
 from agent.identity import new_run_id
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
 from agent.instance_lock import LineLock, LineLockedError, state_dir_for
-from agent.journal import PartJournal, journal_path
+from agent.journal import PartJournal, journal_path, lost_report
 from agent.ledger import FrameLedger
 from agent.line_reload import reload_all
-from agent.line_status import info_entry, stale_calibration_reason
+from agent.line_state import LineChecks, StatusMonitor
+from agent.line_status import info_entry
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
 from agent.outcomes import Outcome, Prediction
@@ -102,7 +105,12 @@ class InspectionService:
         self.config = config
         self.line = config.line.id
         self.metrics = AgentMetrics()
-        self.ledger = FrameLedger(on_drop=self.metrics.dropped, on_dropped_frame=self._answer_dropped)
+        # a dropped frame's ERROR decision is queued to the fail-safe thread (never blocks; agent/failsafe.py)
+        self.ledger = FrameLedger(
+            on_drop=self.metrics.dropped, on_dropped_frame=lambda f, r: self.failsafe.submit(f, r)
+        )
+        # what is watched for new prompts: [agent].prompt_dir, else [model].checkpoint (a file or a folder)
+        self.checkpoint_target: Path | None = config.agent.prompt_dir or config.model.checkpoint
         self.notifier = SystemdNotifier()
         self.thresholds = dict(config.thresholds)
         self.commanded: set[str] = set()  # classes whose threshold an operator set over MQTT (until restart)
@@ -123,10 +131,27 @@ class InspectionService:
             raise StartupError(str(exc)) from None
         self.redis = RedisStreamPublisher(config.redis, self.line)
         self.publishers: tuple[Publisher, ...] = (self.mqtt, self.redis)
-        self.journal: PartJournal | None = PartJournal(journal_path(state_dir))
-        self.failsafe = self._make_failsafe()
+        self.journal = PartJournal(journal_path(state_dir))
+        answers = AnswerSettings(self.line, config.mqtt.decision_window_ms / 1000.0, config.mqtt.reject_uninspected)
+        self.failsafe = FailSafe(answers, self.publishers, self.metrics, self._model_fields, self.journal.closed)
+        self.sources: dict[str, FrameSource] = {}
+        self._running = threading.Event()  # set once the engine is warm, classes set up, cameras started
+        self.checks = LineChecks(
+            self.class_errors,
+            lambda: self.worker.engine,
+            self.sources,
+            self.publishers,
+            self.hang_reason,
+            self._running,
+            self.mqtt.sink,
+        )
+        self.status = StatusMonitor(self.checks.state, self.mqtt, self.publish_info, config.mqtt.heartbeat_s)
         self.health = HealthServer(
-            config.agent.health_host, config.agent.health_port, self.metrics, self.health_reasons
+            config.agent.health_host,
+            config.agent.health_port,
+            self.metrics,
+            self.health_reasons,
+            liveness=self.checks.liveness,
         )
         self.batcher = FrameBatcher(self.ledger, config.engine.batch_size, config.engine.max_wait_ms)
         batches = max(2, -(-config.agent.publish_queue // config.engine.batch_size))
@@ -134,7 +159,6 @@ class InspectionService:
         self.worker = InferenceWorker(
             self._build_engine, self._setup_classes, self.batcher, self.results.put, pipeline=config.engine.pipeline
         )
-        self.sources: dict[str, FrameSource] = {}
         self.watcher: CheckpointWatcher | None = None
         self._model_info: dict[str, str] = {}  # backbone, weights
         self._newest_at_start: tuple[Path, int, int] | None = None  # (path, size, mtime) when the engine loaded
@@ -158,9 +182,13 @@ class InspectionService:
             self.batcher.add_camera(camera.id, camera.queue_size, policy, max_age_ms)
             self.metrics.watch_queue(f"camera:{camera.id}", partial(self.batcher.depth, camera.id))
         self.metrics.watch_queue("results", self.results.depth)
+        self.status.refresh()  # `starting` is the retained status the first connection announces
         for publisher in self.publishers:
             publisher.start()
-        self._report_lost()
+        lost = lost_report(self.journal, self.line)  # parts a killed run never answered: retained `lost`
+        if lost is not None:
+            self.mqtt.publish_lost(lost)
+        self.status.start()
         self._refuse_bad_credentials(LINK_CHECK_S)  # before the engine loads: fail in seconds, not minutes
         try:
             self.health.start()
@@ -177,7 +205,7 @@ class InspectionService:
         engine = self.worker.engine
         assert engine is not None  # ready without an error
         self._model_info = {"backbone": engine.backbone.name, "weights": engine.backbone.weights}
-        self.metrics.set_prompt(engine.prompt_version, engine.backbone.name, str(self._checkpoint_target() or ""))
+        self.metrics.set_prompt(engine.prompt_version, engine.backbone.name, str(self.checkpoint_target or ""))
         for camera in cfg.cameras:
             if camera.product_class in self.class_errors:
                 log.error("camera not started: its class is not set up", camera=camera.id)
@@ -192,12 +220,13 @@ class InspectionService:
             self.sources[camera.id] = source
             self.metrics.watch_camera(camera.id, source.status)
             source.start()
-        target = self._checkpoint_target()
+        target = self.checkpoint_target
         if target is not None:
             self.watcher = CheckpointWatcher(target, self._on_checkpoint, cfg.agent.reload_debounce_s)
             self.watcher.start()
             self._catch_up_on_checkpoints(target)
-        self.publish_info()
+        self._running.set()
+        self.status.refresh()  # online (or degraded, with reasons) and the info, now
         threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True).start()
         self.notifier.ready()
         log.info(
@@ -271,6 +300,7 @@ class InspectionService:
         """
         self._stop.set()
         self.notifier.stopping()
+        self.status.stop()  # no status or heartbeat after this: `stopped` is the last word
         drain_s = self.config.agent.shutdown_timeout_s
         log.info("stopping", queued=self.batcher.depth(), drain_s=drain_s)
         if self.watcher is not None:
@@ -285,8 +315,7 @@ class InspectionService:
         for publisher in self.publishers:
             publisher.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
         self.health.stop()
-        if self.journal is not None:
-            self.journal.close()
+        self.journal.close()
         frames = self.ledger.snapshot().as_dict()
         log.info("stopped", dropped_at_shutdown=dropped, frames=frames, answered=self.failsafe.answered)
         self.line_lock.release()
@@ -305,40 +334,11 @@ class InspectionService:
         self.batcher.close()  # what is queued is still scored; a source still waiting in `put` is let go
 
     # --- fail-safe answers (agent/failsafe.py) -------------------------------------------------------------
-    def _make_failsafe(self) -> FailSafe:
-        mqtt = self.config.mqtt
-        settings = AnswerSettings(self.line, mqtt.decision_window_ms / 1000.0, mqtt.reject_uninspected)
-        on_decided = self.journal.closed if self.journal is not None else None
-        return FailSafe(settings, self.publishers, self.metrics, self._model_fields, on_decided)
-
-    def _report_lost(self) -> None:
-        """Parts the previous run accepted and never answered (it was killed): the retained `lost` message."""
-        if self.journal is None:
-            return
-        try:
-            lost = self.journal.recover()
-        except OSError as exc:
-            log.warning("part journal cannot be read; lost parts are not reported", error=str(exc))
-            return
-        if not lost:
-            return
-        parts: list[JsonObject] = [{"camera": p.camera, "part_id": p.part_id} for p in lost]
-        log.warning("parts the previous run never answered", count=len(parts), path=str(self.journal.path))
-        self.mqtt.publish_lost({"schema": 1, "line": self.line, "reported_at": iso(datetime.now(UTC)), "parts": parts})
-
     def _model_fields(self) -> dict[str, str]:
         """The `model` object of a result: backbone, weights, prompt version."""
         return {**self._model_info, "prompt_version": self._prompt_version()}
 
-    def _answer_dropped(self, frame: Frame, reason: str) -> None:
-        """The ledger's `on_dropped_frame`: queue the dropped frame's ERROR decision (never blocks)."""
-        self.failsafe.submit(frame, reason)
-
     # --- engine set-up (on the worker thread) ---------------------------------------------------------------
-    def _checkpoint_target(self) -> Path | None:
-        """What is watched for new prompts: [agent].prompt_dir, else [model].checkpoint (a file or a folder)."""
-        return self.config.agent.prompt_dir or self.config.model.checkpoint
-
     def _build_engine(self) -> Engine:
         from model import Engine
         from model.threads import set_torch_threads
@@ -348,9 +348,9 @@ class InspectionService:
         untrained = self.config.model.model_copy(update={"checkpoint": None})
         engine = Engine(untrained, max_batch=self.config.engine.batch_size)  # the backbone: the slow part
         candidates = checkpoint_candidates(self.config.agent.prompt_dir, self.config.model.checkpoint)
-        self._newest_at_start = checkpoint_signature(self._checkpoint_target())  # what start() compares with
-        if not candidates and self._checkpoint_target() is not None:
-            log.warning("no checkpoint published yet; running untrained prompts", folder=str(self._checkpoint_target()))
+        self._newest_at_start = checkpoint_signature(self.checkpoint_target)  # what start() compares with
+        if not candidates and self.checkpoint_target is not None:
+            log.warning("no checkpoint published yet; running untrained prompts", folder=str(self.checkpoint_target))
         refused = engine.load_first_usable(candidates)
         if refused:
             self.last_reload_error = "; ".join(refused)
@@ -390,8 +390,7 @@ class InspectionService:
 
         def emit(frame: Frame) -> None:
             captured.inc()
-            if journal is not None:
-                journal.opened(frame)
+            journal.opened(frame)
             put(frame)
 
         return emit
@@ -406,11 +405,10 @@ class InspectionService:
             window_s=cfg.mqtt.decision_window_ms / 1000.0,
             maps=cfg.redis.maps,
             map_size=cfg.redis.map_size,
-            model={**self._model_info, "prompt_version": self._prompt_version()},
+            model=self._model_fields(),
         )
         frame.decided.claim()  # from here on a drop of this frame is not answered: one decision per part
-        if self.journal is not None:
-            self.journal.closed(frame)
+        self.journal.closed(frame)
         for publisher in self.publishers:
             publisher.publish_inspection(inspection)
         self.metrics.frames_processed.labels(camera=frame.camera).inc()
@@ -444,7 +442,7 @@ class InspectionService:
         from model import CheckpointError
 
         with self._reload_lock:
-            target = path or self._checkpoint_target()
+            target = path or self.checkpoint_target
             resolved = resolve_checkpoint(target) if target is not None else None
             if resolved is None:
                 raise CheckpointError(f"no checkpoint to load (looked in {target or '[model].checkpoint'})")
@@ -511,6 +509,14 @@ class InspectionService:
                 for c in self.config.cameras
             ],
             "classes": classes,
+            "status": self.status.current.as_json(),
+            "operator_overrides": {  # threshold and pause commands last until a restart: none survive one
+                "reset_at_start": True,
+                "thresholds": {
+                    name: self.thresholds[name] for name in sorted(self.commanded) if name in self.thresholds
+                },
+                "paused_cameras": sorted(paused),
+            },
         }
 
     def publish_info(self) -> JsonObject:
@@ -521,24 +527,8 @@ class InspectionService:
 
     def health_reasons(self) -> list[str]:
         """Why the line is unhealthy (empty when it is not); reads only, changes nothing (the camera_up and
-        broker_up gauges read the same states at scrape time)."""
-        reasons = [f"class {name}: {error}" for name, error in self.class_errors.items()]
-        engine = self.worker.engine
-        if engine is not None:
-            stale = (stale_calibration_reason(engine.classes.status(name)) for name in engine.classes.names())
-            reasons += [reason for reason in stale if reason is not None]
-        for camera_id, source in self.sources.items():
-            status = source.status()
-            if not status.healthy:
-                reasons.append(f"camera {camera_id}: {status.state} ({status.detail})")
-        hang = self.hang_reason()
-        if hang is not None:
-            reasons.append(hang)
-        for publisher in self.publishers:
-            ok, why = publisher.health()
-            if not ok:
-                reasons.append(f"{publisher.sink}: {why}")
-        return reasons
+        broker_up gauges read the same states at scrape time). Until the line runs: STARTING_REASON first."""
+        return self.checks.health()
 
     def metrics_results_by_verdict(self) -> dict[str, int]:
         """Results published so far, by verdict (OK, NG, ERROR), over all cameras."""

@@ -245,6 +245,7 @@ def line_topics(line: str) -> dict[str, str]:
     base = f"genclip/{line}"
     return {
         "status": f"{base}/status",
+        "heartbeat": f"{base}/heartbeat",
         "info": f"{base}/info",
         "result": f"{base}/cam-1/result",
         "reject": f"{base}/cam-1/reject",
@@ -260,7 +261,7 @@ T1, T2 = line_topics("line-1"), line_topics("line-2")
 
 
 def agent_writes(t: dict[str, str]) -> set[str]:
-    return {t[k] for k in ("status", "info", "result", "reject", "decision", "response", "response-sub")}
+    return {t[k] for k in ("status", "heartbeat", "info", "result", "reject", "decision", "response", "response-sub")}
 
 
 MAY_PUBLISH: dict[str, set[str]] = {
@@ -315,7 +316,7 @@ def test_who_reads_what(login: Callable[..., Client]) -> None:
     agents = {"line-1": login("genclip-line-1"), "line-2": login("genclip-line-2")}
     operator = login("genclip-operator")
     for line, t in (("line-1", T1), ("line-2", T2)):
-        for kind in ("status", "info", "result", "reject", "decision", "response", "response-sub"):
+        for kind in ("status", "heartbeat", "info", "result", "reject", "decision", "response", "response-sub"):
             assert agents[line].publish(t[kind]) in ACCEPTED, (line, kind)
         assert operator.publish(t["cmd-reload"], b"{}") in ACCEPTED
     # The last messages: once a reader has them, everything published before has reached it.
@@ -342,13 +343,16 @@ def test_who_reads_what(login: Callable[..., Client]) -> None:
         # cmd/+ also matches cmd/response (the agent ignores it), not the cmd/response/... sub-tree
         "genclip-line-1": reads(T1, "cmd-reload", "cmd-snapshot", "response"),
         "genclip-line-2": reads(T2, "cmd-reload", "cmd-snapshot", "response"),
-        "plc-line-1": reads(T1, "status", "reject", "decision"),
-        "plc-line-2": reads(T2, "status", "reject", "decision"),
-        "genclip-dashboard": reads(T1, "status", "info", "result") | reads(T2, "status", "info", "result"),
+        "plc-line-1": reads(T1, "status", "heartbeat", "reject", "decision"),
+        "plc-line-2": reads(T2, "status", "heartbeat", "reject", "decision"),
+        "genclip-dashboard": reads(T1, "status", "heartbeat", "info", "result")
+        | reads(T2, "status", "heartbeat", "info", "result"),
         "genclip-operator": reads(T1, "status", "info", "response", "response-sub")
         | reads(T2, "status", "info", "response", "response-sub"),
-        "genclip-monitor": reads(T1, "status", "info", "result", "reject", "decision", "response", "response-sub")
-        | reads(T2, "status", "info", "result", "reject", "decision", "response", "response-sub")
+        "genclip-monitor": reads(T1, "status", "heartbeat", "info", "result", "reject", "decision", "response")
+        | reads(T2, "status", "heartbeat", "info", "result", "reject", "decision", "response")
+        | reads(T1, "response-sub")
+        | reads(T2, "response-sub")
         | reads(T1, "cmd-reload", "cmd-snapshot")
         | reads(T2, "cmd-reload", "cmd-snapshot"),
     }

@@ -118,7 +118,11 @@ def test_a_second_agent_for_the_line_refuses_to_start_and_the_status_never_flaps
     wait_for(watcher.connected.is_set, 10, "the watcher")
     first = start_agent(config, tmp_path / "first.log")
     try:
-        wait_for(lambda: watcher.of("/status")[-1:] == ["online"] and watcher.of("/result"), 120, "the first agent")
+        wait_for(
+            lambda: watcher.of("/status")[-1:] == ["starting", "online"] and watcher.of("/result"),
+            120,
+            "the first agent",
+        )
         statuses = list(watcher.of("/status"))
         began = time.monotonic()
         second = subprocess.run(
@@ -131,7 +135,7 @@ def test_a_second_agent_for_the_line_refuses_to_start_and_the_status_never_flaps
         assert took < 30, took
         results = len(watcher.of("/result"))
         time.sleep(1.0)  # a Last Will or an `online` from the second would have arrived by now
-        assert watcher.of("/status") == statuses == ["online"]
+        assert watcher.of("/status") == statuses == ["starting", "online"]
         assert retained(mosquitto.port, status_topic) == "online"
         wait_for(lambda: len(watcher.of("/result")) > results, 30, "the first agent still inspecting")
         assert first.poll() is None

@@ -82,8 +82,15 @@ class MqttConfig(SecretSection):
     keepalive_s: int = Field(30, ge=5, le=3600)
     reconnect_min_s: float = Field(1.0, gt=0, le=3600, description="First delay before reconnecting.")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest delay between reconnect attempts.")
-    outbox_size: int = Field(10_000, ge=1, description="Messages kept while the broker is unreachable.")
+    outbox_size: int = Field(
+        10_000,
+        ge=1,
+        description="Messages kept while the broker is unreachable, per lane (rejects/decisions, results).",
+    )
     command_max_bytes: int = Field(4096, ge=64, le=1_048_576, description="Larger command payloads are refused.")
+    heartbeat_s: float = Field(
+        1.0, ge=0, le=60, description="Seconds between <prefix>/<line>/heartbeat messages; 0 turns them off."
+    )
 
     @field_validator("topic_prefix")
     @classmethod

@@ -3,8 +3,12 @@
 `MqttPublisher` is the line's MQTT sink (a `Publisher`); it puts three parts together:
 - agent/publish/mqtt_messages.py: the topics and each message's payload, QoS, retain and expiry;
 - agent/publish/mqtt_link.py: the connection (TLS, Last Will, reconnect) and the delivery rules
-  (one bounded outbox, at most `INFLIGHT` unacknowledged, sent on PUBACK, expired at the deadline);
+  (an outbox with an urgent lane for rejects and decisions drained before the results' lane, at
+  most `INFLIGHT` unacknowledged, sent on PUBACK, never delivered after the deadline);
 - agent/publish/mqtt_commands.py: the command thread (`cmd/<name>` in, `cmd/response` out).
+
+The retained status is `online` on connect unless the service gave another (`set_status`:
+starting, online, degraded; see agent/line_state.py); `heartbeat` queues one heartbeat.
 
 Stop order: the command thread first (what is queued is still answered, within the time),
 then the outbox is flushed, `stopped` is published and the connection closed without
@@ -14,6 +18,7 @@ its Last Will.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 from agent.logs import get_logger
 from agent.publish.config import MqttConfig
@@ -21,7 +26,7 @@ from agent.publish.mqtt_commands import CommandIntake, Handler
 from agent.publish.mqtt_link import MqttLink
 from agent.publish.mqtt_messages import Message, MqttTopics, encode_json
 from agent.publish.outbox import DeliveryStats
-from agent.results import Inspection, JsonObject
+from agent.results import Inspection, JsonObject, iso
 
 log = get_logger(__name__)
 
@@ -82,6 +87,14 @@ class MqttPublisher:
     def publish_lost(self, lost: JsonObject) -> None:
         """Publish the retained `lost` message (parts a killed run never answered), again after reconnects."""
         self.link.retain(self.topics.lost_message(encode_json(lost)))
+
+    def set_status(self, state: str) -> None:
+        """The retained status (starting, online, degraded): sent now if connected, and on every reconnect."""
+        self.link.retain(self.topics.status_message(state))
+
+    def heartbeat(self, count: int, state: str, reasons: tuple[str, ...]) -> None:
+        """Queue one heartbeat (QoS 0: dropped while disconnected); never waits for the broker."""
+        self.link.send(self.topics.heartbeat_message(count, state, reasons, iso(datetime.now(UTC))))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Flush within timeout, announce `stopped`, disconnect cleanly (no Last Will), join the threads."""

@@ -1,21 +1,31 @@
 """The MQTT 5 connection of a line: connect, TLS, Last Will, reconnect, and the delivery of queued messages.
 
-Delivery: everything goes through one bounded outbox and one sender thread that
-publishes only while connected and keeps at most `INFLIGHT` QoS >= 1 messages
-unacknowledged, so paho's own unbounded queue never holds our backlog. A message
-counts as sent on its PUBACK; one in flight when the connection drops goes back
-to the front of the outbox (QoS 1 allows the duplicate, not the loss). Messages
-with a deadline (rejects, decisions) expire in the broker (MessageExpiryInterval)
-and are not sent at all once it has passed. Messages that are not held across a
-disconnect (status, info, QoS 0 results) are dropped with it; status `online` and
-the retained messages (`retain`) lead every new connection instead.
+Delivery: everything goes through one sender thread that publishes only while
+connected and keeps at most `INFLIGHT` QoS >= 1 messages unacknowledged, so paho's own
+unbounded queue never holds our backlog. The outbox has two lanes (`LaneOutbox`), each
+bounded by `[mqtt].outbox_size` and dropping its own oldest: the urgent lane (rejects,
+decisions, status, info, heartbeat, command responses: every kind but `result`) is always
+drained first, and results may hold at most `INFLIGHT - URGENT_RESERVE` of the unacknowledged
+slots, so a results backlog can neither delay nor evict a reject. Order is kept within a lane:
+decisions and rejects go out in the order they were queued (capture order per camera), results
+likewise, but a reject may overtake results queued before it.
+
+A message counts as sent on its PUBACK; one in flight when the connection drops goes back to
+the front of its lane in its original order (QoS 1 allows the duplicate, not the loss), so
+after a reconnect the held rejects and decisions are sent first, still in capture order, then
+the held results. Messages with a deadline (rejects, decisions) expire in the broker
+(MessageExpiryInterval) never later than the deadline: the interval is the time left rounded
+DOWN to whole seconds, and one with under a second left (expiry 0 would mean "never expires")
+or past its deadline is not sent at all and is counted as expired (`signal_expiry`): the PLC
+rejects on silence past the deadline. Messages that are not held across a disconnect (status,
+info, heartbeat, QoS 0 results) are dropped with it; the status (`online` unless one was given to
+`retain`) and the retained messages lead every new connection instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import ssl
 import sys
 import threading
@@ -30,12 +40,13 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.logs import get_logger
 from agent.publish.config import MqttConfig
-from agent.publish.mqtt_messages import KINDS, Message, MqttTopics
-from agent.publish.outbox import DeliveryStats, Outbox, link_health
+from agent.publish.mqtt_messages import KINDS, Message, MqttTopics, is_urgent, signal_expiry
+from agent.publish.outbox import DeliveryStats, LaneOutbox, link_health
 
 log = get_logger("agent.publish.mqtt")
 
 INFLIGHT = 20  # unacknowledged QoS >= 1 messages at once; Mosquitto's default receive maximum
+URGENT_RESERVE = 5  # of those, slots results may never take: a reject never waits for results' PUBACKs
 # CONNACK reason codes a retry will not fix: the configuration or the broker's ACL must change.
 PERMANENT_REFUSALS = {0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C}
 REFUSAL_HINTS = {  # what the line engineer should change, per permanent CONNACK reason code
@@ -52,6 +63,16 @@ X509_NAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADD
 RESENT_ON_CONNECT = ("status", "info")  # not lost with a connection: sent again on the next one
 
 OnMessage = Callable[[mqtt.MQTTMessage], None]
+
+
+def sendable(outbox: LaneOutbox[Message], inflight: dict[int, Message]) -> tuple[bool, bool]:
+    """(an urgent message may go now, a result may go now): urgent ones while fewer than INFLIGHT
+    await a PUBACK; results only while fewer than INFLIGHT - URGENT_RESERVE results do."""
+    room = len(inflight) < INFLIGHT
+    urgent = room and bool(outbox.urgent_lane)
+    if not room or not outbox.bulk_lane:
+        return urgent, False
+    return urgent, sum(1 for m in inflight.values() if not is_urgent(m)) < INFLIGHT - URGENT_RESERVE
 
 
 class MqttLink:
@@ -72,7 +93,9 @@ class MqttLink:
         self._subscriptions = subscriptions
         self._on_message = on_message
         self._cv = threading.Condition()
-        self._outbox: Outbox[Message] = Outbox(config.outbox_size, on_drop=self._overflow, cond=self._cv)
+        self._outbox: LaneOutbox[Message] = LaneOutbox(
+            config.outbox_size, is_urgent, on_drop=self._overflow, cond=self._cv
+        )
         self.stats = DeliveryStats(KINDS, depth=lambda: len(self._outbox))
         self._order = itertools.count()
         self._inflight: dict[int, Message] = {}
@@ -235,8 +258,10 @@ class MqttLink:
         for topic in self._subscriptions:
             client.subscribe(topic, options=SubscribeOptions(qos=1, noLocal=True))
         with self._cv:
-            first = [self.topics.status_message("online")]
-            first += [dataclasses.replace(msg) for msg in self._retained.values()]
+            # The latest status given to `retain` (the service's starting/online/degraded), else online.
+            status = self._retained.get("status", self.topics.status_message("online"))
+            first = [dataclasses.replace(status)]
+            first += [dataclasses.replace(msg) for kind, msg in self._retained.items() if kind != "status"]
             self._queue(first, front=True)
             self._connected = self.stats.connected = True
             self._problem = "connected"
@@ -321,7 +346,7 @@ class MqttLink:
         log.warning("mqtt outbox full, oldest message dropped", kind=msg.kind, part=msg.part)
 
     def _ready(self) -> bool:
-        return self._closing or (self._connected and bool(self._outbox) and len(self._inflight) < INFLIGHT)
+        return self._closing or (self._connected and any(sendable(self._outbox, self._inflight)))
 
     def _send_loop(self) -> None:
         while True:
@@ -329,7 +354,7 @@ class MqttLink:
                 self._cv.wait_for(self._ready)
                 if self._closing:
                     return
-                msg = self._outbox.pop()
+                msg = self._outbox.pop(bulk=sendable(self._outbox, self._inflight)[1])
                 epoch = self._epoch
             if msg is not None and not self._send(msg, epoch):
                 time.sleep(0.05)  # the connection is going; let paho notice before trying again
@@ -339,12 +364,16 @@ class MqttLink:
         props = Properties(PacketTypes.PUBLISH)
         if msg.deadline is not None:
             left = msg.deadline - time.monotonic()
-            if left <= 0:
+            expiry = signal_expiry(left)
+            if expiry is None:
                 self.stats.count(msg.kind, "expired")
-                late = round(-left, 3)
-                log.warning("mqtt message expired before it could be sent", kind=msg.kind, part=msg.part, late_s=late)
+                log.warning(
+                    "mqtt message expired before it could be sent", kind=msg.kind, part=msg.part, left_s=round(left, 3)
+                )
                 return True
-            props.MessageExpiryInterval = max(1, math.ceil(left))
+            props.MessageExpiryInterval = expiry
+        elif msg.expiry_s is not None:
+            props.MessageExpiryInterval = msg.expiry_s
         if msg.correlation is not None:
             props.CorrelationData = msg.correlation
         try:

@@ -1,22 +1,26 @@
 """What the agent puts on MQTT: the topics of a line, and each kind of message with its QoS, retain and expiry.
 
-Topics are `<prefix>/<line>/...`: `status` (online/offline/stopped, retained, QoS 1,
-offline as Last Will), `info` (retained, QoS 1), `lost` (retained, QoS 1: parts a killed run left),
-`<camera>/result` (`[mqtt].result_qos`),
-`<camera>/reject` and `<camera>/decision` (`[mqtt].qos`, expiring at the part's deadline),
+Topics are `<prefix>/<line>/...`: `status` (starting/online/degraded/stopped, retained, QoS 1,
+offline as Last Will), `heartbeat` (QoS 0, not retained, expiring after `heartbeat_expiry`),
+`info` (retained, QoS 1), `lost` (retained, QoS 1: parts a killed run left), `<camera>/result`
+(`[mqtt].result_qos`), `<camera>/reject` and
+`<camera>/decision` (`[mqtt].qos`, expiring at the part's deadline, see `signal_expiry`),
 `cmd/<name>` in and `cmd/response` (or a ResponseTopic below it) out (`[mqtt].qos`, with the
-request's CorrelationData). Payloads are compact UTF-8 JSON, except status (a plain word).
+request's CorrelationData). Payloads are compact UTF-8 JSON, except status: a plain word, so a
+PLC compares a string (the reasons for `degraded` are in info and in the heartbeat).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from agent.publish.config import MqttConfig
 from agent.results import Inspection
 
-KINDS = ("result", "reject", "decision", "response", "info", "status", "lost")
+KINDS = ("result", "reject", "decision", "response", "info", "status", "lost", "heartbeat")
+BULK_KINDS = ("result",)  # the outbox's bulk lane; every other kind is urgent and sent first
 
 
 @dataclass(slots=True)
@@ -31,8 +35,30 @@ class Message:
     hold: bool = True  # kept across a disconnect; status and info are re-sent on connect instead
     deadline: float | None = None  # time.monotonic() after which it is useless
     correlation: bytes | None = None
+    expiry_s: int | None = None  # a fixed MessageExpiryInterval (heartbeat); deadline-bound ones use `deadline`
     part: str = ""  # for log lines
     order: int = 0  # stamped by the link when queued: messages going back to the outbox keep their order
+
+
+def is_urgent(msg: Message) -> bool:
+    """Urgent messages (rejects, decisions, status, ...) are sent before any queued result."""
+    return msg.kind not in BULK_KINDS
+
+
+def signal_expiry(left_s: float) -> int | None:
+    """MessageExpiryInterval for a message with `left_s` seconds to its deadline, or None: do not send.
+
+    Whole seconds rounded DOWN, so the broker never delivers it after the deadline. Under one
+    second left there is no such interval (0 means "never expires"), so it is withheld and
+    counted as expired: a PLC that rejects on silence past the deadline rejects the part, where
+    a late message could have been bound to the wrong part.
+    """
+    return int(left_s) if left_s >= 1.0 else None
+
+
+def heartbeat_expiry(interval_s: float) -> int:
+    """Two heartbeat intervals, in whole seconds, at least 2: a stale beat never reaches a PLC late."""
+    return max(2, math.ceil(2 * interval_s))
 
 
 def encode_json(data: object) -> bytes:
@@ -103,6 +129,12 @@ class MqttTopics:
 
     def status_message(self, state: str) -> Message:
         return Message("status", self.status, state.encode(), 1, retain=True, hold=False)
+
+    def heartbeat_message(self, count: int, state: str, reasons: tuple[str, ...], at: str) -> Message:
+        """`heartbeat`: a counter a PLC watches with a timer; QoS 0, not retained, expires after two beats."""
+        body = {"schema": 1, "line": self.line_id, "count": count, "status": state, "reasons": list(reasons), "at": at}
+        expiry = heartbeat_expiry(self.config.heartbeat_s)
+        return Message("heartbeat", self.topic("heartbeat"), encode_json(body), 0, hold=False, expiry_s=expiry)
 
     def info_message(self, payload: bytes) -> Message:
         return Message("info", self.topic("info"), payload, 1, retain=True, hold=False)

@@ -3,6 +3,11 @@
 The pipeline must never wait for a broker, so it only appends here; a bounded
 FIFO keeps memory flat during a long outage by dropping the oldest entries,
 which are the least useful to a line that has moved on.
+
+`LaneOutbox` is two such FIFOs behind one lock: an urgent lane (MQTT rejects and decisions,
+status, heartbeat) that the sender always drains first, and a bulk lane (results). Each lane
+has its own bound and drops its own oldest entries, so a results backlog can neither delay
+nor evict an urgent message.
 """
 
 from __future__ import annotations
@@ -85,6 +90,55 @@ class Outbox(Generic[T]):
             items = list(self._items)
             self._items.clear()
             return items
+
+
+class LaneOutbox(Generic[T]):
+    """Two bounded FIFOs sharing one condition: `urgent(item)` picks the lane; the urgent lane pops first.
+
+    Same methods as `Outbox`; order is kept within each lane (not across them).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        urgent: Callable[[T], bool],
+        on_drop: Callable[[T], None] | None = None,
+        cond: threading.Condition | None = None,
+    ) -> None:
+        self.cond = cond if cond is not None else threading.Condition()
+        self.urgent_lane: Outbox[T] = Outbox(capacity, on_drop, self.cond)
+        self.bulk_lane: Outbox[T] = Outbox(capacity, on_drop, self.cond)
+        self._urgent = urgent
+
+    def __len__(self) -> int:
+        return len(self.urgent_lane) + len(self.bulk_lane)
+
+    def _lane(self, item: T) -> Outbox[T]:
+        return self.urgent_lane if self._urgent(item) else self.bulk_lane
+
+    def put(self, item: T) -> None:
+        self._lane(item).put(item)
+
+    def put_front(self, items: Iterable[T], *, trim: bool = True) -> None:
+        """Give entries back ahead of the rest of their lane, in their order."""
+        items = list(items)
+        with self.cond:
+            self.urgent_lane.put_front([i for i in items if self._urgent(i)], trim=trim)
+            self.bulk_lane.put_front([i for i in items if not self._urgent(i)], trim=trim)
+
+    def pop(self, *, bulk: bool = True) -> T | None:
+        """The oldest urgent entry; else, when `bulk`, the oldest bulk entry."""
+        with self.cond:
+            item = self.urgent_lane.pop()
+            return item if item is not None or not bulk else self.bulk_lane.pop()
+
+    def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
+        with self.cond:
+            return self.urgent_lane.remove_if(predicate) + self.bulk_lane.remove_if(predicate)
+
+    def clear(self) -> list[T]:
+        with self.cond:
+            return self.urgent_lane.clear() + self.bulk_lane.clear()
 
 
 @dataclass
