@@ -164,20 +164,10 @@ def _inspection(
     )
 
 
-def build_inspection(
-    frame: Frame,
-    outcome: Outcome,
-    *,
-    line: str,
-    window_s: float,
-    maps: MapPolicy,
-    map_size: int | None,
-    model: Mapping[str, str],
-    now: datetime | None = None,
-) -> Inspection:
-    """The Inspection of one frame from its outcome (a Prediction, a FrameError or a BatchFailure)."""
+def _part_fields(frame: Frame, line: str, model: Mapping[str, str], now: datetime | None) -> JsonObject:
+    """The fields every result payload starts with: which part, when, by which model."""
     published = now or datetime.now(UTC)
-    base: JsonObject = {
+    return {
         "schema": SCHEMA,
         "line": line,
         "camera": frame.camera,
@@ -190,6 +180,21 @@ def build_inspection(
         "latency_ms": round((time.monotonic() - frame.captured_mono) * 1000.0, 2),
         "model": dict(model),
     }
+
+
+def build_inspection(
+    frame: Frame,
+    outcome: Outcome,
+    *,
+    line: str,
+    window_s: float,
+    maps: MapPolicy,
+    map_size: int | None,
+    model: Mapping[str, str],
+    now: datetime | None = None,
+) -> Inspection:
+    """The Inspection of one frame from its outcome (a Prediction, a FrameError or a BatchFailure)."""
+    base = _part_fields(frame, line, model, now)
     deadline = frame.captured_at + timedelta(seconds=window_s)
 
     if not isinstance(outcome, Prediction):
@@ -237,19 +242,9 @@ def build_uninspected(
     Same payloads as an inspected ERROR part: score null, `error` "not inspected: <reason>", no map.
     With `signal_reject` False (`[mqtt].reject_uninspected = false`) it gets a decision but no reject.
     """
-    published = now or datetime.now(UTC)
     why = f"not inspected: {reason}"
     result: JsonObject = {
-        "schema": SCHEMA,
-        "line": line,
-        "camera": frame.camera,
-        "seq": frame.seq,
-        "part_id": frame.part_id,
-        "product_class": frame.product_class,
-        "captured_at": iso(frame.captured_at),
-        "published_at": iso(published),
-        "latency_ms": round((time.monotonic() - frame.captured_mono) * 1000.0, 2),
-        "model": dict(model),
+        **_part_fields(frame, line, model, now),
         "score": None,
         "threshold": None,
         "threshold_source": None,

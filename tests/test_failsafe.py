@@ -6,6 +6,7 @@ full, a camera paused, frames made stale, a partial publish, and a backlog at sh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -64,6 +65,13 @@ def test_uninspected_payloads_carry_the_part_and_the_reason():
     assert decision["deadline"] > decision["captured_at"]
     quiet = build_uninspected(f, "stale", line="l1", window_s=2.0, model={}, signal_reject=False)
     assert not quiet.rejects and quiet.decision_payload()["reject"] is False and quiet.verdict == "ERROR"
+
+
+def test_uninspected_payloads_carry_the_run_id_like_inspected_ones():
+    f = dataclasses.replace(frame(), run_id="3m7zp809fn")
+    insp = build_uninspected(f, "paused", line="l1", window_s=2.0, model={})
+    assert insp.result["run_id"] == "3m7zp809fn"
+    assert insp.decision_payload()["run_id"] == "3m7zp809fn" and insp.reject_payload()["run_id"] == "3m7zp809fn"
 
 
 def test_a_dropped_frame_is_answered_once_through_the_ledger():
