@@ -119,7 +119,7 @@ def test_a_second_agent_for_the_line_refuses_to_start_and_the_status_never_flaps
     first = start_agent(config, tmp_path / "first.log")
     try:
         wait_for(
-            lambda: watcher.of("/status")[-1:] == ["starting", "online"] and watcher.of("/result"),
+            lambda: watcher.of("/status")[-1:] == ["online"] and watcher.of("/result"),
             120,
             "the first agent",
         )
