@@ -65,7 +65,8 @@ def reload(line: InspectionService, args: ReloadArgs) -> Answer:
 
 
 def set_threshold(line: InspectionService, args: ThresholdArgs) -> Answer:
-    """One class's threshold, until restart; it wins over [thresholds] and calibration."""
+    """One class's threshold; it wins over [thresholds] and calibration, and is kept across a restart
+    ([agent].keep_operator_changes) until the class's [thresholds] value in config changes."""
     engine = line.worker.engine
     if engine is None:
         raise ValueError(ENGINE_LOADING)
@@ -77,6 +78,7 @@ def set_threshold(line: InspectionService, args: ThresholdArgs) -> Answer:
     line.commanded.add(name)
     engine.classes.set_thresholds(line.thresholds, {k: "command" for k in line.commanded})
     log.info("threshold set by command", product_class=name, value=args.value)
+    save_operator_changes(line)
     line.publish_info()
     return {"product_class": name, "threshold": args.value}
 
@@ -102,8 +104,27 @@ def _set_paused(line: InspectionService, camera: str | None, *, paused: bool) ->
         raise ValueError(f"unknown camera {camera!r} on this line (cameras: {known})")
     cameras = line.batcher.set_paused(camera, paused)
     log.info(f"cameras {'paused' if paused else 'resumed'}", cameras=cameras)
+    save_operator_changes(line)
     line.publish_info()
     return {"cameras": cameras}
+
+
+def save_operator_changes(line: InspectionService) -> None:
+    """Keep the thresholds and pauses in force now in the line's operator.json (agent/operator_state.py)."""
+    commanded = {name: line.thresholds[name] for name in line.commanded if name in line.thresholds}
+    line.operator.save(commanded, line.batcher.paused(), line.config.thresholds)
+
+
+def restore_operator_changes(line: InspectionService) -> None:
+    """At start, before the classes are set up and the cameras start: what operator.json still applies."""
+    cfg = line.config
+    restored = line.operator.restore(cfg.product_classes(), [c.id for c in cfg.cameras], cfg.thresholds)
+    for name, value in restored.thresholds.items():
+        line.thresholds = {k: v for k, v in line.thresholds.items() if normalise_class_name(k) != name}
+        line.thresholds[name] = value
+        line.commanded.add(name)
+    for camera in restored.paused_cameras:
+        line.batcher.set_paused(camera, True)
 
 
 COMMANDS: Mapping[str, Route] = {

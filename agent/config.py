@@ -106,8 +106,15 @@ class AgentConfig(Section):
     )
     state_dir: Annotated[Path | None, AfterValidator(_state_dir)] = Field(
         None,
-        description="The line's state: the lock that keeps a second agent for the line from starting. Default: "
+        description="The line's state: the lock that keeps a second agent for the line from starting, the "
+        "fail-safe journal and the operator's changes (operator.json). Default: "
         "$STATE_DIRECTORY/<line> under systemd (/var/lib/genclip/<line>), else $XDG_STATE_HOME/genclip/<line>.",
+    )
+    keep_operator_changes: bool = Field(
+        True,
+        description="Thresholds and pauses set by MQTT command are kept in <state_dir>/operator.json and restored "
+        "at start (a commanded threshold yields to a [thresholds] value changed since); false: every start "
+        "resets them.",
     )
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from agent import __version__
 from agent.batcher import FrameBatcher
-from agent.commands import ENGINE_LOADING, dispatch
+from agent.commands import ENGINE_LOADING, dispatch, restore_operator_changes
 from agent.config import InspectConfig
 from agent.control import Answer, Command
 from agent.failsafe import AnswerSettings, FailSafe
@@ -51,6 +51,7 @@ from agent.line_state import LineChecks, StatusMonitor
 from agent.line_status import info_entry
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
+from agent.operator_state import OPERATOR_FILE, OperatorStore
 from agent.outcomes import Outcome, Prediction
 from agent.publish.mqtt import MqttPublisher
 from agent.publish.publisher import Publisher
@@ -113,7 +114,7 @@ class InspectionService:
         self.checkpoint_target: Path | None = config.agent.prompt_dir or config.model.checkpoint
         self.notifier = SystemdNotifier()
         self.thresholds = dict(config.thresholds)
-        self.commanded: set[str] = set()  # classes whose threshold an operator set over MQTT (until restart)
+        self.commanded: set[str] = set()  # classes whose threshold an operator set over MQTT (agent/operator_state.py)
         self.class_errors: dict[str, str] = {}
         self.last_reload_error: str | None = None
         self.profile_reload: JsonObject | None = None  # when class profiles were last re-read, and what changed
@@ -121,6 +122,7 @@ class InspectionService:
         self.run_id = new_run_id(self.started_at.timestamp())  # in every part id and map key of this start
         state_dir = state_dir_for(config.agent.state_dir, self.line)
         self.line_lock = LineLock(state_dir)
+        self.operator = OperatorStore(state_dir / OPERATOR_FILE, config.agent.keep_operator_changes)
         self._stop = threading.Event()
         self._stop_signalled = False  # set by the signal handler, which must not take locks
         self._reload_signalled = False
@@ -182,6 +184,7 @@ class InspectionService:
             self.batcher.add_camera(camera.id, camera.queue_size, policy, max_age_ms)
             self.metrics.watch_queue(f"camera:{camera.id}", partial(self.batcher.depth, camera.id))
         self.metrics.watch_queue("results", self.results.depth)
+        restore_operator_changes(self)  # before the classes are set up and the cameras start
         self.status.refresh()  # `starting` is the retained status the first connection announces
         for publisher in self.publishers:
             publisher.start()
@@ -365,7 +368,7 @@ class InspectionService:
             threading.Thread(target=self._on_checkpoint, args=(newest[0],), name="catch-up", daemon=True).start()
 
     def _setup_classes(self, engine: Engine) -> None:
-        engine.classes.set_thresholds(self.thresholds)
+        engine.classes.set_thresholds(self.thresholds, {k: "command" for k in self.commanded})
         for name in self.config.product_classes():
             folder = self.config.references.get(name)
             try:
@@ -510,13 +513,9 @@ class InspectionService:
             ],
             "classes": classes,
             "status": self.status.current.as_json(),
-            "operator_overrides": {  # threshold and pause commands last until a restart: none survive one
-                "reset_at_start": True,
-                "thresholds": {
-                    name: self.thresholds[name] for name in sorted(self.commanded) if name in self.thresholds
-                },
-                "paused_cameras": sorted(paused),
-            },
+            "operator_overrides": self.operator.info(  # restored at start, or reset ([agent].keep_operator_changes)
+                {name: self.thresholds[name] for name in sorted(self.commanded) if name in self.thresholds}, paused
+            ),
         }
 
     def publish_info(self) -> JsonObject:

@@ -14,10 +14,26 @@ from agent.control import ARGS, CameraArgs, Command, ReloadArgs, parse_command
 class Batcher:
     def __init__(self) -> None:
         self.calls: list[tuple[str | None, bool]] = []
+        self.now_paused: set[str] = set()
 
     def set_paused(self, camera: str | None, paused: bool) -> list[str]:
         self.calls.append((camera, paused))
+        changed = {camera} if camera else {"cam-1", "cam-2"}
+        self.now_paused = self.now_paused | changed if paused else self.now_paused - changed
         return [camera] if camera else ["cam-1", "cam-2"]
+
+    def paused(self) -> list[str]:
+        return sorted(self.now_paused)
+
+
+class Operator:
+    """Records what the handlers ask to keep in operator.json."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[dict[str, float], list[str]]] = []
+
+    def save(self, thresholds: dict[str, float], paused: list[str], config_thresholds: dict[str, float]) -> None:
+        self.saved.append((dict(thresholds), list(paused)))
 
 
 def line(**overrides: Any) -> Any:
@@ -34,9 +50,14 @@ def line(**overrides: Any) -> Any:
         published=published,
         reload=lambda: "v2@abc",
         config=SimpleNamespace(  # neither a profile folder nor a watched checkpoint: reload is the prompts' only
-            agent=SimpleNamespace(prompt_dir=None), model=SimpleNamespace(checkpoint=None, profile_dir=None)
+            agent=SimpleNamespace(prompt_dir=None),
+            model=SimpleNamespace(checkpoint=None, profile_dir=None),
+            thresholds={},
         ),
         worker=SimpleNamespace(engine=None),
+        thresholds={},
+        commanded=set(),
+        operator=Operator(),
     )
     for key, value in overrides.items():
         setattr(fake, key, value)
@@ -55,6 +76,7 @@ def test_handlers_answer_with_their_fields():
     assert dispatch(fake, parse_command("pause", b'{"camera": "cam-2"}')) == {"cameras": ["cam-2"]}
     assert dispatch(fake, parse_command("resume", b"")) == {"cameras": ["cam-1", "cam-2"]}
     assert fake.batcher.calls == [("cam-2", True), (None, False)]
+    assert fake.operator.saved == [({}, ["cam-2"]), ({}, [])]  # each change kept in operator.json
     assert dispatch(fake, parse_command("snapshot", b"")) == {"info": {"schema": 1}}
     assert len(fake.published) == 3  # pause, resume and snapshot publish the info
 

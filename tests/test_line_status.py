@@ -149,7 +149,15 @@ def test_starting_until_warm_then_online_then_stopped(
         wait_for(lambda: http_get(base + "/healthz")[0] == 200, 30, "/healthz 200 once cameras run")
         info = watcher.of("/info")[-1]
         assert info["status"] == {"state": "online", "reasons": []}
-        assert info["operator_overrides"] == {"reset_at_start": True, "thresholds": {}, "paused_cameras": []}
+        assert info["operator_overrides"] == {  # [agent].keep_operator_changes on, no operator.json yet
+            "restored_at_start": True,
+            "file": str(service.operator.path),
+            "thresholds": {},
+            "paused_cameras": [],
+            "restored": {"thresholds": {}, "paused_cameras": []},
+            "not_restored": [],
+            "save_error": None,
+        }
         counts = [json.loads(m.payload)["count"] for m in late.on("/heartbeat")]
         assert counts == sorted(counts) and len(set(counts)) == len(counts)
         wait_for(lambda: json.loads(late.on("/heartbeat")[-1].payload)["status"] == "online", 10, "beat online")
@@ -168,7 +176,8 @@ def test_degraded_while_redis_is_down_and_overrides_in_info(
 ) -> None:
     line = "status-degraded"
     watcher = Watcher(mosquitto.port, line)
-    service = running(line_config(tmp_path, mosquitto.port, fresh_redis.url, line))
+    cfg = line_config(tmp_path, mosquitto.port, fresh_redis.url, line, keep_operator_changes=False)
+    service = running(cfg)  # the switch off: info says the overrides are reset at start
     wait_for(lambda: watcher.of("/status")[-1:] == ["online"], 30, "online")
     service.handle_command(parse_command("threshold", b'{"class": "widget", "value": 0.7}'))
     service.handle_command(parse_command("pause", b'{"camera": "cam-2"}'))
