@@ -10,11 +10,13 @@ budget (counted as expired).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from agent.frames import Frame
 from agent.ledger import DropReason, FrameLedger
@@ -99,11 +101,14 @@ class FrameBatcher:
                 self._drop(frame, "shutdown")
                 return
             if lane.policy == "block":
+                taken_while_paused = lane.paused
                 while (len(lane.frames) >= lane.capacity or lane.paused) and not self._closed:
                     self._cond.wait(0.5)
                 if self._closed:
                     self._drop(frame, "shutdown")
                     return
+                if taken_while_paused and "paused" in frame.redelivered_on:
+                    frame = retaken(frame)
             elif lane.paused:
                 self._drop(frame, "paused")
                 return
@@ -174,3 +179,13 @@ class FrameBatcher:
                     count += 1
             self._cond.notify_all()
             return count
+
+
+def retaken(frame: Frame) -> Frame:
+    """The frame stamped now: a part its source handed over while its camera was paused is taken at resume.
+
+    Only for frames whose source offers the part again after a 'paused' drop (a folder file, which stays in
+    the folder until its result is out): such a part was not taken while paused, so its capture time, and
+    the decision window the PLC waits for (its deadline), start when it is queued. Same part, seq and latch.
+    """
+    return dataclasses.replace(frame, captured_at=datetime.now(UTC), captured_mono=time.monotonic())
