@@ -91,6 +91,12 @@ class FrameBatcher:
         with self._cond:
             return [n for n, lane in self._lanes.items() if lane.paused]
 
+    def is_paused(self, camera: str) -> bool:
+        """Whether `camera` is paused now (a folder source asks before it reads a new file)."""
+        with self._cond:
+            lane = self._lanes.get(camera)
+            return lane is not None and lane.paused
+
     def put(self, camera: str, frame: Frame) -> None:
         """Accept a frame (counted), then queue it by the camera's policy; with 'block' it may wait for room,
         or for the camera to be resumed."""
