@@ -2,8 +2,9 @@
 
 Each camera has a bounded queue with its own policy: `drop_oldest` for live streams
 (the newest frame matters, the oldest is dropped and counted) or `block` for files
-and folders (the source waits, nothing is lost; a paused one waits until resumed). The batcher takes frames from
-all queues in turn, up to the batch size or until the first frame of the batch
+and folders (the source waits, nothing is lost; a paused one waits until resumed, and a folder part
+handed over while paused is stamped again when it is queued: its deadline starts at the resume).
+The batcher takes frames from all queues in turn, up to the batch size or until the first frame of the batch
 has waited `max_wait_ms`, and drops frames older than their camera's staleness
 budget (counted as expired).
 """

@@ -16,6 +16,12 @@ taking files, leaves them where they are, shows 'failed' and retries with the ba
 file is never lost, and it is inspected again only when the agent stopped before its result
 was handed over (at least once, never zero times).
 
+Paused: a folder camera that is paused (`pause` command; `paused` asks the batcher, see
+`open_source`) reads, decodes and stamps no new file: files stay in the folder, untouched, and the
+next is read when the camera is resumed, so its part's capture time and deadline start then. Files
+whose frames were out before the pause are still cleared away. A file read just as the pause came
+waits in the batcher, and is stamped again when it is queued at resume (agent/batcher.py).
+
 Part ids: a file's part id is its name without the extension (`part-000.png` -> `part-000`). A
 name that parts were already published under is a new part, not a repeat: the second part from a
 file of that name gets `part-000~2`, the third `part-000~3` (agent/identity.py). Earlier uses are
