@@ -2,19 +2,22 @@
 
 Each camera has a bounded queue with its own policy: `drop_oldest` for live streams
 (the newest frame matters, the oldest is dropped and counted) or `block` for files
-and folders (the source waits, nothing is lost; a paused one waits until resumed). The batcher takes frames from
-all queues in turn, up to the batch size or until the first frame of the batch
+and folders (the source waits, nothing is lost; a paused one waits until resumed, and a folder part
+handed over while paused is stamped again when it is queued: its deadline starts at the resume).
+The batcher takes frames from all queues in turn, up to the batch size or until the first frame of the batch
 has waited `max_wait_ms`, and drops frames older than their camera's staleness
 budget (counted as expired).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from agent.frames import Frame
 from agent.ledger import DropReason, FrameLedger
@@ -89,6 +92,12 @@ class FrameBatcher:
         with self._cond:
             return [n for n, lane in self._lanes.items() if lane.paused]
 
+    def is_paused(self, camera: str) -> bool:
+        """Whether `camera` is paused now (a folder source asks before it reads a new file)."""
+        with self._cond:
+            lane = self._lanes.get(camera)
+            return lane is not None and lane.paused
+
     def put(self, camera: str, frame: Frame) -> None:
         """Accept a frame (counted), then queue it by the camera's policy; with 'block' it may wait for room,
         or for the camera to be resumed."""
@@ -99,11 +108,14 @@ class FrameBatcher:
                 self._drop(frame, "shutdown")
                 return
             if lane.policy == "block":
+                taken_while_paused = lane.paused
                 while (len(lane.frames) >= lane.capacity or lane.paused) and not self._closed:
                     self._cond.wait(0.5)
                 if self._closed:
                     self._drop(frame, "shutdown")
                     return
+                if taken_while_paused and "paused" in frame.redelivered_on:
+                    frame = retaken(frame)
             elif lane.paused:
                 self._drop(frame, "paused")
                 return
@@ -174,3 +186,13 @@ class FrameBatcher:
                     count += 1
             self._cond.notify_all()
             return count
+
+
+def retaken(frame: Frame) -> Frame:
+    """The frame stamped now: a part its source handed over while its camera was paused is taken at resume.
+
+    Only for frames whose source offers the part again after a 'paused' drop (a folder file, which stays in
+    the folder until its result is out): such a part was not taken while paused, so its capture time, and
+    the decision window the PLC waits for (its deadline), start when it is queued. Same part, seq and latch.
+    """
+    return dataclasses.replace(frame, captured_at=datetime.now(UTC), captured_mono=time.monotonic())

@@ -219,6 +219,7 @@ class InspectionService:
                 line_id=self.line,
                 max_frame_pixels=cfg.model.max_frame_pixels,
                 run_id=self.run_id,
+                paused=partial(self.batcher.is_paused, camera.id),  # a paused folder reads no new file
             )
             self.sources[camera.id] = source
             self.metrics.watch_camera(camera.id, source.status)

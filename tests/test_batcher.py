@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -55,3 +56,46 @@ def test_closing_lets_a_held_source_go_and_the_worker_sees_nothing_to_take():
     assert batcher.drain("shutdown") == 1 and ended[-1] == ("folder", 1, "shutdown")
     snap = ledger.snapshot()
     assert snap.accepted == 2 and snap.dropped == {"shutdown": 2} and snap.in_flight == 0
+
+
+def test_a_folder_part_handed_over_while_paused_is_taken_at_resume_with_a_fresh_stamp():
+    """A folder part (offered again after a 'paused' drop) handed over while paused is captured at resume;
+    one handed over before the pause, and any other block camera's frame, keep their capture time."""
+    ledger, ended = FrameLedger(), []
+    batcher = FrameBatcher(ledger, batch_size=4, max_wait_ms=0)
+    batcher.add_camera("folder", capacity=1, policy="block", max_age_ms=0)
+    batcher.add_camera("video", capacity=1, policy="block", max_age_ms=0)
+    redelivered = frozenset({"queue_full", "paused", "stale", "shutdown"})
+    first = dataclasses.replace(frame("folder", 1, ended), redelivered_on=redelivered)
+    waiting = dataclasses.replace(frame("folder", 2, ended), redelivered_on=redelivered)
+    late = dataclasses.replace(frame("folder", 3, ended), redelivered_on=redelivered)
+    video = frame("video", 1, ended)
+    batcher.put("folder", first)
+    batcher.put("video", frame("video", 0, ended))
+    before = threading.Thread(target=batcher.put, args=("folder", waiting))  # waits for room, not for a resume
+    before.start()
+    time.sleep(0.1)
+    assert batcher.is_paused("folder") is False
+    batcher.set_paused(None, True)
+    assert batcher.is_paused("folder") and batcher.is_paused("video")
+    held = [
+        threading.Thread(target=batcher.put, args=("folder", late)),
+        threading.Thread(target=batcher.put, args=("video", video)),
+    ]
+    for thread in held:
+        thread.start()
+    time.sleep(0.3)
+    resumed = time.monotonic()
+    batcher.set_paused(None, False)
+    taken: list[Frame] = []
+    while len(taken) < 5:
+        taken += batcher.next_batch(timeout=1)
+    for thread in (before, *held):
+        thread.join(5)
+    by_part = {f.part_id: f for f in taken}
+    assert by_part["folder-2"] is waiting and by_part["video-1"] is video  # stamps kept
+    fresh = by_part["folder-3"]
+    assert fresh is not late and fresh.captured_mono >= resumed and fresh.captured_at > late.captured_at
+    assert (fresh.seq, fresh.on_end, fresh.decided, fresh.redelivered_on) == (3, late.on_end, late.decided, redelivered)
+    fresh.end("published")
+    assert ended == [("folder", 3, "published")] and ledger.snapshot().accepted == 5

@@ -295,3 +295,35 @@ def test_a_file_gone_before_it_is_cleared_away_does_not_block_the_folder(tmp_pat
         assert source.status().state == "running" and files(tmp_path / "rejected") == []
     finally:
         stop_promptly(source)
+
+
+def test_a_paused_folder_leaves_new_files_unread_and_still_clears_taken_ones_away(tmp_path, monkeypatch):
+    """Paused, a folder takes nothing new: a file dropped meanwhile is not read, decoded or stamped until the
+    resume (its part is captured then); a file whose frame was out before the pause is still cleared away."""
+    reads: list[str] = []
+    real = folder_module.read_frame
+    monkeypatch.setattr(folder_module, "read_frame", lambda path, *a: reads.append(path.name) or real(path, *a))
+    paused = [False]
+    emit = Collector(end=None)  # frames stay in flight until the test ends them
+    source = open_source(camera(tmp_path), emit, paused=lambda: paused[0])
+    assert isinstance(source, FolderSource)
+    source.start()
+    try:
+        (tmp_path / "a.png").write_bytes(png(1))
+        assert wait_until(lambda: len(emit) == 1)
+        paused[0] = True
+        (tmp_path / "b.png").write_bytes(png(2))
+        time.sleep(0.5)  # settled long ago: only the pause keeps it
+        emit.snapshot()[0].end("published")  # a's result went out while paused: a is cleared away
+        assert wait_until(lambda: files(tmp_path / "done") == ["a.png"])
+        time.sleep(0.2)
+        assert reads == ["a.png"] and len(emit) == 1 and files(tmp_path) == ["b.png"]
+        resumed = time.monotonic()
+        paused[0] = False
+        assert wait_until(lambda: len(emit) == 2)
+        b = emit.snapshot()[1]
+        assert b.part_id == "b" and b.captured_mono >= resumed and reads == ["a.png", "b.png"]
+        b.end("published")
+        assert wait_until(lambda: files(tmp_path / "done") == ["a.png", "b.png"])
+    finally:
+        stop_promptly(source)

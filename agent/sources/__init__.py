@@ -13,6 +13,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from agent.sources.base import Emit, FrameSource
     from agent.sources.config import CameraConfig
 
@@ -41,20 +43,25 @@ def open_source(
     line_id: str = "",
     max_frame_pixels: int | None = None,
     run_id: str | None = None,
+    paused: Callable[[], bool] | None = None,
 ) -> FrameSource:
     """The source for `camera.resolved_kind`, not started yet.
 
     Each kind's module is imported here, so a line without synthetic cameras never loads the defect drawing.
     `max_frame_pixels` ([model].max_frame_pixels): image files over it are rejected undecoded.
     `run_id`: the service's run (agent/identity.py); None: the source makes its own.
+    `paused`: whether the camera is paused now (`partial(batcher.is_paused, camera.id)`); a paused folder
+    camera leaves new files unread in the folder. Other kinds ignore it (the batcher drops or holds their frames).
     """
     kind = camera.resolved_kind
     if kind == "folder":
         from agent.sources.folder import FolderSource
 
         if max_frame_pixels is None:
-            return FolderSource(camera, emit, line_id=line_id, run_id=run_id)
-        return FolderSource(camera, emit, line_id=line_id, max_frame_pixels=max_frame_pixels, run_id=run_id)
+            return FolderSource(camera, emit, line_id=line_id, run_id=run_id, paused=paused)
+        return FolderSource(
+            camera, emit, line_id=line_id, max_frame_pixels=max_frame_pixels, run_id=run_id, paused=paused
+        )
     if kind == "synthetic":
         from agent.sources.synthetic import SyntheticSource
 

@@ -16,6 +16,12 @@ taking files, leaves them where they are, shows 'failed' and retries with the ba
 file is never lost, and it is inspected again only when the agent stopped before its result
 was handed over (at least once, never zero times).
 
+Paused: a folder camera that is paused (`pause` command; `paused` asks the batcher, see
+`open_source`) reads, decodes and stamps no new file: files stay in the folder, untouched, and the
+next is read when the camera is resumed, so its part's capture time and deadline start then. Files
+whose frames were out before the pause are still cleared away. A file read just as the pause came
+waits in the batcher, and is stamped again when it is queued at resume (agent/batcher.py).
+
 Part ids: a file's part id is its name without the extension (`part-000.png` -> `part-000`). A
 name that parts were already published under is a new part, not a repeat: the second part from a
 file of that name gets `part-000~2`, the third `part-000~3` (agent/identity.py). Earlier uses are
@@ -33,6 +39,7 @@ import shutil
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,6 +65,7 @@ from agent.sources.config import TEMP_SUFFIXES, CameraConfig
 DECODE_RETRIES = 2
 DECODE_RETRY_S = 0.2  # at least this long between decode attempts of a settled file
 IDLE_CHECK_S = 1.0  # how often an idle source checks that its folder and observer are still there
+PAUSED_CHECK_S = 0.05  # how often a paused source with a file waiting looks whether it was resumed
 DONE = "done"  # a pending action: clear the file away (to done_dir, or delete it); any other action is a reject reason
 # A dropped file stays in the folder and is tried again (at the next start after "shutdown"): its part is
 # answered by that try, never with an ERROR now (the PLC would get two decisions). Only "invalid" ends the file.
@@ -109,8 +117,10 @@ class FolderSource(FrameSource):
         line_id: str = "",
         max_frame_pixels: int | None = DEFAULT_MAX_PIXELS,
         run_id: str | None = None,
+        paused: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(camera, emit, line_id=line_id, run_id=run_id)
+        self._paused = paused  # whether the camera is paused now (the batcher's word); None: never
         self.max_frame_pixels = max_frame_pixels  # larger images are rejected from their header, undecoded
         self.folder = self.camera.folder
         self._settle_s = self.camera.settle_ms / 1000
@@ -196,14 +206,20 @@ class FolderSource(FrameSource):
                     raise SourceError(f"lost the watch on {self.folder}")
                 self._take_ended()
                 self._settle()
-                if self._ready:
+                if self._ready and not self._waits_for_resume():
                     self._take_next()
                 else:
-                    self._wake.wait(self._idle_wait())
+                    self._wake.wait(PAUSED_CHECK_S if self._ready else self._idle_wait())
                     self._wake.clear()
         finally:
             observer.stop()
             observer.join(2.0)
+
+    def _waits_for_resume(self) -> bool:
+        """Paused, and the next file is a new one: leave it unread where it is (clearing files away goes on)."""
+        if self._paused is None or not self._paused():
+            return False
+        return self._ready[0][2] not in self._pending
 
     def _idle_wait(self) -> float:
         with self._guard:
