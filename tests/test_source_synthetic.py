@@ -57,7 +57,8 @@ def test_defect_share_and_ground_truth_match_the_frames(tmp_path):
     assert 0.22 <= share <= 0.38, share
     assert {line["type"] for line in lines if line["defective"]} >= {"scratch", "hole", "stain"}
     assert all(f.image.shape == (240, 320, 3) and f.image.dtype == np.uint8 for f in frames[:10])
-    assert [f.part_id for f in frames[:2]] == ["synth-1", "synth-2"]
+    run = source.run_id  # part ids the camera numbers itself: <camera>-<run id>-<seq>
+    assert [f.part_id for f in frames[:2]] == [f"synth-{run}-1", f"synth-{run}-2"]
 
 
 def test_same_seed_same_parts_and_other_sizes():
