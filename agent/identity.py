@@ -1,10 +1,11 @@
 """Part identity: the run id that changes at every start, and the part ids made from it.
 
 Contract:
-- `new_run_id()` is 10 characters of [0-9a-z]: 6 for the start second (base 36, seconds since
-  2020-01-01 UTC, so run ids sort by start time until 2088) and 4 random ones (1.7 million values), so
-  two starts never share a run id, even within one second or after the clock was set back. It needs
-  no writable state: a line whose state directory was wiped still gets a new one.
+- `new_run_id()` is 12 characters of [0-9a-z]: 6 for the start second (base 36, seconds since
+  2020-01-01 UTC, so run ids sort by start time until 2088) and 6 random ones (2.2 billion values), so
+  two starts share a run id only if they fall in the same second (or the clock was set back onto an
+  earlier start's second) and draw the same random part: 1 in 2.2 billion. It needs no writable
+  state: a line whose state directory was wiped still gets a new one.
 - `camera_part_id(camera, run_id, seq)` is the id of a part the camera numbered itself:
   `<camera>-<run id>-<seq>`; it never repeats across restarts because the run id does not.
 - `repeat_part_id(name, uses)`: a part id taken from outside (a folder file's name) that was already
@@ -20,7 +21,7 @@ import time
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 EPOCH = 1_577_836_800  # 2020-01-01T00:00:00Z
 TIME_CHARS = 6
-RANDOM_CHARS = 4
+RANDOM_CHARS = 6
 RUN_ID = re.compile(rf"[0-9a-z]{{{TIME_CHARS + RANDOM_CHARS}}}")
 
 
