@@ -174,6 +174,8 @@ def test_status_online_retained_then_stopped(mosquitto: MosquittoServer, clients
     assert wait_until(lambda: pub.health() == (True, "connected"))
     status = pub.topic("status")
     assert status == f"genclip/{line}/status"
+    # the status goes out through the urgent outbox lane after the connect: wait until the broker acknowledged it
+    assert wait_until(lambda: pub.stats.counts().get("status", {}).get("sent", 0) >= 1)
     late = subscribe(clients, mosquitto.port, status)  # subscribes after the publish: sees the retained copy
     assert wait_until(lambda: late.payloads(status) == [b"online"])
     assert late.on(status)[0].retain
