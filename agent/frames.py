@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from agent.triggers import Trigger
+
 
 class DecisionLatch:
     """Set once when the part's decision is handed to the publishers: a part never gets two decisions."""
@@ -51,6 +53,22 @@ class Frame:
     redelivered_on: frozenset[str] = frozenset()
     decided: DecisionLatch = field(default_factory=DecisionLatch, repr=False, compare=False)  # see DecisionLatch
     run_id: str = ""  # the agent's run (agent/identity.py): (run_id, camera, seq) never repeats
+    trigger: Trigger | None = None  # the PLC's trigger this frame answers (a camera triggered over MQTT)
+    missed_triggers: int | None = None  # the camera's missed triggers so far (None: not a triggered camera)
+    # why this part is answered without a picture (a missed trigger): published as an uninspected ERROR
+    not_inspected: str | None = None
+
+    @property
+    def answer_only(self) -> bool:
+        """No picture to score: answered as ERROR without the engine (unreadable, or not inspected)."""
+        return self.error is not None or self.not_inspected is not None
+
+    @property
+    def decided_from(self) -> tuple[datetime, float]:
+        """When the part's decision window starts (wall, monotonic): its trigger's arrival, else its capture."""
+        if self.trigger is not None:
+            return self.trigger.received_at, self.trigger.received_mono
+        return self.captured_at, self.captured_mono
 
     def age_s(self, now: float | None = None) -> float:
         """Seconds since capture, on the monotonic clock."""

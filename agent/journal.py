@@ -84,18 +84,23 @@ class PartJournal:
         return [LostPart(camera, part) for camera, part in lost]
 
     def opened(self, frame: Frame) -> None:
-        if frame.redelivered_on:
-            return
+        if not frame.redelivered_on:
+            self.opened_part(frame.camera, frame.part_id)
+
+    def opened_part(self, camera: str, part_id: str) -> None:
+        """A part accepted before it has a frame (a PLC trigger); opening an open part again changes nothing."""
         with self._lock:
-            self._open[_key(frame)] = None
-            self._write("+", frame)
+            if (camera, part_id) in self._open:
+                return
+            self._open[camera, part_id] = None
+            self._write("+", camera, part_id)
 
     def closed(self, frame: Frame) -> None:
         with self._lock:
             if _key(frame) not in self._open:  # not journaled (a folder file)
                 return
             del self._open[_key(frame)]
-            self._write("-", frame)
+            self._write("-", frame.camera, frame.part_id)
 
     def close(self) -> None:
         with self._lock:
@@ -103,10 +108,10 @@ class PartJournal:
                 os.close(self._fd)
                 self._fd = None
 
-    def _write(self, sign: str, frame: Frame) -> None:
+    def _write(self, sign: str, camera: str, part_id: str) -> None:
         if self._fd is None:
             return
-        record = f"{sign}\t{_clean(frame.camera)}\t{_clean(frame.part_id)}\n".encode()
+        record = f"{sign}\t{_clean(camera)}\t{_clean(part_id)}\n".encode()
         try:
             os.write(self._fd, record)
         except OSError as exc:  # a full disk must not stop the line; the PLC still rejects on silence

@@ -31,6 +31,7 @@ INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 StatsReader = Callable[[], dict[str, dict[str, int]]]
+TriggerReader = Callable[[], tuple[int, int]]  # (triggers accepted, missed) of one camera
 
 
 class _StatsCollector(Collector):
@@ -72,6 +73,43 @@ class _StatsCollector(Collector):
             for kind, outcome, n in rows:
                 family.add_metric([sink, str(kind), str(outcome)], n)
         yield family
+
+
+class _TriggerCollector(Collector):
+    """genclip_triggers_total and genclip_triggers_missed_total, read from each camera's trigger queue."""
+
+    def __init__(self) -> None:
+        self._cameras: dict[str, TriggerReader] = {}
+        self._lock = threading.Lock()
+
+    def add(self, camera: str, read: TriggerReader) -> None:
+        with self._lock:
+            self._cameras[camera] = read
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        accepted = CounterMetricFamily(
+            f"{NAMESPACE}_triggers", "Triggers accepted from the PLC, per camera.", labels=["camera"]
+        )
+        missed = CounterMetricFamily(
+            f"{NAMESPACE}_triggers_missed",
+            "Accepted triggers that got no frame in time (answered ERROR), per camera.",
+            labels=["camera"],
+        )
+        return accepted, missed
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        accepted, missed = self._families()
+        with self._lock:
+            cameras = list(self._cameras.items())
+        for camera, read in cameras:
+            count, lost = read()
+            accepted.add_metric([camera], float(count))
+            missed.add_metric([camera], float(lost))
+        yield accepted
+        yield missed
 
 
 class AgentMetrics:
@@ -132,8 +170,18 @@ class AgentMetrics:
             "broker_up", "1 while the sink is connected to its broker, else 0.", ["sink"], namespace=ns, registry=r
         )
         self.prompt = Info("prompt", "The prompt checkpoint in use.", namespace=ns, registry=r)
+        self.triggers_refused = Counter(
+            "triggers_refused",
+            "Triggers not accepted (malformed, bad_part_id, retained, repeated, not_triggered, unknown_camera, "
+            "not_running, queue_full, stopping): nothing is answered; the PLC rejects the part on silence.",
+            ["camera", "reason"],
+            namespace=ns,
+            registry=r,
+        )
         self._stats = _StatsCollector()
         r.register(self._stats)
+        self._triggers = _TriggerCollector()
+        r.register(self._triggers)
 
     def add_camera(self, camera: str) -> None:
         """Create the camera's series at zero so rate() and alerts see them before the first event."""
@@ -164,6 +212,10 @@ class AgentMetrics:
 
     def set_prompt(self, version: str, backbone: str, path: str) -> None:
         self.prompt.info({"version": version, "backbone": backbone, "path": path})
+
+    def watch_triggers(self, camera: str, read: TriggerReader) -> None:
+        """Export a triggered camera's accepted and missed triggers, read at scrape time."""
+        self._triggers.add(camera, read)
 
     def add_stats_source(self, name: str, read: StatsReader) -> None:
         """Export `read()` -> `{kind: {outcome: count}}` as genclip_messages_total{sink=name,kind,outcome}.

@@ -62,7 +62,7 @@ class Inspection:
     verdict: Verdict
     score: float | None  # None when the frame could not be scored (verdict ERROR)
     captured_at: datetime
-    deadline: datetime  # captured_at + the line's decision window
+    deadline: datetime  # when the decision window started (trigger or capture) + the line's decision window
     captured_mono: float
     defect_types: list[str]
     result: JsonObject
@@ -70,6 +70,8 @@ class Inspection:
     error: str | None = None
     signal_reject: bool = True  # False: an uninspected part under [mqtt].reject_uninspected = false (no reject)
     run_id: str = ""  # the agent's run the frame was taken in (agent/identity.py)
+    trigger: int | None = None  # the camera's trigger counter for this part (None: not triggered over MQTT)
+    deadline_mono: float | None = None  # `deadline` on the monotonic clock
 
     @property
     def rejects(self) -> bool:
@@ -90,6 +92,7 @@ class Inspection:
             "part_id": self.part_id,
             "seq": self.seq,
             "run_id": self.run_id,
+            "trigger": self.trigger,
             "captured_at": iso(self.captured_at),
             "deadline": iso(self.deadline),
             "verdict": self.verdict,
@@ -134,10 +137,16 @@ def defect_json(defect: Defect) -> JsonObject:
     }
 
 
+def decision_deadline(frame: Frame, window_s: float) -> tuple[datetime, float]:
+    """The part's deadline (wall, monotonic): its trigger's arrival, else its capture, plus the window."""
+    start_at, start_mono = frame.decided_from
+    return start_at + timedelta(seconds=window_s), start_mono + window_s
+
+
 def _inspection(
     frame: Frame,
     line: str,
-    deadline: datetime,
+    deadline: tuple[datetime, float],
     verdict: Verdict,
     score: float | None,
     defect_types: list[str],
@@ -154,13 +163,15 @@ def _inspection(
         verdict=verdict,
         score=score,
         captured_at=frame.captured_at,
-        deadline=deadline,
+        deadline=deadline[0],
+        deadline_mono=deadline[1],
         captured_mono=frame.captured_mono,
         defect_types=defect_types,
         result=result,
         map_png=map_png,
         error=error,
         run_id=frame.run_id,
+        trigger=frame.trigger.count if frame.trigger is not None else None,
     )
 
 
@@ -174,6 +185,8 @@ def _part_fields(frame: Frame, line: str, model: Mapping[str, str], now: datetim
         "seq": frame.seq,
         "run_id": frame.run_id,
         "part_id": frame.part_id,
+        "trigger": frame.trigger.count if frame.trigger is not None else None,
+        "missed_triggers": frame.missed_triggers,
         "product_class": frame.product_class,
         "captured_at": iso(frame.captured_at),
         "published_at": iso(published),
@@ -195,7 +208,7 @@ def build_inspection(
 ) -> Inspection:
     """The Inspection of one frame from its outcome (a Prediction, a FrameError or a BatchFailure)."""
     base = _part_fields(frame, line, model, now)
-    deadline = frame.captured_at + timedelta(seconds=window_s)
+    deadline = decision_deadline(frame, window_s)
 
     if not isinstance(outcome, Prediction):
         result: JsonObject = {
@@ -254,6 +267,6 @@ def build_uninspected(
         "defects": [],
         "map_key": None,
     }
-    deadline = frame.captured_at + timedelta(seconds=window_s)
+    deadline = decision_deadline(frame, window_s)
     inspection = _inspection(frame, line, deadline, "ERROR", None, ["not-inspected"], result, error=why)
     return replace(inspection, signal_reject=signal_reject)

@@ -58,10 +58,11 @@ from agent.publish.publisher import Publisher
 from agent.publish.redis_streams import RedisStreamPublisher
 from agent.reload import CheckpointWatcher, checkpoint_signature
 from agent.result_stage import ResultStage
-from agent.results import Inspection, JsonObject, build_inspection, iso
+from agent.results import Inspection, JsonObject, build_inspection, build_uninspected, iso
 from agent.sources import open_source
 from agent.sources.base import FrameSource
 from agent.systemd import SystemdNotifier
+from agent.triggers import TriggerRefusedError, parse_trigger
 from agent.worker import InferenceWorker
 from model.checkpoint_files import checkpoint_candidates, resolve_checkpoint
 
@@ -128,7 +129,9 @@ class InspectionService:
         self._reload_signalled = False
         self._reload_lock = threading.Lock()
         try:
-            self.mqtt = MqttPublisher(config.mqtt, self.line, handler=self.handle_command)
+            triggered = any(camera.mqtt_triggered for camera in config.cameras)
+            on_trigger = self.take_trigger if triggered else None
+            self.mqtt = MqttPublisher(config.mqtt, self.line, handler=self.handle_command, on_trigger=on_trigger)
         except ValueError as exc:  # TLS files that cannot be loaded
             raise StartupError(str(exc)) from None
         self.redis = RedisStreamPublisher(config.redis, self.line)
@@ -223,6 +226,8 @@ class InspectionService:
             )
             self.sources[camera.id] = source
             self.metrics.watch_camera(camera.id, source.status)
+            if source.triggers is not None:
+                self.metrics.watch_triggers(camera.id, source.triggers.counts)
             source.start()
         target = self.checkpoint_target
         if target is not None:
@@ -399,24 +404,40 @@ class InspectionService:
 
         return emit
 
+    def take_trigger(self, camera: str, payload: bytes, retained: bool) -> None:
+        """A PLC trigger for `camera` (paho's network thread: never blocks). Accepted, it is journaled and queued
+        for the camera (agent/triggers.py); refused, it is logged and counted, and the PLC rejects the part on
+        silence past its deadline (there is no part id to answer for)."""
+        try:
+            source = self._trigger_target(camera, retained)
+            opened = partial(self.journal.opened_part, camera)
+            source.accept_trigger(parse_trigger(payload), lambda trigger: opened(trigger.part_id))
+        except TriggerRefusedError as exc:
+            label = camera if camera in self.sources else "unknown"
+            self.metrics.triggers_refused.labels(camera=label, reason=exc.reason).inc()
+            log.warning("trigger refused", camera=camera[:64], reason=exc.reason, error=str(exc))
+
+    def _trigger_target(self, camera: str, retained: bool) -> FrameSource:
+        """The running source a trigger is for; TriggerRefusedError with the reason when there is none."""
+        if retained:
+            raise TriggerRefusedError("retained", "a retained trigger is ignored: it would fire at every reconnect")
+        source = self.sources.get(camera)
+        if source is not None and self._running.is_set() and not self._stop.is_set():
+            return source
+        if camera not in {c.id for c in self.config.cameras}:
+            raise TriggerRefusedError("unknown_camera", f"no camera {camera!r} on line {self.line}")
+        raise TriggerRefusedError("not_running", f"camera {camera} is not running (starting, stopping, or off)")
+
     def publish(self, frame: Frame, outcome: Outcome) -> Inspection:
         """Build one frame's Inspection and hand it to every publisher (which never block)."""
-        cfg = self.config
-        inspection = build_inspection(
-            frame,
-            outcome,
-            line=self.line,
-            window_s=cfg.mqtt.decision_window_ms / 1000.0,
-            maps=cfg.redis.maps,
-            map_size=cfg.redis.map_size,
-            model=self._model_fields(),
-        )
+        inspection = self._inspection(frame, outcome)
         frame.decided.claim()  # from here on a drop of this frame is not answered: one decision per part
         self.journal.closed(frame)
         for publisher in self.publishers:
             publisher.publish_inspection(inspection)
-        self.metrics.frames_processed.labels(camera=frame.camera).inc()
-        if not isinstance(outcome, Prediction):
+        if frame.not_inspected is None:
+            self.metrics.frames_processed.labels(camera=frame.camera).inc()
+        if not isinstance(outcome, Prediction) and frame.not_inspected is None:
             self.metrics.frame_errors.labels(camera=frame.camera).inc()
             log.warning("frame not scored", camera=frame.camera, seq=frame.seq, reason=outcome.reason)
         self.metrics.results_published.labels(camera=frame.camera, verdict=inspection.verdict).inc()
@@ -426,6 +447,24 @@ class InspectionService:
             self.metrics.capture_to_publish_seconds.labels(kind="reject").observe(latency)
         self.ledger.published(frame)  # last: a failure above counts the frame as invalid, once
         return inspection
+
+    def _inspection(self, frame: Frame, outcome: Outcome) -> Inspection:
+        """A frame's Inspection: scored (or unreadable), or a part answered without a picture (a missed trigger)."""
+        cfg = self.config
+        window_s = cfg.mqtt.decision_window_ms / 1000.0
+        if frame.not_inspected is not None:
+            reason, reject, line = frame.not_inspected, cfg.mqtt.reject_uninspected, self.line
+            model = self._model_fields()
+            return build_uninspected(frame, reason, line=line, window_s=window_s, model=model, signal_reject=reject)
+        return build_inspection(
+            frame,
+            outcome,
+            line=self.line,
+            window_s=window_s,
+            maps=cfg.redis.maps,
+            map_size=cfg.redis.map_size,
+            model=self._model_fields(),
+        )
 
     def _prompt_version(self) -> str:
         engine = self.worker.engine
@@ -509,6 +548,7 @@ class InspectionService:
                     "kind": c.resolved_kind,
                     "state": self.sources[c.id].status().state if c.id in self.sources else "off",
                     "paused": c.id in paused,
+                    **self._trigger_info(c.id),
                 }
                 for c in self.config.cameras
             ],
@@ -517,6 +557,18 @@ class InspectionService:
             "operator_overrides": self.operator.info(  # restored at start, or reset ([agent].keep_operator_changes)
                 {name: self.thresholds[name] for name in sorted(self.commanded) if name in self.thresholds}, paused
             ),
+        }
+
+    def _trigger_info(self, camera_id: str) -> JsonObject:
+        """A camera's acquisition in info: mode, trigger source, triggers accepted and missed (MQTT-triggered)."""
+        camera = next(c for c in self.config.cameras if c.id == camera_id)
+        source = self.sources.get(camera_id)
+        counts = source.triggers.counts() if source is not None and source.triggers is not None else None
+        return {
+            "acquisition": camera.acquisition,
+            "trigger": camera.trigger if camera.acquisition == "triggered" else None,
+            "triggers": counts[0] if counts else None,
+            "missed_triggers": counts[1] if counts else None,
         }
 
     def publish_info(self) -> JsonObject:

@@ -49,7 +49,12 @@ class PendingOutcomes(Protocol):
 
 
 class LaunchedBatch:
-    """A launched batch handed on by the worker: its frames and, once built, one outcome per frame."""
+    """A launched batch handed on by the worker: its frames and, once built, one outcome per frame.
+
+    `pending` scores the frames that have a picture (`not f.answer_only`), in order; the others (an
+    unreadable picture, a missed trigger) get their own reason in their place, so outcomes keep the
+    frames' (capture) order.
+    """
 
     def __init__(self, frames: list[Frame], pending: PendingOutcomes | None = None, error: str | None = None) -> None:
         self.frames = frames
@@ -66,16 +71,20 @@ class LaunchedBatch:
                 self._error = f"engine failure: {exc}"
 
     def outcomes(self) -> Sequence[Outcome]:
-        """One outcome per frame; never raises (a failed batch gives every frame the failure, a frame whose
-        picture could not be read its own reason)."""
+        """One outcome per frame; never raises (a failed batch gives every frame the failure, a frame without
+        a picture its own reason)."""
         self.wait()
         if self._error is None and self._pending is not None:
             try:
-                return self._pending.outcomes()
+                scored = iter(self._pending.outcomes())
+                return [self._failure(f) if f.answer_only else next(scored) for f in self.frames]
             except Exception as exc:
                 log.exception("batch failed", frames=len(self.frames))
                 self._error = f"engine failure: {exc}"
-        return [BatchFailure(f.product_class, f.error or self._error or "not scored") for f in self.frames]
+        return [self._failure(f) for f in self.frames]
+
+    def _failure(self, frame: Frame) -> BatchFailure:
+        return BatchFailure(frame.product_class, frame.error or frame.not_inspected or self._error or "not scored")
 
     @property
     def seconds(self) -> float | None:
@@ -194,20 +203,13 @@ class InferenceWorker:
             run(engine)
 
     def _score(self, engine: Engine, batch: list[Frame]) -> None:
-        unreadable = [f for f in batch if f.error is not None]
-        if unreadable:  # seen by a camera but not readable: ERROR results (rejects) without the engine
-            self._busy("deliver")
-            try:
-                self._deliver(LaunchedBatch(unreadable))
-            finally:
-                self._busy(None)
-            batch = [f for f in batch if f.error is None]
-            if not batch:
-                return
+        """Launch the frames that have a picture; those without (unreadable, a missed trigger) keep their place."""
+        pictured = [f for f in batch if not f.answer_only]
         self._busy("batch")
         try:
             try:
-                pending = engine.launch([f.image for f in batch], [f.product_class for f in batch])
+                images, classes = [f.image for f in pictured], [f.product_class for f in pictured]
+                pending = engine.launch(images, classes) if pictured else None
                 scored = LaunchedBatch(batch, pending)
             except Exception as exc:  # a device fault: every frame of the batch gets the error, none is lost
                 log.exception("batch failed", frames=len(batch))

@@ -23,8 +23,9 @@ __all__ = ["clients", "line"]  # fixtures imported for pytest
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_signal_expiry_rounds_down_and_withholds_under_one_second() -> None:
-    assert [signal_expiry(s) for s in (-1.0, 0.0, 0.4, 0.999)] == [None] * 4
+def test_signal_expiry_rounds_down_and_is_one_second_under_one_second() -> None:
+    assert [signal_expiry(s) for s in (-1.0, 0.0)] == [None] * 2
+    assert [signal_expiry(s) for s in (0.001, 0.4, 0.999)] == [1] * 3
     assert [signal_expiry(s) for s in (1.0, 1.001, 1.999, 2.0, 59.99)] == [1, 1, 1, 2, 59]
 
 
@@ -116,44 +117,24 @@ def test_expiry_never_exceeds_the_time_left(mosquitto: MosquittoServer, clients:
         assert arrived + expiry <= deadline + 0.001, (msg.topic, msg.payload, expiry, deadline - arrived)
 
 
-def test_signals_with_under_a_second_left_or_past_are_never_sent(
+def test_signals_past_their_deadline_are_never_sent_and_under_a_second_left_get_one_second(
     mosquitto: MosquittoServer, clients: list[Any], line: str
 ) -> None:
-    sub = subscribe(clients, mosquitto.port, f"genclip/{line}/+/reject", f"genclip/{line}/+/decision")
+    sub = TimedSubscriber(mosquitto.port, f"genclip/{line}/+/+")
+    clients.append(sub)
     pub = start_publisher(clients, mosquitto.port, line)
     assert wait_until(lambda: pub.health()[0])
     pub.publish_inspection(make_inspection(line, 1, "NG", deadline_s=-0.5))  # already past
-    pub.publish_inspection(make_inspection(line, 2, "NG", deadline_s=0.8))  # under a second left
-    pub.publish_inspection(make_inspection(line, 3, "NG", deadline_s=5.0))  # sent, after the two above
-    assert wait_until(lambda: len(sub.messages) == 2)
-    assert {json.loads(m.payload)["seq"] for m in sub.messages} == {3}
+    pub.publish_inspection(make_inspection(line, 2, "NG", deadline_s=0.8))  # under a second left: a 600 ms line
+    pub.publish_inspection(make_inspection(line, 3, "NG", deadline_s=5.0))
+    signals = lambda: [(t, m) for t, m in sub.received if not m.topic.endswith("/result")]  # noqa: E731
+    assert wait_until(lambda: len(signals()) == 4), len(signals())
+    assert sorted(json.loads(m.payload)["seq"] for _, m in signals()) == [2, 2, 3, 3]
+    for arrived, msg in signals():
+        deadline = datetime.fromisoformat(json.loads(msg.payload)["deadline"].replace("Z", "+00:00")).timestamp()
+        assert arrived <= deadline + 0.001, (msg.topic, msg.payload, deadline - arrived)  # sent before the deadline
+        expected = 1 if json.loads(msg.payload)["seq"] == 2 else 4
+        assert msg.properties.MessageExpiryInterval == expected
     snap = pub.stats.snapshot()
-    assert snap["reject"] == {"sent": 1, "dropped": 0, "expired": 2}
-    assert snap["decision"] == {"sent": 1, "dropped": 0, "expired": 2}
-
-
-def test_after_an_outage_signals_lead_in_capture_order_per_camera(
-    fresh_mosquitto: MosquittoServer, clients: list[Any], line: str
-) -> None:
-    """Held through an outage: on reconnect every decision goes before any held result, in capture order."""
-    port = fresh_mosquitto.port
-    sub = subscribe(clients, port, f"genclip/{line}/+/+", persistent=True)
-    pub = start_publisher(clients, port, line, result_qos=1)
-    assert wait_until(lambda: pub.health()[0])
-    fresh_mosquitto.stop()
-    assert wait_until(lambda: not pub.health()[0])
-    for seq in range(1, 41):
-        camera = "cam-1" if seq % 2 else "cam-2"
-        pub.publish_inspection(make_inspection(line, seq, "NG" if seq % 5 == 0 else "OK", camera=camera))
-    fresh_mosquitto.restart()
-    assert wait_until(lambda: pub.stats["decision"].sent == 40 and pub.stats["result"].sent == 40)
-    assert wait_until(lambda: len({(m.topic, m.payload) for m in sub.messages}) == 40 + 40 + 8)
-    first: dict[tuple[str, bytes], int] = {}
-    for i, m in enumerate(sub.messages):
-        first.setdefault((m.topic, m.payload), i)
-    order = sorted(first, key=first.__getitem__)
-    kinds = [topic.rsplit("/", 1)[1] for topic, _ in order]
-    assert "result" not in kinds[:48] and set(kinds[48:]) == {"result"}, kinds
-    for camera in ("cam-1", "cam-2"):
-        seqs = [json.loads(p)["seq"] for t, p in order if t == pub.topic(camera, "decision")]
-        assert seqs == sorted(seqs) and len(seqs) == 20
+    assert snap["reject"] == {"sent": 2, "dropped": 0, "expired": 1}
+    assert snap["decision"] == {"sent": 2, "dropped": 0, "expired": 1}

@@ -7,6 +7,10 @@
   most `INFLIGHT` unacknowledged, sent on PUBACK, never delivered after the deadline);
 - agent/publish/mqtt_commands.py: the command thread (`cmd/<name>` in, `cmd/response` out).
 
+PLC triggers (`<camera>/trigger`) are handed to `on_trigger` on paho's network thread, which must
+not block (the service's only queues them, agent/triggers.py); a line without triggered cameras
+does not subscribe to them.
+
 The retained status is `online` on connect unless the service gave another (`set_status`:
 starting, online, degraded; see agent/line_state.py); `heartbeat` queues one heartbeat.
 
@@ -18,7 +22,10 @@ its Last Will.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+
+import paho.mqtt.client as mqtt
 
 from agent.logs import get_logger
 from agent.publish.config import MqttConfig
@@ -29,6 +36,8 @@ from agent.publish.outbox import DeliveryStats
 from agent.results import Inspection, JsonObject, iso
 
 log = get_logger(__name__)
+
+OnTrigger = Callable[[str, bytes, bool], None]  # camera, payload, retained
 
 
 class MqttPublisher:
@@ -43,17 +52,20 @@ class MqttPublisher:
         *,
         handler: Handler | None = None,
         client_id: str | None = None,
+        on_trigger: OnTrigger | None = None,
     ) -> None:
         self.config = config
         self.line_id = line_id
         self.topics = MqttTopics(config, line_id)
         self._commands = CommandIntake(self.topics, self._send, handler, config.command_max_bytes)
+        self._on_trigger = on_trigger
+        subscriptions = (self.topics.commands,) + ((self.topics.triggers,) if on_trigger is not None else ())
         self.link = MqttLink(
             config,
             self.topics,
             client_id or config.client_id or f"genclip-{line_id}",
-            subscriptions=(self.topics.commands,),
-            on_message=self._commands.on_message,
+            subscriptions=subscriptions,
+            on_message=self._on_message,
         )
 
     @property
@@ -115,3 +127,11 @@ class MqttPublisher:
 
     def _send(self, message: Message) -> None:
         self.link.send(message)
+
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
+        """paho's network thread: a trigger goes to `on_trigger`, anything else to the command intake."""
+        camera = self.topics.trigger_camera(message.topic) if self._on_trigger is not None else ""
+        if camera and self._on_trigger is not None:
+            self._on_trigger(camera, bytes(message.payload), bool(message.retain))
+        else:
+            self._commands.on_message(message)

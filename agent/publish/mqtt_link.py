@@ -14,12 +14,12 @@ A message counts as sent on its PUBACK; one in flight when the connection drops 
 the front of its lane in its original order (QoS 1 allows the duplicate, not the loss), so
 after a reconnect the held rejects and decisions are sent first, still in capture order, then
 the held results. Messages with a deadline (rejects, decisions) expire in the broker
-(MessageExpiryInterval) never later than the deadline: the interval is the time left rounded
-DOWN to whole seconds, and one with under a second left (expiry 0 would mean "never expires")
-or past its deadline is not sent at all and is counted as expired (`signal_expiry`): the PLC
-rejects on silence past the deadline. Messages that are not held across a disconnect (status,
-info, heartbeat, QoS 0 results) are dropped with it; the status (`online` unless one was given to
-`retain`) and the retained messages lead every new connection instead.
+(MessageExpiryInterval): the interval is the time left rounded DOWN to whole seconds, 1 s with
+under a second left (the shortest MQTT has), and one past its deadline is not sent at all and
+is counted as expired (`signal_expiry`): the PLC rejects on silence past the deadline.
+Messages that are not held across a disconnect (status, info, heartbeat, QoS 0 results) are
+dropped with it; the status (`online` unless one was given to `retain`) and the retained
+messages lead every new connection instead.
 """
 
 from __future__ import annotations
@@ -255,8 +255,8 @@ class MqttLink:
             return
         # Messages paho kept from the last connection: ours are back in the outbox, resend them from there.
         client.drop_out_messages()
-        for topic in self._subscriptions:
-            client.subscribe(topic, options=SubscribeOptions(qos=1, noLocal=True))
+        for topic in self._subscriptions:  # retain as published: a retained trigger is seen as one, and refused
+            client.subscribe(topic, options=SubscribeOptions(qos=1, noLocal=True, retainAsPublished=True))
         with self._cv:
             # The latest status given to `retain` (the service's starting/online/degraded), else online.
             status = self._retained.get("status", self.topics.status_message("online"))

@@ -3,10 +3,10 @@
 Topics are `<prefix>/<line>/...`: `status` (starting/online/degraded/stopped, retained, QoS 1,
 offline as Last Will), `heartbeat` (QoS 0, not retained, expiring after `heartbeat_expiry`),
 `info` (retained, QoS 1), `lost` (retained, QoS 1: parts a killed run left), `<camera>/result`
-(`[mqtt].result_qos`), `<camera>/reject` and
-`<camera>/decision` (`[mqtt].qos`, expiring at the part's deadline, see `signal_expiry`),
-`cmd/<name>` in and `cmd/response` (or a ResponseTopic below it) out (`[mqtt].qos`, with the
-request's CorrelationData). Payloads are compact UTF-8 JSON, except status: a plain word, so a
+(`[mqtt].result_qos`), `<camera>/reject` and `<camera>/decision` (`[mqtt].qos`, expiring at the
+part's deadline, see `signal_expiry`), `<camera>/trigger` in (from the PLC, QoS 1,
+agent/triggers.py), `cmd/<name>` in and `cmd/response` (or a ResponseTopic below it) out
+(`[mqtt].qos`, with the request's CorrelationData). Payloads are compact UTF-8 JSON, except status: a plain word, so a
 PLC compares a string (the reasons for `degraded` are in info and in the heartbeat).
 """
 
@@ -48,12 +48,17 @@ def is_urgent(msg: Message) -> bool:
 def signal_expiry(left_s: float) -> int | None:
     """MessageExpiryInterval for a message with `left_s` seconds to its deadline, or None: do not send.
 
-    Whole seconds rounded DOWN, so the broker never delivers it after the deadline. Under one
-    second left there is no such interval (0 means "never expires"), so it is withheld and
-    counted as expired: a PLC that rejects on silence past the deadline rejects the part, where
-    a late message could have been bound to the wrong part.
+    Past the deadline it is not sent (counted as expired; the PLC rejects the part on silence).
+    Before it, whole seconds rounded DOWN, so a broker holding it for a PLC that is not connected
+    drops it by the deadline; with under a second left, 1 s, the shortest interval MQTT has (0
+    would mean "never expires"): sub-second windows (a reject station 600 ms downstream) must
+    work, so such a message may outlive its deadline in the broker by under a second. A
+    connected PLC gets it at once; the payload's `deadline` is what the PLC enforces (it ignores
+    a decision for a part that has passed its station).
     """
-    return int(left_s) if left_s >= 1.0 else None
+    if left_s <= 0.0:
+        return None
+    return max(1, int(left_s))
 
 
 def heartbeat_expiry(interval_s: float) -> int:
@@ -68,6 +73,8 @@ def encode_json(data: object) -> bytes:
 
 def deadline_mono(inspection: Inspection) -> float:
     """The part's deadline on the monotonic clock, immune to wall-clock jumps."""
+    if inspection.deadline_mono is not None:
+        return inspection.deadline_mono
     return inspection.captured_mono + (inspection.deadline - inspection.captured_at).total_seconds()
 
 
@@ -85,6 +92,19 @@ class MqttTopics:
     @property
     def status(self) -> str:
         return self.topic("status")
+
+    @property
+    def triggers(self) -> str:
+        """What the agent subscribes to for PLC triggers: `+/trigger` (one level: the camera id)."""
+        return self.topic("+", "trigger")
+
+    def trigger_camera(self, topic: str) -> str:
+        """The camera a `<camera>/trigger` topic names; "" for anything else."""
+        prefix = self.topic("")
+        if not topic.startswith(prefix) or not topic.endswith("/trigger"):
+            return ""
+        camera = topic[len(prefix) : -len("/trigger")]
+        return "" if not camera or "/" in camera else camera
 
     @property
     def commands(self) -> str:

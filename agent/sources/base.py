@@ -7,6 +7,13 @@ source. Frames go out through `_emit_frame`, which numbers them and calls the pi
 `emit` (that call may block when the camera's queue policy is 'block'). Every frame carries the
 source's run id (the service's, else one of its own); a frame without an id from outside gets
 `<camera>-<run id>-<seq>` (agent/identity.py), so part ids never repeat across restarts.
+
+A camera triggered over MQTT (`acquisition = "triggered"`, `trigger = "mqtt"`) has a `TriggerQueue`
+(agent/triggers.py): `accept_trigger` numbers and queues a trigger from any thread; the capture
+thread binds each to a frame (`_emit_frame(..., trigger=...)`) or answers it as missed
+(`_answer_missed`), in trigger order. While the thread waits (`_wait`) it answers the triggers that
+waited longer than `trigger_timeout_ms`; when it ends, the triggers still waiting are answered as
+not inspected ("shutdown"). A triggered camera is never 'stalled': idle, it is waiting for a trigger.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import partial
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -25,9 +33,13 @@ from agent.frames import Frame
 from agent.identity import camera_part_id, new_run_id
 from agent.logs import get_logger
 from agent.sources.config import CameraConfig
+from agent.triggers import Trigger, TriggerQueue, TriggerRefusedError
 
 Emit = Callable[[Frame], None]
 State = Literal["starting", "running", "reconnecting", "stalled", "ended", "failed"]
+WAITING_AFTER_S = 1.0  # a triggered camera that delivered nothing this long shows 'waiting for trigger'
+TRIGGER_POLL_S = 0.05  # how often a waiting capture thread looks for triggers past their timeout
+NO_PICTURE = np.zeros((1, 1), np.uint8)  # the image of a part answered without one (a missed trigger)
 HEALTHY_STATES: frozenset[State] = frozenset({"running", "ended"})
 
 
@@ -92,6 +104,8 @@ class FrameSource(ABC):
         self._heartbeat_at = time.monotonic()
         self._emitting = False
         self._traced: set[type[BaseException]] = set()
+        timeout_s = camera.trigger_timeout_ms / 1000.0
+        self.triggers: TriggerQueue | None = TriggerQueue(timeout_s) if camera.mqtt_triggered else None
 
     # --- public API -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -122,14 +136,33 @@ class FrameSource(ABC):
     def status(self) -> SourceStatus:
         """A consistent snapshot; a running source that has had no frame for `stall_timeout_s` shows 'stalled'.
 
-        That covers a capture call that hangs despite its timeouts (some device drivers ignore them).
+        That covers a capture call that hangs despite its timeouts (some device drivers ignore them). A camera
+        that triggers itself is not watched: idle, it shows 'running', "waiting for trigger".
         """
         with self._lock:
             state, detail = self._state, self._detail
             quiet = time.monotonic() - self._heartbeat_at
-            if self.watch_stalls and state == "running" and not self._emitting and quiet > self.camera.stall_timeout_s:
+            watched = self.watch_stalls and not self.self_triggered
+            if watched and state == "running" and not self._emitting and quiet > self.camera.stall_timeout_s:
                 state, detail = "stalled", f"no frame for {quiet:.1f} s"
+            elif self.camera.acquisition == "triggered" and state == "running" and quiet > WAITING_AFTER_S:
+                detail = detail or "waiting for trigger"
             return SourceStatus(self.camera.id, state, detail, self._frames, self._errors, self._last_frame_at)
+
+    @property
+    def self_triggered(self) -> bool:
+        """The camera triggers itself (a hardware line): every frame is a part, none comes while the line stands."""
+        return self.camera.acquisition == "triggered" and self.camera.trigger == "camera"
+
+    def accept_trigger(self, part_id: str | None, on_accepted: Callable[[Trigger], None] | None = None) -> Trigger:
+        """Queue a trigger from the PLC (any thread, never blocks); TriggerRefusedError when this camera takes none.
+
+        `on_accepted` hears the trigger (with its final part id) before the capture thread can take it."""
+        if self.triggers is None:
+            why = "it triggers itself" if self.self_triggered else "it is free-run"
+            raise TriggerRefusedError("not_triggered", f"camera {self.camera.id} takes no MQTT trigger: {why}")
+        make_id = partial(camera_part_id, self.camera.id, self.run_id)
+        return self.triggers.accept(part_id, make_id, on_accepted)
 
     @property
     def alive(self) -> bool:
@@ -169,8 +202,26 @@ class FrameSource(ABC):
         return self._wait(wait)
 
     def _wait(self, seconds: float) -> bool:
-        """Sleep up to `seconds`; True when stop was asked meanwhile."""
-        return self._stopping.wait(max(0.0, seconds))
+        """Sleep up to `seconds`, answering triggers past their timeout; True when stop was asked meanwhile."""
+        if self.triggers is None:
+            return self._stopping.wait(max(0.0, seconds))
+        end = time.monotonic() + seconds
+        while True:
+            self._answer_overdue()
+            left = end - time.monotonic()
+            if left <= 0 or self._stopping.wait(min(left, TRIGGER_POLL_S)):
+                return self._stopping.is_set()
+
+    def _answer_overdue(self) -> None:
+        """Answer every trigger that waited longer than `trigger_timeout_ms` for a frame as missed."""
+        if self.triggers is not None:
+            for trigger in self.triggers.overdue():
+                self._answer_missed(trigger, f"missed trigger: no frame within {self.camera.trigger_timeout_ms:g} ms")
+
+    def _answer_missed(self, trigger: Trigger, why: str) -> None:
+        """Send a part without a picture down the pipeline, to be answered ERROR in its place in trigger order."""
+        self.log.warning("trigger not answered with a frame", part=trigger.part_id, trigger=trigger.count, why=why)
+        self._emit_frame(NO_PICTURE, trigger.part_id, trigger.count, trigger=trigger, not_inspected=why)
 
     def _heartbeat(self) -> None:
         """Note that the device delivered (a frame grabbed, even if not emitted)."""
@@ -190,6 +241,10 @@ class FrameSource(ABC):
         on_end: Callable[[str], None] | None = None,
         error: str | None = None,
         redelivered_on: frozenset[str] = frozenset(),
+        *,
+        trigger: Trigger | None = None,
+        captured: tuple[datetime, float] | None = None,
+        not_inspected: str | None = None,
     ) -> Frame | None:
         """Number the image, wrap it in a Frame and hand it to the pipeline; None when emit raised.
 
@@ -197,8 +252,12 @@ class FrameSource(ABC):
         `on_end` hears how the frame ended ("published" or a drop reason), from whichever thread ended it.
         `error` marks a part whose picture could not be read: it is published as ERROR (a reject).
         `redelivered_on`: the drop reasons after which this source offers the same part again (not answered).
+        `trigger`: the PLC trigger the frame answers (its part id and counter); `captured`: when the picture was
+        taken (wall, monotonic), when known better than "now" (at grab time, before decoding);
+        `not_inspected`: why the part is answered without a picture (a missed trigger).
         """
         seq = self._next_seq() if seq is None else seq
+        captured_at, captured_mono = captured if captured is not None else (datetime.now(UTC), time.monotonic())
         frame = Frame(
             camera=self.camera.id,
             seq=seq,
@@ -209,6 +268,11 @@ class FrameSource(ABC):
             error=error,
             redelivered_on=redelivered_on,
             run_id=self.run_id,
+            trigger=trigger,
+            missed_triggers=self.triggers.missed if self.triggers is not None else None,
+            not_inspected=not_inspected,
+            captured_at=captured_at,
+            captured_mono=captured_mono,
         )
         with self._lock:
             self._emitting = True
@@ -242,6 +306,9 @@ class FrameSource(ABC):
                 self._cleanup()
             except Exception as exc:
                 self._count_error("cleanup failed", exc)
+            if self.triggers is not None:
+                for trigger in self.triggers.close():
+                    self._answer_missed(trigger, "shutdown")
             if self._stopping.is_set():
                 self._set_state("ended", "stopped")
 

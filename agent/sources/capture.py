@@ -2,6 +2,11 @@
 
 Live streams are read as fast as they deliver (so the driver's buffer never fills with old
 frames) and only every `1/fps` s a frame is decoded and emitted. Files are paced at `fps`.
+Triggered cameras are not paced: triggered by the camera itself, every frame grabbed is a part;
+triggered over MQTT, a live stream is drained and the first frame grabbed after a trigger is bound
+to it, a file is read one frame per trigger. A frame is stamped when it is grabbed, before decoding.
+A self-triggered camera whose read times out (no trigger came) is waiting, not lost; one whose read
+fails at once is lost and reconnected.
 FFmpeg's open and read timeouts are set to `stall_timeout_s`, so a stream that stops sending
 ends `grab()` instead of hanging it; the source then reconnects with a capped backoff.
 """
@@ -9,12 +14,14 @@ ends `grab()` instead of hanging it; the source then reconnects with a capped ba
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import ClassVar, Literal
 
 import cv2
 
-from agent.sources.base import Emit, FrameSource, SourceError
+from agent.sources.base import TRIGGER_POLL_S, Emit, FrameSource, SourceError
 from agent.sources.config import CameraConfig
+from agent.triggers import Trigger
 
 Outcome = Literal["stopped", "ended", "lost"]
 
@@ -75,7 +82,15 @@ class OpenCvSource(FrameSource):
         got_any = False
         last_frame = time.monotonic()
         while not self._stopping.is_set():
+            trigger = self._trigger_for_file() if self.triggers is not None and not live else None
+            if self.triggers is not None and not live and trigger is None:
+                continue  # no trigger yet (or stopping)
+            started = time.monotonic()
             if not capture.grab():
+                if trigger is not None:
+                    self._unread(trigger)
+                if self._waited_for_trigger(started):
+                    continue
                 quiet = time.monotonic() - last_frame
                 if not live and got_any:
                     return "ended"
@@ -84,20 +99,48 @@ class OpenCvSource(FrameSource):
                 else:
                     self._lost_reason = "read failed" if got_any else "opened but no frame could be read"
                 return "lost"
-            now = last_frame = time.monotonic()
+            grabbed = (datetime.now(UTC), time.monotonic())
+            last_frame = now = grabbed[1]
             self._heartbeat()
             if not got_any:
                 got_any = True
                 self.backoff.reset()
                 self._set_state("running")
-            if live and now < due:
+            if self.triggers is not None and live:
+                self._answer_overdue()
+                trigger = self.triggers.take_before(now)
+                if trigger is None:
+                    continue  # drain the stream; no trigger waits for this frame
+            elif live and not self.self_triggered and now < due:
                 continue  # drain the stream; this frame is not due yet
             ok, image = capture.retrieve()
             if not ok or image is None:
+                if trigger is not None:
+                    self._unread(trigger)
                 self._lost_reason = "frame could not be decoded"
                 return "lost"
-            self._emit_frame(image)
+            seq = trigger.count if trigger is not None else None
+            self._emit_frame(image, trigger.part_id if trigger else None, seq, trigger=trigger, captured=grabbed)
+            if self.camera.acquisition == "triggered":
+                continue
             due = max(due + period, time.monotonic())  # after a long pause, do not burst to catch up
             if not live and self._wait(due - time.monotonic()):
                 return "stopped"
         return "stopped"
+
+    def _trigger_for_file(self) -> Trigger | None:
+        """A file read one frame per trigger: the next trigger (answering overdue ones), None meanwhile."""
+        assert self.triggers is not None
+        self._answer_overdue()
+        return self.triggers.next(TRIGGER_POLL_S)
+
+    def _unread(self, trigger: Trigger) -> None:
+        """A trigger whose frame could not be read: answered as missed (the next frame belongs to the next part)."""
+        assert self.triggers is not None
+        self.triggers.missed_one()
+        self._answer_missed(trigger, "missed trigger: the camera's frame could not be read")
+
+    def _waited_for_trigger(self, started: float) -> bool:
+        """A self-triggered camera's read that timed out (it waited, no trigger came) rather than failed at once."""
+        waited = time.monotonic() - started
+        return self.self_triggered and waited >= min(1.0, 0.5 * self.camera.stall_timeout_s)

@@ -22,6 +22,8 @@ TEMP_SUFFIXES = (".tmp", ".part")
 
 SourceKind = Literal["opencv", "folder", "synthetic"]
 QueuePolicy = Literal["drop_oldest", "block"]
+Acquisition = Literal["free-run", "triggered"]
+TriggerSource = Literal["mqtt", "camera"]
 LIVE_MAX_AGE_MS = 2000.0
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".ts", ".mjpg", ".mjpeg")
 
@@ -38,6 +40,11 @@ class SyntheticConfig(Section):
         list(DEFECT_KINDS), min_length=1, description=f"Defect kinds injected: any of {', '.join(DEFECT_KINDS)}."
     )
     ground_truth: Path | None = Field(None, description="JSONL file: one line per emitted part, defective or not.")
+    withhold_every: int = Field(
+        0,
+        ge=0,
+        description="Triggered cameras: no frame for every n-th trigger (missed triggers, for tests); 0 = never.",
+    )
 
     @field_validator("kinds")
     @classmethod
@@ -68,6 +75,19 @@ class CameraConfig(Section):
         "else folder (one that does not exist yet is waited for).",
     )
     fps: float = Field(5.0, gt=0, le=1000, description="Frames per second to take (opencv and synthetic).")
+    acquisition: Acquisition = Field(
+        "free-run",
+        description="free-run: frames at `fps`. triggered: one part per trigger, every frame the camera "
+        "delivers is a part (none discarded by rate), idle is 'waiting for trigger', not stalled.",
+    )
+    trigger: TriggerSource = Field(
+        "mqtt",
+        description="Triggered cameras: mqtt (the PLC publishes <prefix>/<line>/<camera>/trigger with the part id; "
+        "the next frame is bound to it) or camera (the camera triggers itself, e.g. a hardware line).",
+    )
+    trigger_timeout_ms: float = Field(
+        1000.0, gt=0, le=600_000, description="A trigger with no frame this long after it came is a missed trigger."
+    )
     queue_policy: QueuePolicy | None = Field(
         None, description="When the pipeline is full. None: drop_oldest for live streams, block for files/folders."
     )
@@ -107,6 +127,11 @@ class CameraConfig(Section):
             raise ValueError(
                 f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})"
             )
+        if self.acquisition == "triggered" and self.kind == "folder":
+            raise ValueError(
+                "acquisition: a folder camera is triggered by its files (each file is one part); remove "
+                "acquisition = 'triggered'"
+            )
         tuned = bool(self.synthetic.model_fields_set)  # an empty [cameras.synthetic] table is harmless
         if tuned and self.kind not in ("auto", "synthetic"):
             raise ValueError(
@@ -118,6 +143,11 @@ class CameraConfig(Section):
                 f"source is {self.source!r}: remove its [cameras.synthetic] table"
             )
         return self
+
+    @property
+    def mqtt_triggered(self) -> bool:
+        """Whether the PLC triggers this camera over MQTT (one frame per trigger, bound to its part id)."""
+        return self.acquisition == "triggered" and self.trigger == "mqtt"
 
     @property
     def is_synthetic_source(self) -> bool:

@@ -5,18 +5,24 @@ larger than the frame; each frame is a random crop and flip of one of them, and 
 from the shared generator (`synthetic.defects.make_part`, 1-3 ms). Frame n of a seed is the same
 part every run. The truth about each emitted part (defective, kind) goes to a JSONL file,
 never into the results, so detection rates can be measured against it.
+
+Triggered over MQTT, it renders one part per trigger, bound to the trigger's part id, as soon as the
+trigger comes. With `withhold_every = n` it delivers no frame for every n-th trigger, the way a camera
+with a trigger counter reports a trigger it skipped: that part is answered as a missed trigger at once.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import IO
 
 import numpy as np
 
-from agent.sources.base import Emit, FrameSource
+from agent.sources.base import TRIGGER_POLL_S, Emit, FrameSource
 from agent.sources.config import CameraConfig
+from agent.triggers import Trigger, TriggerQueue
 from synthetic.defects import make_part
 from synthetic.textures import instance_seed, render_texture
 
@@ -55,6 +61,28 @@ class SyntheticSource(FrameSource):
         return part.image, part.kind
 
     def _run(self) -> None:
+        self._prepare()
+        if self.triggers is not None:
+            self._run_triggered(self.triggers)
+            return
+        period = 1.0 / self.camera.fps
+        due = time.monotonic()
+        while not self._stopping.is_set():
+            self._make_part(self._next_seq())
+            due = max(due + period, time.monotonic() - period)  # behind by more than a frame: do not burst
+            if self._wait(due - time.monotonic()):
+                return
+
+    def _run_triggered(self, triggers: TriggerQueue) -> None:
+        """One part per trigger, in trigger order; every n-th withheld when `withhold_every` says so."""
+        every = self.settings.withhold_every
+        while not self._stopping.is_set():
+            self._answer_overdue()
+            trigger = triggers.next(TRIGGER_POLL_S)
+            if trigger is not None:
+                self._make_part(trigger.count, trigger, withheld=bool(every) and trigger.count % every == 0)
+
+    def _prepare(self) -> None:
         if not self._backgrounds:
             self._render_backgrounds()
         if self.settings.ground_truth is not None and self._truth is None:
@@ -62,27 +90,38 @@ class SyntheticSource(FrameSource):
             self._truth = self.settings.ground_truth.open("a", encoding="utf-8")
         self._set_state("running")
         self.backoff.reset()
-        period = 1.0 / self.camera.fps
-        due = time.monotonic()
-        while not self._stopping.is_set():
-            seq = self._next_seq()
-            image, kind = self.part(seq)
-            self._heartbeat()
-            frame = self._emit_frame(image, seq=seq)
-            if frame is not None and self._truth is not None:
-                record = {
-                    "camera": frame.camera,
-                    "seq": frame.seq,
-                    "part_id": frame.part_id,
-                    "defective": kind is not None,
-                    "type": kind,
-                    "captured_at": frame.captured_at.isoformat(),
-                }
-                self._truth.write(json.dumps(record) + "\n")
-                self._truth.flush()
-            due = max(due + period, time.monotonic() - period)  # behind by more than a frame: do not burst
-            if self._wait(due - time.monotonic()):
-                return
+
+    def _make_part(self, seq: int, trigger: Trigger | None = None, *, withheld: bool = False) -> None:
+        """Render part `seq`, emit it (bound to `trigger` when given; answered as missed when `withheld`)
+        and note the truth about it (a withheld part too: it is on the belt, only its picture is missing)."""
+        image, kind = self.part(seq)
+        self._heartbeat()
+        if trigger is not None and withheld:
+            assert self.triggers is not None
+            self.triggers.missed_one()
+            self._answer_missed(trigger, "missed trigger: the camera delivered no frame (withheld on purpose)")
+            self._note_truth(self.camera.id, seq, trigger.part_id, kind, datetime.now(UTC), withheld=True)
+            return
+        frame = self._emit_frame(image, trigger.part_id if trigger else None, seq, trigger=trigger)
+        if frame is not None:
+            self._note_truth(frame.camera, frame.seq, frame.part_id, kind, frame.captured_at)
+
+    def _note_truth(
+        self, camera: str, seq: int, part_id: str, kind: str | None, at: datetime, *, withheld: bool = False
+    ) -> None:
+        if self._truth is None:
+            return
+        record = {
+            "camera": camera,
+            "seq": seq,
+            "part_id": part_id,
+            "defective": kind is not None,
+            "type": kind,
+            "withheld": withheld,
+            "captured_at": at.isoformat(),
+        }
+        self._truth.write(json.dumps(record) + "\n")
+        self._truth.flush()
 
     def _cleanup(self) -> None:
         if self._truth is not None:
