@@ -30,7 +30,7 @@ def test_trigger_payloads_json_text_or_empty():
         (b'{"part_id": "a", "x": 1}', "malformed"),
         (b"{not json", "malformed"),
         (b"\xff\xfe", "malformed"),
-        ("P".encode() * 129, "bad_part_id"),
+        (b"P" * 129, "bad_part_id"),
         (b'{"part_id": "a\\u0007b"}', "bad_part_id"),
     ]:
         with pytest.raises(TriggerRefusedError) as caught:
