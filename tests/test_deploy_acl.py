@@ -250,6 +250,7 @@ def line_topics(line: str) -> dict[str, str]:
         "result": f"{base}/cam-1/result",
         "reject": f"{base}/cam-1/reject",
         "decision": f"{base}/cam-1/decision",
+        "trigger": f"{base}/cam-1/trigger",
         "response": f"{base}/cmd/response",
         "response-sub": f"{base}/cmd/response/alice",
         **{f"cmd-{name}": f"{base}/cmd/{name}" for name in COMMANDS},
@@ -267,8 +268,8 @@ def agent_writes(t: dict[str, str]) -> set[str]:
 MAY_PUBLISH: dict[str, set[str]] = {
     "genclip-line-1": agent_writes(T1),
     "genclip-line-2": agent_writes(T2),
-    "plc-line-1": set(),
-    "plc-line-2": set(),
+    "plc-line-1": {T1["trigger"]},
+    "plc-line-2": {T2["trigger"]},
     "genclip-dashboard": set(),
     "genclip-operator": {t[f"cmd-{name}"] for t in (T1, T2) for name in COMMANDS},
     "genclip-monitor": set(),
@@ -315,7 +316,9 @@ def test_who_reads_what(login: Callable[..., Client]) -> None:
         assert reader.subscribe("genclip/#") == [1]  # Mosquitto 2.0 grants, then filters each message
     agents = {"line-1": login("genclip-line-1"), "line-2": login("genclip-line-2")}
     operator = login("genclip-operator")
+    plcs = {"line-1": login("plc-line-1"), "line-2": login("plc-line-2")}
     for line, t in (("line-1", T1), ("line-2", T2)):
+        assert plcs[line].publish(t["trigger"], b"end") in ACCEPTED
         for kind in ("status", "heartbeat", "info", "result", "reject", "decision", "response", "response-sub"):
             assert agents[line].publish(t[kind]) in ACCEPTED, (line, kind)
         assert operator.publish(t["cmd-reload"], b"{}") in ACCEPTED
@@ -324,13 +327,20 @@ def test_who_reads_what(login: Callable[..., Client]) -> None:
         assert agents[t["status"].split("/")[1]].publish(t["status"], b"end") in ACCEPTED
         assert operator.publish(t["cmd-snapshot"], b"end") in ACCEPTED
     ends = {
-        "genclip-line-1": [T1["cmd-snapshot"]],
-        "genclip-line-2": [T2["cmd-snapshot"]],
+        "genclip-line-1": [T1["cmd-snapshot"], T1["trigger"]],
+        "genclip-line-2": [T2["cmd-snapshot"], T2["trigger"]],
         "plc-line-1": [T1["status"]],
         "plc-line-2": [T2["status"]],
         # Messages of different publishers have no order between them: the monitor also reads the
         # operator's commands, so it waits for the operator's last ones too.
-        "genclip-monitor": [T1["status"], T2["status"], T1["cmd-snapshot"], T2["cmd-snapshot"]],
+        "genclip-monitor": [
+            T1["status"],
+            T2["status"],
+            T1["cmd-snapshot"],
+            T2["cmd-snapshot"],
+            T1["trigger"],
+            T2["trigger"],
+        ],
     }
     for account, reader in readers.items():
         for topic in ends.get(account, [T1["status"], T2["status"]]):
@@ -341,8 +351,8 @@ def test_who_reads_what(login: Callable[..., Client]) -> None:
 
     expected = {
         # cmd/+ also matches cmd/response (the agent ignores it), not the cmd/response/... sub-tree
-        "genclip-line-1": reads(T1, "cmd-reload", "cmd-snapshot", "response"),
-        "genclip-line-2": reads(T2, "cmd-reload", "cmd-snapshot", "response"),
+        "genclip-line-1": reads(T1, "cmd-reload", "cmd-snapshot", "response", "trigger"),
+        "genclip-line-2": reads(T2, "cmd-reload", "cmd-snapshot", "response", "trigger"),
         "plc-line-1": reads(T1, "status", "heartbeat", "reject", "decision"),
         "plc-line-2": reads(T2, "status", "heartbeat", "reject", "decision"),
         "genclip-dashboard": reads(T1, "status", "heartbeat", "info", "result")
@@ -353,8 +363,8 @@ def test_who_reads_what(login: Callable[..., Client]) -> None:
         | reads(T2, "status", "heartbeat", "info", "result", "reject", "decision", "response")
         | reads(T1, "response-sub")
         | reads(T2, "response-sub")
-        | reads(T1, "cmd-reload", "cmd-snapshot")
-        | reads(T2, "cmd-reload", "cmd-snapshot"),
+        | reads(T1, "cmd-reload", "cmd-snapshot", "trigger")
+        | reads(T2, "cmd-reload", "cmd-snapshot", "trigger"),
     }
     for account, reader in readers.items():
         assert reader.topics() == expected[account], account

@@ -257,3 +257,86 @@ def test_no_picture_frames_keep_their_place_between_scored_ones():
         "missed trigger: y",
         "scored-2",
     ]
+
+
+# --- OpenCV cameras, triggered --------------------------------------------------------------------------------
+def opencv_camera(source: str, **keys: object) -> CameraConfig:
+    keys = {"stall_timeout_s": 2.0, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2, **keys}
+    return CameraConfig(id="cam", source=source, product_class="widget", acquisition="triggered", **keys)  # type: ignore[arg-type]
+
+
+def test_a_video_file_triggered_over_mqtt_gives_one_frame_per_trigger(video_file):
+    emit = Collector()
+    source = open_source(opencv_camera(str(video_file)), emit)
+    source.start()
+    try:
+        assert wait_until(lambda: source.status().state == "running", timeout=5)  # opened, waiting: healthy
+        time.sleep(1.2)
+        assert len(emit) == 0  # nothing is read without a trigger
+        assert source.status().detail == "waiting for trigger" and source.status().healthy
+        triggers = [source.accept_trigger(f"P-{n}") for n in range(1, 4)]
+        assert wait_until(lambda: len(emit) == 3, timeout=5)
+        time.sleep(0.3)
+        assert len(emit) == 3
+    finally:
+        stop_promptly(source)
+    frames = emit.snapshot()
+    assert [(f.part_id, f.seq) for f in frames] == [("P-1", 1), ("P-2", 2), ("P-3", 3)]
+    assert [round(float(f.image.mean()) / 20) for f in frames] == [0, 1, 2]  # the file's frames, in order
+    for frame, trigger in zip(frames, triggers, strict=True):
+        assert frame.trigger == trigger and frame.captured_mono >= trigger.received_mono
+        assert frame.decided_from == (trigger.received_at, trigger.received_mono)
+
+
+def test_a_self_triggered_camera_takes_every_frame_unpaced(video_file):
+    emit = Collector()
+    source = open_source(opencv_camera(str(video_file), trigger="camera", fps=1), emit)
+    source.start()
+    try:
+        assert wait_until(lambda: source.status().state == "ended", timeout=5)  # 12 frames at fps 1 would take 12 s
+    finally:
+        stop_promptly(source)
+    frames = emit.snapshot()
+    assert [f.seq for f in frames] == list(range(1, 13)) and all(f.trigger is None for f in frames)
+    with pytest.raises(TriggerRefusedError, match="triggers itself"):
+        source.accept_trigger("P-1")
+
+
+def test_a_stream_triggered_over_mqtt_binds_the_first_frame_after_each_trigger():
+    from tests.test_source_capture import MjpegCamera
+
+    stream = MjpegCamera()  # ~50 frames/s
+    emit = Collector()
+    source = open_source(opencv_camera(stream.url, trigger_timeout_ms=2000), emit)
+    source.start()
+    try:
+        assert wait_until(lambda: source.status().state == "running", timeout=10)
+        time.sleep(0.3)
+        assert len(emit) == 0  # the stream is drained, no frame is a part without a trigger
+        triggers = []
+        for n in range(1, 6):
+            triggers.append(source.accept_trigger(f"P-{n}"))
+            time.sleep(0.1)
+        assert wait_until(lambda: len(emit) == 5, timeout=5)
+        time.sleep(0.3)
+        assert len(emit) == 5 and source.status().state == "running"
+    finally:
+        stop_promptly(source)
+        stream.close()
+    frames = emit.snapshot()
+    assert [f.part_id for f in frames] == [f"P-{n}" for n in range(1, 6)]
+    for frame, trigger in zip(frames, triggers, strict=True):
+        assert 0 <= frame.captured_mono - trigger.received_mono < 1.0, frame.captured_mono - trigger.received_mono
+
+
+@pytest.fixture(scope="module")
+def video_file(tmp_path_factory: pytest.TempPathFactory):
+    """An MJPG .avi of 12 frames; frame i is grey level 20 * i."""
+    import cv2
+
+    path = tmp_path_factory.mktemp("video") / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    for i in range(12):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    return path

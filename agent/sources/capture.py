@@ -57,6 +57,8 @@ class OpenCvSource(FrameSource):
             first = self.status().state == "starting"
             self._set_state("starting" if first else "reconnecting", f"opening {self.camera.source}")
             capture = self._open()
+            if self.camera.acquisition == "triggered":
+                self._set_state("running")  # opened: it may deliver nothing until the first trigger
             try:
                 outcome = self._capture(capture)
             finally:
