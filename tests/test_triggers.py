@@ -267,11 +267,11 @@ def opencv_camera(source: str, **keys: object) -> CameraConfig:
 
 def test_a_video_file_triggered_over_mqtt_gives_one_frame_per_trigger(video_file):
     emit = Collector()
-    source = open_source(opencv_camera(str(video_file)), emit)
+    source = open_source(opencv_camera(str(video_file), stall_timeout_s=0.5), emit)
     source.start()
     try:
         assert wait_until(lambda: source.status().state == "running", timeout=5)  # opened, waiting: healthy
-        time.sleep(1.2)
+        time.sleep(1.2)  # longer than stall_timeout_s: waiting for a trigger is not a stall
         assert len(emit) == 0  # nothing is read without a trigger
         assert source.status().detail == "waiting for trigger" and source.status().healthy
         triggers = [source.accept_trigger(f"P-{n}") for n in range(1, 4)]

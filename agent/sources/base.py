@@ -142,12 +142,19 @@ class FrameSource(ABC):
         with self._lock:
             state, detail = self._state, self._detail
             quiet = time.monotonic() - self._heartbeat_at
-            watched = self.watch_stalls and not self.self_triggered
+            watched = self.watch_stalls and self._delivers_unasked
             if watched and state == "running" and not self._emitting and quiet > self.camera.stall_timeout_s:
                 state, detail = "stalled", f"no frame for {quiet:.1f} s"
             elif self.camera.acquisition == "triggered" and state == "running" and quiet > WAITING_AFTER_S:
                 detail = detail or "waiting for trigger"
             return SourceStatus(self.camera.id, state, detail, self._frames, self._errors, self._last_frame_at)
+
+    @property
+    def _delivers_unasked(self) -> bool:
+        """Frames come without a trigger: free-run, or a live stream the agent drains between MQTT triggers."""
+        if self.camera.acquisition == "free-run":
+            return True
+        return self.triggers is not None and self.camera.is_live
 
     @property
     def self_triggered(self) -> bool:
