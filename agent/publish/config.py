@@ -78,6 +78,13 @@ class MqttConfig(SecretSection):
     decision_window_ms: int = Field(
         2000, ge=1, le=3_600_000, description="How long a PLC waits for a decision; rejects expire after it."
     )
+    send_margin_ms: int = Field(
+        20,
+        ge=0,
+        le=60_000,
+        description="A reject or decision with less than this left to its deadline is not sent (counted as expired): "
+        "the time it needs to reach the PLC.",
+    )
     client_id: str | None = Field(None, description="Default: genclip-<line id>.")
     keepalive_s: int = Field(30, ge=5, le=3600)
     reconnect_min_s: float = Field(1.0, gt=0, le=3600, description="First delay before reconnecting.")

@@ -15,8 +15,9 @@ the front of its lane in its original order (QoS 1 allows the duplicate, not the
 after a reconnect the held rejects and decisions are sent first, still in capture order, then
 the held results. Messages with a deadline (rejects, decisions) expire in the broker
 (MessageExpiryInterval): the interval is the time left rounded DOWN to whole seconds, 1 s with
-under a second left (the shortest MQTT has), and one past its deadline is not sent at all and
-is counted as expired (`signal_expiry`): the PLC rejects on silence past the deadline.
+under a second left (the shortest MQTT has), and one with less than `[mqtt].send_margin_ms` left
+(the time it needs to reach the PLC) is not sent at all and is counted as expired
+(`signal_expiry`): the PLC rejects on silence past the deadline.
 Messages that are not held across a disconnect (status, info, heartbeat, QoS 0 results) are
 dropped with it; the status (`online` unless one was given to `retain`) and the retained
 messages lead every new connection instead.
@@ -364,7 +365,7 @@ class MqttLink:
         props = Properties(PacketTypes.PUBLISH)
         if msg.deadline is not None:
             left = msg.deadline - time.monotonic()
-            expiry = signal_expiry(left)
+            expiry = signal_expiry(left - self.config.send_margin_ms / 1000.0)
             if expiry is None:
                 self.stats.count(msg.kind, "expired")
                 log.warning(
