@@ -108,6 +108,48 @@ def test_twenty_parts_a_second_each_trigger_one_decision_in_order_before_its_dea
     assert_identity(service)
 
 
+def test_flooded_paused_and_stale_triggered_parts_every_trigger_decided_none_unsafe_passed(
+    tmp_path: Path, mosquitto: MosquittoServer, redis_server: RedisServer
+) -> None:
+    """A slow engine (0.3 s a batch), a queue of 2, frames stale after 400 ms, the camera paused for a while:
+    every accepted trigger still gets one decision (inspected, or ERROR with the reason) and the PLC rule
+    lets no uninspected or silent part through."""
+    line, window_ms, parts = "plc-flood", 4000, 120
+    truth = tmp_path / "cam-1-truth.jsonl"
+    camera = {**triggered("cam-1", 5, truth), "queue_size": 2, "max_age_ms": 400}
+    cfg = fault_config(mosquitto.port, redis_server.url, line, [camera], mqtt={"decision_window_ms": window_ms})
+    watcher = Subscriber(mosquitto.port, [f"genclip/{line}/cam-1/decision"], f"watch-{line}", persistent=False)
+    service = InspectionService(cfg)
+    plc = plc_for(mosquitto.port, line, window_ms)
+    try:
+        service.start()
+        assert service.worker.engine is not None
+        service.worker.engine.fault_hook = lambda n: time.sleep(0.3)
+        conveyor = plc.conveyor("cam-1", RATE, parts, id_prefix="F-").start()
+        time.sleep(2.0)
+        service.batcher.set_paused("cam-1", True)
+        time.sleep(1.0)
+        service.batcher.set_paused("cam-1", False)
+        conveyor.join(30)
+        assert plc.wait_settled(window_ms / 1000.0 + 15)
+    finally:
+        plc.stop()
+        service.shutdown()
+    time.sleep(0.3)
+    watcher.close()
+    report = plc.report(read_truth(truth))
+    print("\n" + "\n".join(report.summary_lines()))
+    decisions = watcher.of("/decision")
+    assert Counter(d["part_id"] for d in decisions) == Counter(f"F-{n:06d}" for n in range(1, parts + 1))
+    reasons = Counter(d["error"].removeprefix("not inspected: ") for d in decisions if d["verdict"] == "ERROR")
+    print(f"ERROR answers by reason: {dict(reasons)}")
+    assert {"queue_full", "paused"} <= set(reasons), reasons
+    assert report.parts == parts and report.late == 0 and report.rejected_silence == 0
+    assert report.rejected_error == sum(reasons.values())
+    assert_nothing_unsafe_passed(report, read_truth(truth))
+    assert_identity(service)
+
+
 def test_broker_killed_under_a_triggered_line_no_decision_arrives_after_its_deadline(
     tmp_path: Path, fresh_mosquitto: MosquittoServer, redis_server: RedisServer
 ) -> None:
