@@ -34,8 +34,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The whole loop: two synthetic cameras -> genclip run -> stand-in PLC (MQTT) and dashboard (Redis);
-# prompts trained midway and hot-reloaded; a summary with precision/recall and latency. ~4 min on 2 cores.
+# The whole loop: a stand-in PLC (synthetic/plc.py) triggers two synthetic cameras over MQTT -> genclip run ->
+# decisions and rejects back to the PLC's reject station, results to a dashboard (Redis); prompts trained midway
+# and hot-reloaded; a summary with the PLC's view, precision/recall and latency. ~3 min on 2 cores.
 DEMO_ARGS ?=
 demo: setup
 	$(VENV)/bin/genclip config check --config config.toml

@@ -1,15 +1,17 @@
 """The whole loop on one machine, as `make demo` runs it.
 
-Two synthetic cameras (two product classes, parts with known injected defects) feed
-`genclip run`; a stand-in PLC subscribes to the rejects and decisions on MQTT and a stand-in
-dashboard reads the Redis stream. Midway, `genclip train` learns prompts on synthetic defects
-and publishes them into the folder the agent watches: the agent reloads them without a
-restart. At the end the rejects are checked against the cameras' ground truth.
+Two synthetic cameras (two product classes, parts with known injected defects) are triggered
+over MQTT by the PLC stand-in of synthetic/plc.py: a conveyor per camera triggers one part per
+tick with the PLC's own part id, and the PLC's reject station, `[mqtt].decision_window_ms`
+downstream, rejects a part on NG, ERROR or silence. `genclip run` answers every trigger; a
+stand-in dashboard reads the Redis stream. Midway, `genclip train` learns prompts on synthetic
+defects and publishes them into the folder the agent watches: the agent reloads them without a
+restart. At the end the station's outcomes are checked against the cameras' ground truth.
 
 The demo model (`genclip-tiny`) has random weights: the figures show that the loop works and
 that prompts learn, not how well GenCLIP inspects. Real CLIP weights: docs/deploy.md.
 
-    python deploy/demo.py [--before 30] [--after 60] [--epochs 8] [--work .run/demo]
+    python deploy/demo.py [--before 30] [--after 60] [--epochs 6] [--rate 2] [--work .run/demo]
 
 Exit 0 when every check in the summary passed. Brokers must be up (`make services-up`).
 """
@@ -28,6 +30,7 @@ import threading
 import time
 import tomllib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,17 +41,41 @@ import paho.mqtt.client as mqtt
 import redis
 import tomli_w
 
+from synthetic.plc import Conveyor, Plc, PlcConfig, PlcReport, Rule
+
 REPO = Path(__file__).resolve().parents[1]
 LINE = "demo"
-CLASSES = {"cam-1": ("widget", "metal", 1), "cam-2": ("tile", "tiles", 2)}  # camera: class, texture, seed
+
+
+@dataclass(frozen=True)
+class DemoCamera:
+    """One synthetic camera of the demo line and the conveyor the PLC triggers it from."""
+
+    product: str
+    texture: str
+    seed: int
+    id_prefix: str  # the PLC's part ids: W-000001, W-000002, ... (unique over the whole run)
+    withhold_every: int = 0  # every n-th trigger gets no frame: a missed trigger, answered ERROR
+
+
+CLASSES = {
+    "cam-1": DemoCamera("widget", "metal", 1, "W-"),
+    "cam-2": DemoCamera("tile", "tiles", 2, "T-", withhold_every=20),
+}
 RECALL_FLOOR = 0.3
 """Share of defective parts rejected after the reload that the demo requires (see the summary)."""
-FPS = 4
+RATE = 2.0
+"""Parts per second each conveyor triggers: what the agent answers within 2 s on 2 cores while training runs
+(at 4 per camera its queues back up and the late answers leave parts to the silence rule)."""
+MAX_RUN_S = 3600  # a conveyor stops by itself after this long (the demo stops it long before)
+ANSWER_WAIT_S = 20.0  # after the conveyors stop: how long the last parts may wait for their answers
+SETTLE_WAIT_S = 3.0  # then how long the station waits for parts still on the belt before running it out
 DEFECT_RATE = 0.3
 REFERENCES = 40  # good parts per class for calibration
 TRAIN_GOODS = 60  # good parts per class that training data is synthesised from
 KINDS = ("hole", "stain", "missing part")
 """Defects the cameras inject and training synthesises: ones a random-weight backbone can learn to see."""
+INSPECTING = ("online", "degraded")  # the agent's status words while it answers triggers
 
 
 def genclip() -> str:
@@ -104,32 +131,31 @@ def cameras(work: Path) -> list[dict[str, Any]]:
     return [
         {
             "id": cam,
-            "source": f"synthetic:{product}",
-            "product_class": product,
-            "fps": FPS,
+            "source": f"synthetic:{c.product}",
+            "product_class": c.product,
+            "acquisition": "triggered",
+            "trigger": "mqtt",
             "synthetic": {
-                "texture": texture,
-                "seed": seed,
+                "texture": c.texture,
+                "seed": c.seed,
                 "defect_rate": DEFECT_RATE,
                 "kinds": list(KINDS),
                 "ground_truth": str(work / f"{cam}-truth.jsonl"),
+                "withhold_every": c.withhold_every,
             },
         }
-        for cam, (product, texture, seed) in CLASSES.items()
+        for cam, c in CLASSES.items()
     ]
 
 
-def write_config(
-    base: Path, work: Path, references: dict[str, str], quantile: float, window_ms: int | None = None
-) -> Path:
+def write_config(base: Path, work: Path, references: dict[str, str], quantile: float, window_ms: int) -> Path:
     """The demo line's config: the shipped config.toml with two synthetic cameras and references."""
     config = tomllib.loads(base.read_text())
     config["line"] = {"id": LINE, "name": "Demo line (synthetic cameras, random-weight model)"}
     config["model"].update(profile_dir=str(work / "profiles"), calibration_quantile=quantile)
     config["cameras"] = cameras(work)
     config["references"] = references
-    if window_ms is not None:
-        config["mqtt"]["decision_window_ms"] = window_ms
+    config["mqtt"]["decision_window_ms"] = window_ms
     config["thresholds"] = {}
     config["agent"].update(prompt_dir=str(work / "prompts"), health_port=0)
     config["trainer"].update(out_dir=str(work / "runs"))
@@ -143,39 +169,40 @@ def write_config(
 
 
 @dataclass
-class Plc:
-    """Stand-in PLC: subscribes to rejects and decisions (QoS 1), notes when each arrived."""
+class LineMonitor:
+    """What the demo watches on MQTT besides the PLC stand-in (QoS 1): the agent's info (the prompt version) and
+    status, and every decision and reject as it arrives, in time or not (the PLC keeps those that decide a part)."""
 
     host: str
     port: int
     prefix: str
     rejects: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
-    decisions: int = 0
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (camera, part id): decisions received
     infos: list[dict[str, Any]] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)
     since: float = field(default_factory=time.time)
 
     def start(self) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "demo-plc", protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "demo-monitor", protocol=mqtt.MQTTv5)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.connect(self.host, self.port)
         self.client.loop_start()
 
-    def _on_connect(self, client, userdata, flags, reason, properties) -> None:
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         base = f"{self.prefix}/{LINE}"
         client.subscribe(
             [(f"{base}/+/reject", 1), (f"{base}/+/decision", 1), (f"{base}/status", 1), (f"{base}/info", 1)]
         )
 
-    def _on_message(self, client, userdata, msg) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         now = time.time()
         if not msg.payload:
             return
         if msg.topic.endswith("/reject"):
             self.rejects.append((now, json.loads(msg.payload)))
         elif msg.topic.endswith("/decision"):
-            self.decisions += 1
+            self.decisions[(msg.topic.split("/")[-2], json.loads(msg.payload)["part_id"])] += 1
         elif msg.topic.endswith("/info"):
             info = json.loads(msg.payload)
             if parse_time(info["started_at"]) >= self.since:  # not a retained one from an earlier run
@@ -185,6 +212,10 @@ class Plc:
 
     def prompt_version(self) -> str | None:
         return self.infos[-1]["model"]["prompt_version"] if self.infos else None
+
+    def inspecting(self) -> bool:
+        """The agent takes triggers: this run's info came and the status says it inspects."""
+        return self.prompt_version() is not None and bool(self.statuses) and self.statuses[-1] in INSPECTING
 
     def clear_retained(self) -> None:
         """Forget a previous demo run's retained status and info."""
@@ -207,10 +238,10 @@ class Dashboard(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
-        last = "0-0"
+        last: str | bytes = "0-0"
         while not self._done.is_set():
             try:
-                reply = self.client.xread({self.stream: last}, block=500, count=500)
+                reply: Any = self.client.xread({self.stream: last}, block=500, count=500)
             except redis.RedisError:
                 time.sleep(0.5)
                 continue
@@ -280,12 +311,15 @@ def stopped_event(log: Path) -> dict[str, Any] | None:
 def phase_table(
     truth: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]], rejected: set[str]
 ) -> list[dict[str, Any]]:
-    """Precision and recall of the rejects per prompt version, in the order the versions ran."""
+    """Precision and recall of the rejects per prompt version, in the order the versions ran.
+
+    Parts a camera withheld (missed triggers) were inspected by no prompts: they are left out.
+    """
     phases: dict[str, Counter] = {}
     kinds: dict[str, Counter] = {}
     for part_id, result in results.items():
         gt = truth.get(part_id)
-        if gt is None:
+        if gt is None or gt.get("withheld"):
             continue
         version = result["model"]["prompt_version"]
         c = phases.setdefault(version, Counter())
@@ -316,6 +350,22 @@ def phase_table(
     return rows
 
 
+def decision_checks(report: PlcReport, monitor: LineMonitor, truth: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """The PLC's view: one decision per triggered part, no uninspected part passed, missed triggers rejected."""
+    decided = [(monitor.decisions[(r.camera, r.part_id)], r.rule) for r in report.records]
+    once = report.parts == report.triggers and all(n == 1 or (n == 0 and rule is Rule.SILENCE) for n, rule in decided)
+    withheld = [pid for pid, t in truth.items() if t.get("withheld")]
+    rules = {r.part_id: r.rule for r in report.records}
+    missed_ok = sum(rules.get(pid) is Rule.ERROR for pid in withheld)
+    return {
+        "every triggered part got exactly one decision or was rejected by silence": once,
+        "no uninspected (ERROR or silent) part passed": report.uninspected_passed == 0,
+        f"missed triggers answered ERROR ({missed_ok} of {len(withheld)} withheld parts rejected by rule ERROR)": (
+            bool(withheld) and missed_ok == len(withheld)
+        ),
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -329,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=120, help="training images per class")
     parser.add_argument("--quantile", type=float, default=0.95, help="calibration quantile of the good parts")
     parser.add_argument("--recall-floor", type=float, default=RECALL_FLOOR)
+    parser.add_argument("--rate", type=float, default=RATE, help="parts per second the PLC triggers per camera")
     parser.add_argument(
-        "--decision-window-ms", type=int, help="how long the PLC waits; default [mqtt].decision_window_ms (2000)"
+        "--decision-window-ms",
+        type=int,
+        help="how long the PLC waits (its reject station's delay); default [mqtt].decision_window_ms (2000)",
     )
     args = parser.parse_args(argv)
 
@@ -341,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     mq, prefix = base.get("mqtt", {}), base.get("mqtt", {}).get("topic_prefix", "genclip")
     host, port = mq.get("host", "127.0.0.1"), int(mq.get("port", 1883))
     redis_url = base.get("redis", {}).get("url", "redis://127.0.0.1:6379/0")
+    window_ms = args.decision_window_ms or int(mq.get("decision_window_ms", 2000))
 
     say("GenCLIP Inspect demo: the model is genclip-tiny with RANDOM weights (no pretrained CLIP can be")
     say("downloaded here). Scores show the loop works and prompts learn; for real inspection put CLIP")
@@ -348,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = redis.Redis.from_url(redis_url)
         store.ping()
-        plc = Plc(host, port, prefix)
+        monitor = LineMonitor(host, port, prefix)
+        monitor.start()
+        plc = Plc(PlcConfig(host=host, port=port, topic_prefix=prefix, line=LINE, reject_delay_s=window_ms / 1000))
         plc.start()
     except (OSError, redis.RedisError) as exc:
         say(f"cannot reach the brokers ({exc}); start them with: make services-up")
@@ -356,10 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     stream = f"genclip:{LINE}:results"
     for key in store.scan_iter(f"genclip:{LINE}:*"):
         store.delete(key)
-    plc.clear_retained()
+    monitor.clear_retained()
 
     data, references = make_data(work, cameras(work), args.images)
-    config = write_config(args.config, work, references, args.quantile, args.decision_window_ms)
+    config = write_config(args.config, work, references, args.quantile, window_ms)
     say(f"config: {config}  (genclip config show --config {config})")
     dashboard = Dashboard(redis.Redis.from_url(redis_url), stream)
     dashboard.start()
@@ -370,23 +426,27 @@ def main(argv: list[str] | None = None) -> int:
     agent = subprocess.Popen(
         [genclip(), "run", "--config", str(config)], stdout=agent_log, stderr=subprocess.STDOUT, env=env
     )
+    line = Line(plc, monitor, dashboard)
     checks: dict[str, bool] = {}
     train_proc: subprocess.Popen | None = None
+    first_version: str | None = None
     try:
         deadline = time.monotonic() + 180
-        while plc.prompt_version() is None and agent.poll() is None and time.monotonic() < deadline:
+        while not monitor.inspecting() and agent.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        if plc.prompt_version() is None:
+        first_version = monitor.prompt_version()
+        if first_version is None or not monitor.inspecting():
             say(f"the agent did not come up; its log: {work / 'agent.log'}")
             return 1
-        first_version = plc.prompt_version()
         say(f"agent online, prompts '{first_version}'. Watch it live in another terminal:")
         print(
-            f"    mosquitto_sub -h {host} -p {port} -V mqttv5 -v"
+            f"    mosquitto_sub -h {host} -p {port} -V mqttv5 -v -t '{prefix}/{LINE}/+/trigger'"
             f" -t '{prefix}/{LINE}/+/reject' -t '{prefix}/{LINE}/status'"
         )
         print(f"    redis-cli -u {redis_url} XREVRANGE {stream} + - COUNT 3")
-        progress(args.before, plc, dashboard)
+        line.start_conveyors(args.rate)
+        say(f"the PLC triggers {args.rate:g} parts/s per camera; its reject station is {window_ms} ms downstream")
+        line.progress(args.before)
 
         say(f"training prompts on synthetic defects ({args.epochs} epochs), publishing into {work / 'prompts'}")
         train_log = (work / "train.log").open("w")
@@ -397,21 +457,23 @@ def main(argv: list[str] | None = None) -> int:
         train_proc = subprocess.Popen(
             train_cmd, stdout=train_log, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"}
         )
-        while train_proc.poll() is None:
-            progress(15, plc, dashboard, until=lambda: train_proc.poll() is not None)
+        proc = train_proc
+        while proc.poll() is None:
+            line.progress(15, until=lambda: proc.poll() is not None)
         checks["training finished"] = train_proc.returncode == 0
         if train_proc.returncode != 0:
             say(f"training failed; its log: {work / 'train.log'}")
         else:
             deadline = time.monotonic() + 180  # validation and recalibration on a busy machine
-            while plc.prompt_version() == first_version and time.monotonic() < deadline:
+            while monitor.prompt_version() == first_version and time.monotonic() < deadline:
                 time.sleep(0.2)
-            checks["prompts hot-reloaded (no restart)"] = plc.prompt_version() != first_version
-            say(f"prompts reloaded: '{first_version}' -> '{plc.prompt_version()}'")
-            progress(args.after, plc, dashboard)
+            checks["prompts hot-reloaded (no restart)"] = monitor.prompt_version() != first_version
+            say(f"prompts reloaded: '{first_version}' -> '{monitor.prompt_version()}'")
+            line.progress(args.after)
     finally:
         if train_proc is not None and train_proc.poll() is None:
             train_proc.terminate()
+        line.stop_conveyors()
         say("stopping the agent (SIGTERM)")
         agent.send_signal(signal.SIGTERM)
         try:
@@ -419,100 +481,179 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             agent.kill()
             agent.wait()
-        time.sleep(1.0)  # the last rejects and stream entries in flight to the stand-ins
+        time.sleep(1.0)  # the last answers and stream entries in flight to the stand-ins
+        run_out = line.settle(window_ms / 1000)
         dashboard.stop()
+        monitor.stop()
         plc.stop()
     checks["agent stopped cleanly"] = agent.returncode == 0
-    return summarize(work, plc, dashboard, first_version, checks, args.recall_floor, (host, port, prefix, redis_url))
+    summary = Summary(work, line, run_out, window_ms, args.recall_floor, (host, port, prefix, redis_url))
+    return summary.print(first_version or "", checks)
 
 
-def progress(seconds: float, plc: Plc, dashboard: Dashboard, until=lambda: False) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end and not until():
-        time.sleep(min(1.0, max(0.0, end - time.monotonic())))
-    say(f"{dashboard.entries} results, {len(plc.rejects)} rejects so far, prompts '{plc.prompt_version()}'")
+@dataclass
+class Line:
+    """The demo line while it runs: the PLC stand-in and its conveyors, the MQTT monitor, the dashboard."""
 
+    plc: Plc
+    monitor: LineMonitor
+    dashboard: Dashboard
+    conveyors: list[Conveyor] = field(default_factory=list)
 
-def summarize(
-    work: Path,
-    plc: Plc,
-    dashboard: Dashboard,
-    first_version: str,
-    checks: dict[str, bool],
-    floor: float,
-    where: tuple[str, int, str, str],
-) -> int:
-    truth = read_truth(work)
-    results = dashboard.results
-    rejected = {payload["part_id"] for _, payload in plc.rejects}
-    duplicates = len(plc.rejects) - len(rejected)
-    ng = {pid for pid, r in results.items() if r["verdict"] in ("NG", "ERROR")}
-    latencies = [1000 * (t - parse_time(p["captured_at"])) for t, p in plc.rejects]
-    stopped = stopped_event(work / "agent.log") or {}
-    frames = stopped.get("frames", {})
+    def start_conveyors(self, rate: float) -> None:
+        """A conveyor per camera: `rate` parts a second, part ids unique over the run (W-000001, T-000001, ...)."""
+        for cam, c in CLASSES.items():
+            conveyor = self.plc.conveyor(cam, rate, int(rate * MAX_RUN_S), id_prefix=c.id_prefix)
+            self.conveyors.append(conveyor.start())
 
-    print()
-    print("=" * 78)
-    print("GenCLIP Inspect demo: summary (model: genclip-tiny, RANDOM weights)")
-    print("=" * 78)
-    print(f"parts made by the cameras    {len(truth)}  ({sum(t['defective'] for t in truth.values())} with a defect)")
-    print(f"results on the Redis stream  {dashboard.entries}  ({len(results)} parts)")
-    print(
-        f"rejects received by the PLC  {len(plc.rejects)}  ({len(rejected)} parts, {duplicates} duplicate deliveries)"
-    )
-    print(f"decisions received           {plc.decisions}")
-    late = len(expired_rejects(work / "agent.log"))
-    print(f"rejects withheld (late)      {late}  (past the PLC's deadline: counted, not sent)")
-    if latencies:
-        print(
-            f"capture -> reject latency    p50 {percentile(latencies, 50):.0f} ms, "
-            f"p99 {percentile(latencies, 99):.0f} ms, "
-            f"max {max(latencies):.0f} ms (mean {statistics.fmean(latencies):.0f} ms)"
+    def triggered(self) -> int:
+        return sum(len(c.trigger_times) for c in self.conveyors)
+
+    def progress(self, seconds: float, until: Callable[[], bool] = lambda: False) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not until():
+            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+        say(
+            f"{self.triggered()} parts triggered, {len(self.monitor.decisions)} decided, "
+            f"{len(self.monitor.rejects)} rejects, {self.dashboard.entries} results on the stream, "
+            f"prompts '{self.monitor.prompt_version()}'"
         )
-    if frames:
-        dropped = frames.get("dropped", {})
-        print(
-            f"frames                       accepted {frames['accepted']} = published {frames['published']} + dropped "
-            f"{sum(dropped.values())} {dropped or ''} + expired {frames['expired']} + in flight {frames['in_flight']}"
-        )
-    print()
-    print(f"{'prompts':<28}{'parts':>7}{'defective':>11}{'rejected':>10}{'precision':>11}{'recall':>8}")
-    rows = phase_table(truth, results, rejected)
-    for row in rows:
-        print(
-            f"{row['version']:<28}{row['parts']:>7}{row['defective']:>11}{row['rejected']:>10}"
-            f"{row['precision']:>11.2f}{row['recall']:>8.2f}"
-        )
-        kinds = ", ".join(f"{k} {hit}/{n}" for k, (hit, n) in sorted(row["by_kind"].items()))
-        print(f"{'':<28}rejected by kind: {kinds}")
-    after = [r for r in rows if r["version"] != first_version]
-    print()
 
-    checks["results published"] = dashboard.entries > 0
-    checks["rejects reached the PLC"] = len(plc.rejects) > 0
-    expired = expired_rejects(work / "agent.log")
-    checks["every NG/ERROR result reached the PLC as a reject, or expired and was counted"] = ng <= rejected | expired
-    if frames:
+    def stop_conveyors(self) -> None:
+        """The PLC stops the belt; the agent gets a while to answer the last parts triggered."""
+        for conveyor in self.conveyors:
+            conveyor.stop()
+        say(f"conveyors stopped after {self.triggered()} parts; waiting for the last answers")
+        deadline = time.monotonic() + ANSWER_WAIT_S
+        while len(self.monitor.decisions) < self.triggered() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def settle(self, delay_s: float) -> int:
+        """Let the reject station take the parts still on the belt; the number run out without waiting.
+
+        Called after the agent stopped, when no answer can come any more: the parts due soon are waited
+        for, the rest are decided at once on what arrived, as the station would at their time.
+        """
+        if self.plc.wait_settled(min(delay_s, SETTLE_WAIT_S)):
+            return 0
+        return len(self.plc.run_out())
+
+
+@dataclass
+class Summary:
+    """The demo's closing report: the agent's figures, the PLC's view, precision/recall per prompt version, checks."""
+
+    work: Path
+    line: Line
+    run_out: int  # parts the station decided at the end without waiting out their delay
+    window_ms: int
+    floor: float
+    where: tuple[str, int, str, str]
+
+    def print(self, first_version: str, checks: dict[str, bool]) -> int:
+        truth = read_truth(self.work)
+        report = self.line.plc.report({pid: bool(t["defective"]) for pid, t in truth.items()})
+        stopped = stopped_event(self.work / "agent.log") or {}
+        print()
+        print("=" * 78)
+        print("GenCLIP Inspect demo: summary (model: genclip-tiny, RANDOM weights)")
+        print("=" * 78)
+        self.agent_view(truth, stopped.get("frames", {}))
+        print()
+        self.plc_view(report)
+        print()
+        rows = self.phases(truth)
+        checks.update(self.agent_checks(stopped.get("frames", {}), int(stopped.get("answered", 0))))
+        checks.update(decision_checks(report, self.line.monitor, truth))
+        after = [r for r in rows if r["version"] != first_version]
+        if after:
+            recall = after[-1]["recall"]
+            checks[f"recall after the reload >= {self.floor:.2f} (got {recall:.2f})"] = recall >= self.floor
+        for name, ok in checks.items():
+            print(f"  [{'ok' if ok else 'FAILED'}] {name}")
+        self.footer()
+        ok = all(checks.values())
+        print(f"demo {'passed' if ok else 'FAILED'}")
+        return 0 if ok else 1
+
+    def agent_view(self, truth: dict[str, dict[str, Any]], frames: dict[str, Any]) -> None:
+        monitor, dashboard = self.line.monitor, self.line.dashboard
+        rejected = {payload["part_id"] for _, payload in monitor.rejects}
+        withheld = sum(bool(t.get("withheld")) for t in truth.values())
+        defective = sum(t["defective"] for t in truth.values())
+        print(f"parts the cameras saw         {len(truth)}  ({defective} with a defect, {withheld} withheld)")
+        print(f"results on the Redis stream   {dashboard.entries}  ({len(dashboard.results)} parts)")
+        print(
+            f"rejects on MQTT               {len(monitor.rejects)}  ({len(rejected)} parts, "
+            f"{len(monitor.rejects) - len(rejected)} duplicate deliveries)"
+        )
+        print(f"rejects withheld (late)       {len(expired_rejects(self.work / 'agent.log'))}  (past the deadline)")
+        latencies = [1000 * (t - parse_time(p["captured_at"])) for t, p in monitor.rejects]
+        if latencies:
+            print(
+                f"capture -> reject latency     p50 {percentile(latencies, 50):.0f} ms, "
+                f"p99 {percentile(latencies, 99):.0f} ms, "
+                f"max {max(latencies):.0f} ms (mean {statistics.fmean(latencies):.0f} ms)"
+            )
+        if frames:
+            dropped = frames.get("dropped", {})
+            print(
+                f"frames                        accepted {frames['accepted']} = published {frames['published']} + "
+                f"dropped {sum(dropped.values())} {dropped or ''} + expired {frames['expired']} + "
+                f"in flight {frames['in_flight']}"
+            )
+
+    def plc_view(self, report: PlcReport) -> None:
+        decisions = self.line.monitor.decisions
+        print(f"PLC stand-in (synthetic/plc.py): reject station {self.window_ms} ms after the trigger")
+        print(f"  decisions received: {sum(decisions.values())} for {len(decisions)} parts")
+        for text in report.summary_lines():
+            print(f"  {text}")
+        if self.run_out:
+            print(f"  {self.run_out} parts run out at the end: decided on what had arrived once the agent had stopped")
+
+    def phases(self, truth: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        rejected = {payload["part_id"] for _, payload in self.line.monitor.rejects}
+        rows = phase_table(truth, self.line.dashboard.results, rejected)
+        print(f"{'prompts':<28}{'parts':>7}{'defective':>11}{'rejected':>10}{'precision':>11}{'recall':>8}")
+        for row in rows:
+            print(
+                f"{row['version']:<28}{row['parts']:>7}{row['defective']:>11}{row['rejected']:>10}"
+                f"{row['precision']:>11.2f}{row['recall']:>8.2f}"
+            )
+            kinds = ", ".join(f"{k} {hit}/{n}" for k, (hit, n) in sorted(row["by_kind"].items()))
+            print(f"{'':<28}rejected by kind: {kinds}")
+        print()
+        return rows
+
+    def agent_checks(self, frames: dict[str, Any], answered: int) -> dict[str, bool]:
+        monitor, dashboard = self.line.monitor, self.line.dashboard
+        rejected = {payload["part_id"] for _, payload in monitor.rejects}
+        ng = {pid for pid, r in dashboard.results.items() if r["verdict"] in ("NG", "ERROR")}
+        expired = expired_rejects(self.work / "agent.log")
+        checks = {
+            "results published": dashboard.entries > 0,
+            "rejects reached the PLC": bool(monitor.rejects),
+            "every NG/ERROR result reached the PLC as a reject, or expired and was counted": ng <= rejected | expired,
+        }
+        if not frames:
+            return {**checks, "the agent logged its final accounting": False}
         identity = frames["accepted"] == frames["published"] + sum(frames["dropped"].values()) + frames["expired"]
         checks["accounting identity holds, nothing in flight"] = identity and frames["in_flight"] == 0
-        checks["every published result is on the stream"] = frames["published"] == dashboard.entries
-    else:
-        checks["the agent logged its final accounting"] = False
-    if after:
-        checks[f"recall after the reload >= {floor:.2f} (got {after[-1]['recall']:.2f})"] = after[-1]["recall"] >= floor
-    for name, ok in checks.items():
-        print(f"  [{'ok' if ok else 'FAILED'}] {name}")
-    host, port, prefix, redis_url = where
-    print()
-    print("Watch a line live (while `genclip run` is running):")
-    print(f"  mosquitto_sub -h {host} -p {port} -V mqttv5 -v -t '{prefix}/{LINE}/#'")
-    print(f"  redis-cli -u {redis_url} XREAD BLOCK 0 STREAMS genclip:{LINE}:results '$'")
-    print(f"Files: {work} (agent.log, train.log, demo.toml, *-truth.jsonl, runs/demo/)")
-    print("The scores come from random weights: put real CLIP weights in [model].pretrained for real")
-    print("inspection (docs/deploy.md). Recall here is what learned prompts reach on synthetic defects.")
-    ok = all(checks.values())
-    print(f"demo {'passed' if ok else 'FAILED'}")
-    return 0 if ok else 1
+        on_stream = frames["published"] + answered  # scored, and dropped ones answered ERROR
+        name = f"every published result is on the stream ({frames['published']} scored + {answered} answered drops)"
+        checks[name] = on_stream == dashboard.entries
+        return checks
+
+    def footer(self) -> None:
+        host, port, prefix, redis_url = self.where
+        print()
+        print("Watch a line live (while `genclip run` is running):")
+        print(f"  mosquitto_sub -h {host} -p {port} -V mqttv5 -v -t '{prefix}/{LINE}/#'")
+        print(f"  redis-cli -u {redis_url} XREAD BLOCK 0 STREAMS genclip:{LINE}:results '$'")
+        print(f"Files: {self.work} (agent.log, train.log, demo.toml, *-truth.jsonl, runs/demo/)")
+        print("The scores come from random weights: put real CLIP weights in [model].pretrained for real")
+        print("inspection (docs/deploy.md). Recall here is what learned prompts reach on synthetic defects.")
 
 
 if __name__ == "__main__":

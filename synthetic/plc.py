@@ -28,7 +28,7 @@ The line it models:
     plc = Plc(PlcConfig(port=1883, line="line-1", reject_delay_s=0.6))
     plc.start()
     plc.conveyor("cam-1", rate_per_s=5, count=100).run()
-    plc.wait_settled(timeout_s=5)
+    plc.wait_settled(timeout_s=5)  # or, once the agent has stopped: plc.run_out()
     print("\\n".join(plc.report(truth).summary_lines()))
     plc.stop()
 """
@@ -591,6 +591,17 @@ class Plc:
         """Wait until every tracked part has reached the station; False when some had not by the timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self._tracker.pending == 0, timeout_s)
+
+    def run_out(self) -> list[PartRecord]:
+        """The line stops and its belt runs out: every part still on it is decided now, on what has arrived.
+
+        Call it once no answer can come any more (the agent has stopped and its last messages are in): the
+        station would then decide each part the same at its own time, without waiting out the delay.
+        """
+        with self._cond:
+            records = self._tracker.settle_due(math.inf)
+            self._cond.notify_all()
+        return records
 
     @property
     def statuses(self) -> tuple[str, ...]:

@@ -454,6 +454,33 @@ def test_status_is_recorded_and_stop_ends_the_station(
     responder.client.publish(f"{PREFIX}/{line}/status", b"", qos=1, retain=True).wait_for_publish(WAIT_S)
 
 
+def test_run_out_decides_the_parts_on_the_belt_on_what_arrived(
+    mosquitto: MosquittoServer, line: str, made: list[Any], respond: Callable[..., Responder]
+) -> None:
+    acts = {"P-000001": Act.OK, "P-000002": Act.NG, "P-000003": Act.SILENCE}
+    responder = respond(lambda part_id: acts[part_id])
+    plc = Plc(PlcConfig(port=mosquitto.port, topic_prefix=PREFIX, line=line, reject_delay_s=60.0))
+    made.append(plc)
+    plc.start()
+    for part_id in acts:
+        plc.trigger("cam-1", part_id)
+    assert wait_until(lambda: len(responder.triggers) == 3)
+    time.sleep(1.0)  # the answers are in (local broker: milliseconds); the station is a minute away
+    assert plc.report().pending == 3
+
+    records = plc.run_out()
+
+    assert [(r.part_id, r.rule) for r in records] == [
+        ("P-000001", Rule.OK),
+        ("P-000002", Rule.NG),
+        ("P-000003", Rule.SILENCE),
+    ]
+    assert all(r.station_at > time.monotonic() + 50 for r in records)  # decided before their station time
+    assert plc.wait_settled(0) and plc.run_out() == []
+    report = plc.report()
+    assert (report.parts, report.pending, report.passed, report.rejected) == (3, 0, 1, 2)
+
+
 def test_start_fails_when_no_broker_listens() -> None:
     from tests.brokers import free_port
 
