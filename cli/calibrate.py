@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.options import ConfigOption, fail, load_for_verb, open_engine
+from cli.options import ConfigOption, ProfilesOption, fail, load_for_verb, open_engine
 
 if TYPE_CHECKING:
     from model.profile import ClassProfile
@@ -33,9 +33,7 @@ def calibrate(
             help="Prompts to calibrate for; default: those the line runs ([agent].prompt_dir, else [model].checkpoint)."
         ),
     ] = None,
-    profiles: Annotated[
-        Path | None, typer.Option(help="Folder for class profiles; default [model].profile_dir.")
-    ] = None,
+    profiles: ProfilesOption = None,
     quantile: Annotated[
         float | None,
         typer.Option(min=0.5, max=0.9999, help="Share of good parts to pass; default [model].calibration_quantile."),

@@ -1,5 +1,10 @@
 """`genclip eval`: image and pixel metrics per class on labelled data, with a report and sample grids.
 
+The metrics do not depend on a threshold; the sample grids' verdicts do. Each class is set up as `genclip
+score` sets it up (its profile in --profiles, else [model].profile_dir), with the same threshold rules
+(--threshold, [thresholds], its calibration, [model].default_threshold); the threshold of each class and
+where it came from are printed and kept in report.json (meta.thresholds).
+
 Exit codes: 0 done, 1 some images could not be read, 2 bad arguments or configuration.
 """
 
@@ -10,7 +15,17 @@ from typing import Annotated
 
 import typer
 
-from cli.options import ConfigOption, fail, load_for_verb, open_engine
+from cli.options import (
+    ConfigOption,
+    ProfilesOption,
+    describe_origin,
+    fail,
+    load_for_verb,
+    open_engine,
+    set_thresholds,
+    threshold_origin,
+    with_profiles,
+)
 
 DataOption = Annotated[
     list[str],
@@ -40,6 +55,17 @@ def evaluate_command(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Images per batch; default: [engine].batch_size.")
     ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            min=0.0,
+            max=1.0,
+            help="Image-score threshold for every class evaluated, over [thresholds] and calibrations "
+            "(the verdicts in the sample grids; the metrics need none).",
+        ),
+    ] = None,
+    profiles: ProfilesOption = None,
 ) -> None:
     """Image and pixel AUROC/AP/F1-max and AUPRO per class, like the zero-shot papers."""
     from trainer.datasets import DatasetError, open_dataset
@@ -50,7 +76,20 @@ def evaluate_command(
         items = [s for spec in data for s in open_dataset(spec)]
     except DatasetError as exc:
         fail(str(exc))
-    engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size, prompt_dir=cfg.agent.prompt_dir)
+    from model import ClassSetupError
+
+    model = with_profiles(cfg.model, profiles)
+    engine = open_engine(model, checkpoint, cfg.engine.batch_size, prompt_dir=cfg.agent.prompt_dir)
+    names = list(dict.fromkeys(item.product_class for item in items))
+    set_thresholds(engine, cfg.thresholds, threshold, names)
+    thresholds = {}
+    for name in names:
+        try:
+            engine.classes.setup(name, save=False)  # the class's profile, when it has one
+        except ClassSetupError as exc:
+            fail(str(exc))
+        thresholds[name] = threshold_origin(engine, name)
+        typer.echo(f"threshold {name}: {describe_origin(thresholds[name])}")
     outcome = evaluate(
         engine,
         items,
@@ -58,7 +97,11 @@ def evaluate_command(
         grid_good=grid_good,
         grid_per_kind=grid_per_kind,
     )
-    meta = {"checkpoint": str(checkpoint or cfg.model.checkpoint or "untrained"), "data": data}
+    meta = {
+        "checkpoint": str(checkpoint or cfg.model.checkpoint or "untrained"),
+        "data": data,
+        "thresholds": thresholds,
+    }
     written = write_evaluation(out, outcome, meta)
     mean = outcome.results["mean"]
     typer.echo(

@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
-from cli.options import ConfigOption, fail, load_for_verb, open_engine
+from cli.options import (
+    ConfigOption,
+    ProfilesOption,
+    fail,
+    load_for_verb,
+    open_engine,
+    set_thresholds,
+    threshold_origin,
+    with_profiles,
+)
 from cli.score import CheckpointOption, emit, finite, log
 
 if TYPE_CHECKING:
@@ -33,14 +42,23 @@ returns image scores (N) and anomaly maps (N x S x S). Prompts are folded in.
 
 With --reference DIR, the images of good parts in DIR/<class>/ decide each
 class word (class name filtering; at least [model].min_reference_images, at
-most 64 are used). Otherwise the class's profile in [model].profile_dir is
-used, or the class name as given. Prompts: --checkpoint, else the newest
-checkpoint in [agent].prompt_dir, else [model].checkpoint (as the agent starts).
+most 64 are used) and calibrate its threshold. Otherwise the class's profile
+in --profiles (default [model].profile_dir; `genclip calibrate --profiles`
+writes it) is used, or the class name as given. Thresholds as `genclip score`
+decides them: [thresholds], else the calibration, else the default. Prompts:
+--checkpoint, else the newest checkpoint in [agent].prompt_dir, else
+[model].checkpoint (as the agent starts).
 
-Prints one JSON line with the largest differences between onnxruntime and
-torch on random input; exits 1 if either is above 1e-3, and then writes no
-file (the graph is moved to --out only once it has passed). Needs the 'export'
-extra (onnx, onnxscript, onnxruntime).
+The model's metadata properties (genclip.*) hold what running it needs: the
+classes in class-index order, their thresholds and where each came from,
+image size and resize, normalisation, prompt version, backbone, inputs and
+outputs (docs/engine.md has an onnxruntime example).
+
+Prints one JSON line with each class's threshold and its source, and the
+largest differences between onnxruntime and torch on random input; exits 1 if
+either is above 1e-3, and then writes no file (the graph is moved to --out
+only once it has passed). Needs the 'export' extra (onnx, onnxscript,
+onnxruntime).
 """
 
 export_app = typer.Typer(no_args_is_help=True)
@@ -60,7 +78,12 @@ def reference_frames(folder: Path, limit: int, max_pixels: int | None = DEFAULT_
 
 
 def run_export_onnx(
-    cfg: InspectConfig, classes: list[str], out: Path, checkpoint: Path | None, reference: Path | None
+    cfg: InspectConfig,
+    classes: list[str],
+    out: Path,
+    checkpoint: Path | None,
+    reference: Path | None,
+    profiles: Path | None = None,
 ) -> bool:
     """Export, check against torch, print the result line; True when within tolerance (only then is `out` written)."""
     missing = [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
@@ -71,7 +94,9 @@ def run_export_onnx(
     from model import ClassSetupError
     from model.export import export_checked
 
-    engine = open_engine(cfg.model, checkpoint, cfg.engine.batch_size, prompt_dir=cfg.agent.prompt_dir)
+    model = with_profiles(cfg.model, profiles)
+    engine = open_engine(model, checkpoint, cfg.engine.batch_size, prompt_dir=cfg.agent.prompt_dir)
+    set_thresholds(engine, cfg.thresholds, None, classes)
     for name in classes:
         folder = reference / name if reference is not None else None
         frames = []
@@ -85,8 +110,19 @@ def run_export_onnx(
     with contextlib.redirect_stdout(sys.stderr):  # torch.onnx prints progress; stdout is for the result
         diffs, ok = export_checked(engine, classes, out, ONNX_TOLERANCE)
     used = {name: engine.classes.status(name).class_word for name in classes}
+    thresholds = {name: threshold_origin(engine, name) for name in classes}
     result = {name: finite(value) for name, value in diffs.items()}
-    emit({"path": str(out), "classes": classes, "used_names": used, **result, "tolerance": ONNX_TOLERANCE, "ok": ok})
+    emit(
+        {
+            "path": str(out),
+            "classes": classes,
+            "used_names": used,
+            "thresholds": thresholds,
+            **result,
+            "tolerance": ONNX_TOLERANCE,
+            "ok": ok,
+        }
+    )
     if not ok:
         log.error("ONNX output differs from torch; nothing written", path=str(out), tolerance=ONNX_TOLERANCE, **diffs)
     return ok
@@ -122,7 +158,8 @@ def onnx(
             show_default=False,
         ),
     ] = None,
+    profiles: ProfilesOption = None,
 ) -> None:
     cfg = load_for_verb(config)
-    ok = run_export_onnx(cfg, parse_classes(classes, cfg), out, checkpoint, reference)
+    ok = run_export_onnx(cfg, parse_classes(classes, cfg), out, checkpoint, reference, profiles)
     raise typer.Exit(0 if ok else 1)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -17,6 +18,15 @@ if TYPE_CHECKING:
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="Config file (default: $GENCLIP_CONFIG, ./config.toml)."),
+]
+ProfilesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--profiles",
+        help="Folder of class profiles (<class>.json: class word and calibrated threshold, as `genclip calibrate "
+        "--profiles` writes them); default [model].profile_dir.",
+        show_default=False,
+    ),
 ]
 
 
@@ -34,6 +44,59 @@ def engine_config(model: EngineConfig, checkpoint: Path | None) -> EngineConfig:
     if not checkpoint.is_file():
         fail(f"--checkpoint: prompt checkpoint not found: {checkpoint}")
     return model.model_copy(update={"checkpoint": checkpoint})
+
+
+def with_profiles(model: EngineConfig, profiles: Path | None, *, must_exist: bool = True) -> EngineConfig:
+    """The `[model]` section, with `--profiles` in place of its profile_dir when given (a folder to read from
+    must exist: a typo must not silently mean "no calibration")."""
+    if profiles is None:
+        return model
+    profiles = Path(os.path.expanduser(profiles))
+    if must_exist and not profiles.is_dir():
+        fail(f"--profiles: folder not found: {profiles}")
+    return model.model_copy(update={"profile_dir": profiles})
+
+
+def set_thresholds(
+    engine: Engine, configured: Mapping[str, float], threshold: float | None, classes: Iterable[str]
+) -> None:
+    """The overrides a verb scores with: the config's [thresholds] (source "config"), and `--threshold` for each
+    of `classes` over them (source "option"). Classes without one take their calibration or the default."""
+    thresholds = dict(configured)
+    sources: dict[str, str] = {}
+    if threshold is not None:
+        for name in classes:
+            thresholds[name], sources[name] = threshold, "option"
+    engine.classes.set_thresholds(thresholds, sources)
+
+
+def threshold_origin(engine: Engine, product_class: str) -> dict[str, Any]:
+    """The threshold a (set-up) class is judged with and where it came from: threshold_source ("option",
+    "config", "calibration", "stale-calibration", "default"), and for a calibration that came from a profile
+    file, that file ("profile"; for stale-calibration also why it does not hold, "stale_reason")."""
+    from model.profile import ClassProfile, ProfileError, profile_path
+
+    status = engine.classes.status(product_class)
+    origin: dict[str, Any] = {"threshold": status.threshold, "threshold_source": status.threshold_source}
+    directory = engine.config.profile_dir
+    profile = engine.classes.profile(product_class)
+    if status.threshold_source in ("calibration", "stale-calibration") and directory is not None and profile:
+        path = profile_path(directory, status.product_class)
+        try:
+            saved = ClassProfile.load(path) if path.is_file() else None
+        except ProfileError:
+            saved = None
+        if saved is not None and saved.calibration == profile.calibration:  # not one measured by this verb
+            origin["profile"] = str(path)
+    if status.stale_reason is not None:
+        origin["stale_reason"] = status.stale_reason
+    return origin
+
+
+def describe_origin(origin: Mapping[str, Any]) -> str:
+    """'0.6123 (calibration, profiles/bottle.json)': a threshold and where it came from, for people."""
+    where = ", ".join(str(origin[k]) for k in ("threshold_source", "profile", "stale_reason") if k in origin)
+    return f"{origin['threshold']:.4f} ({where})"
 
 
 def open_engine(

@@ -19,7 +19,16 @@ import typer
 from agent.images import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, read_frame
 from agent.logs import get_logger
 from agent.results import defect_json
-from cli.options import ConfigOption, fail, load_for_verb, open_engine
+from cli.options import (
+    ConfigOption,
+    ProfilesOption,
+    fail,
+    load_for_verb,
+    open_engine,
+    set_thresholds,
+    threshold_origin,
+    with_profiles,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,7 +56,7 @@ sub-folders. Colour and grayscale, 8- and 16-bit images are read as they are
 (an alpha channel is dropped).
 
 Each line has: path, product_class, score, threshold, threshold_source
-(config, calibration, stale-calibration or default), is_anomalous, defects
+(option, config, calibration, stale-calibration or default), is_anomalous, defects
 (type, type_probability, score, area_px, bbox as x, y, width, height in image
 pixels: as the agent publishes them), prompt_version, and timing
 (ms_per_image: the batch's time divided by its size, and batch_size); with
@@ -58,11 +67,13 @@ Prompts are the ones the line's agent starts with: the newest checkpoint in
 [agent].prompt_dir (where the trainer publishes), else [model].checkpoint;
 --checkpoint replaces them.
 
-Thresholds come from --threshold, else the config's [thresholds] table
-(threshold_source config), else the calibration in the class's profile in
-[model].profile_dir when it was made with these prompts and settings
+Thresholds come from --threshold (threshold_source option), else the
+config's [thresholds] table (config), else the calibration in the class's
+profile in --profiles (default [model].profile_dir; `genclip calibrate
+--profiles` writes it) when it was made with these prompts and settings
 (calibration), else [model].default_threshold (stale-calibration when the
 profile's calibration does not hold for them, default when there is none).
+The log line "threshold" on stderr names the profile file it came from.
 
 Logs go to stderr. Exit status: 0 all scored, 1 some image failed, 2 bad
 config, options or checkpoint.
@@ -167,6 +178,7 @@ def run_score(
     out_dir: Path | None,
     batch_size: int | None,
     threshold: float | None,
+    profiles: Path | None = None,
 ) -> int:
     """Score every input, print its line, write its overlay; returns how many inputs failed."""
     product_class = product_class.strip()
@@ -181,15 +193,14 @@ def run_score(
             fail(f"--out: cannot create folder {out_dir}: {exc.strerror}")
         targets = overlay_paths(paths, out_dir)
     batch_size = batch_size or cfg.engine.batch_size
-    engine = open_engine(cfg.model, checkpoint, batch_size, prompt_dir=cfg.agent.prompt_dir)
-    thresholds = dict(cfg.thresholds)
-    if threshold is not None:
-        thresholds[product_class] = threshold
-    engine.classes.set_thresholds(thresholds)
+    model = with_profiles(cfg.model, profiles)
+    engine = open_engine(model, checkpoint, batch_size, prompt_dir=cfg.agent.prompt_dir)
+    set_thresholds(engine, cfg.thresholds, threshold, [product_class])
     try:
         engine.classes.setup(product_class, save=False)  # the line's class profile, when it has one
     except ValueError as exc:
         fail(f"--class: {exc}")
+    log.info("threshold", product_class=product_class, **threshold_origin(engine, product_class))
     if engine.device.type == "cuda":  # so the first batch's timing is not CUDA start-up
         engine.warmup()
     failed = 0
@@ -291,7 +302,8 @@ def score(
             help="Image-score threshold for this class, over [thresholds] and its calibration.",
         ),
     ] = None,
+    profiles: ProfilesOption = None,
 ) -> None:
     cfg = load_for_verb(config)
-    failed = run_score(cfg, images, product_class, checkpoint, out, batch_size, threshold)
+    failed = run_score(cfg, images, product_class, checkpoint, out, batch_size, threshold, profiles)
     raise typer.Exit(1 if failed else 0)

@@ -19,7 +19,7 @@ class Prediction:
     product_class: str
     score: float
     threshold: float
-    threshold_source: str  # "config", "command", "calibration", "stale-calibration" or "default"
+    threshold_source: str  # "config", "option", "command", "calibration", "stale-calibration" or "default"
     is_anomalous: bool
     anomaly_map: np.ndarray  # float32 [S, S], values in [0, 1]
     frame_size: tuple[int, int]  # height, width of the frame it was computed from

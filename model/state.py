@@ -22,8 +22,8 @@ from model.prompts import Suffix
 
 
 class Threshold(NamedTuple):
-    """A score threshold and where it comes from: "config", "command", "calibration", "stale-calibration"
-    or "default" (a tuple, so `(value, source)` compares equal to it)."""
+    """A score threshold and where it comes from: "config", "option" (a verb's --threshold), "command",
+    "calibration", "stale-calibration" or "default" (a tuple, so `(value, source)` compares equal to it)."""
 
     value: float
     source: str

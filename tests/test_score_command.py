@@ -212,8 +212,10 @@ def test_threshold_option_wins_over_the_config(inputs, config_file, tmp_path):
     widget = invoke("score", *files, "--class", "widget", "--config", config, "--threshold", "0")
     bottle = invoke("score", *files, "--class", "bottle", "--config", config)
     assert widget.exit_code == 0 and bottle.exit_code == 0, widget.stderr + bottle.stderr
-    for record in json_lines(widget.stdout) + json_lines(bottle.stdout):
-        assert (record["threshold"], record["threshold_source"], record["is_anomalous"]) == (0.0, "config", True)
+    for record, source in [(r, "option") for r in json_lines(widget.stdout)] + [
+        (r, "config") for r in json_lines(bottle.stdout)
+    ]:
+        assert (record["threshold"], record["threshold_source"], record["is_anomalous"]) == (0.0, source, True)
         assert record["timing"]["batch_size"] == 2  # default from [engine].batch_size (8): one batch
         assert "overlay" not in record
 
@@ -282,7 +284,7 @@ def test_every_option_of_every_verb_is_explained():
 
 def test_score_help_names_the_real_threshold_sources():
     score = dict(verbs(typer.main.get_command(app)))["score"].help
-    for source in ("config", "calibration", "stale-calibration", "default", "[agent].prompt_dir"):
+    for source in ("option", "config", "calibration", "stale-calibration", "default", "[agent].prompt_dir"):
         assert source in score, source
     assert "checkpoint's calibrated" not in score and "config, checkpoint or default" not in score
 
