@@ -5,10 +5,14 @@ size, and a class index per image (into the class list given at export); it
 returns the image scores and the anomaly maps at input size. Everything after
 the pixels - CLIP, adapters, vision prompts, the text transformer for the
 vision-enhanced prompts, fusion and blur - is inside the graph.
+
+The model's metadata properties (`genclip.*`, strings; lists and tables as JSON) say what
+whoever runs it must know: `onnx_metadata`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -67,32 +71,74 @@ class ExportedScorer(nn.Module):
         return out.scores, out.maps
 
 
+METADATA_FORMAT = "genclip-onnx"
+METADATA_VERSION = 1  # a new version when a key changes meaning or goes away; new keys keep it
+INPUTS = {
+    "images": "float32 [N, 3, S, S]: RGB in [0, 1], the frame resized to S = genclip.image_size as genclip.resize "
+    "says (not normalised: the graph normalises with genclip.normalisation)",
+    "class_index": "int64 [N]: each image's product class, its position in genclip.classes",
+}
+OUTPUTS = {
+    "scores": "float32 [N]: image anomaly score in [0, 1]; NG when score >= the class's threshold (genclip.thresholds)",
+    "anomaly_maps": "float32 [N, S, S]: per-pixel anomaly score in [0, 1] at input size S (resize it to the frame)",
+}
+
+
+def onnx_metadata(engine: Engine, classes: list[str]) -> dict[str, str]:
+    """The metadata properties of the model exported for `classes` (set up on `engine`) from the engine's state."""
+    names = [normalise_class_name(c) for c in classes]
+    thresholds = {name: engine.classes.threshold(name) for name in names}
+    backbone = engine.backbone
+    return {
+        "genclip.format": METADATA_FORMAT,
+        "genclip.format_version": str(METADATA_VERSION),
+        "genclip.classes": json.dumps(names),
+        "genclip.thresholds": json.dumps({name: t.value for name, t in thresholds.items()}),
+        "genclip.threshold_sources": json.dumps({name: t.source for name, t in thresholds.items()}),
+        "genclip.class_words": json.dumps({name: engine.snapshot.classes[name].profile.class_word for name in names}),
+        "genclip.image_size": str(engine.config.image_size),
+        "genclip.resize": "the whole frame squashed to image_size x image_size (no crop, no padding), bilinear with "
+        "antialiasing (PIL's Image.BILINEAR; torch interpolate bilinear antialias=True)",
+        "genclip.normalisation": json.dumps({"mean": list(backbone.mean), "std": list(backbone.std), "in_graph": True}),
+        "genclip.prompt_version": engine.prompt_version,
+        "genclip.backbone": engine.config.backbone,
+        "genclip.weights": backbone.weights,
+        "genclip.inputs": json.dumps(INPUTS),
+        "genclip.outputs": json.dumps(OUTPUTS),
+        "genclip.decision": "is_anomalous = scores[i] >= thresholds[classes[class_index[i]]]",
+    }
+
+
 def export_onnx(engine: Engine, classes: list[str], path: Path, opset: int = 18) -> ExportedScorer:
-    """Write the ONNX graph for `classes` to `path`; returns the torch module it was made from."""
+    """Write the ONNX graph for `classes` to `path`, with `onnx_metadata`; returns the torch module it was made
+    from."""
     scorer = ExportedScorer(engine, classes).eval()
+    metadata = onnx_metadata(engine, classes)
     size = engine.config.image_size
     images = torch.rand(2, 3, size, size)
     index = torch.zeros(2, dtype=torch.long)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=1024)
+    dynamic_shapes = {"images": {0: batch}, "class_index": {0: batch}}
     weights_bytes = sum(p.numel() * p.element_size() for p in scorer.parameters())
     with torch.inference_mode(False), torch.no_grad():
         # One eager run first: what the scoring path caches (the map operator) is then built as real tensors and
         # folded into the graph as constants, the same graph whatever this process scored before.
         scorer(images, index)
-        torch.onnx.export(
+        program = torch.onnx.export(
             scorer,
             (images, index),
-            str(path),
-            input_names=["images", "class_index"],
-            output_names=["scores", "anomaly_maps"],
-            dynamic_shapes={"images": {0: batch}, "class_index": {0: batch}},
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            dynamic_shapes=dynamic_shapes,
             opset_version=opset,
             dynamo=True,
-            external_data=weights_bytes > 1_500_000_000,  # protobuf's 2 GB limit
             verbose=False,
         )
+    assert program is not None
+    program.model.metadata_props.update(metadata)
+    program.save(str(path), external_data=weights_bytes > 1_500_000_000)  # protobuf's 2 GB limit
     return scorer
 
 

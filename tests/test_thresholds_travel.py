@@ -156,3 +156,53 @@ def test_export_uses_the_calibrated_threshold_and_says_so(line, exported):
     assert result["thresholds"][CLASS]["threshold_source"] == "calibration"
     assert result["thresholds"][CLASS]["profile"] == str(Path("profiles") / f"{CLASS}.json")
     assert result["thresholds"]["bottle"] == {"threshold": 0.5, "threshold_source": "default"}
+
+
+def test_onnx_metadata_says_what_whoever_runs_the_model_must_know(line, exported):
+    import onnx
+
+    from model.export import METADATA_FORMAT
+
+    model = onnx.load(str(exported["model"]), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["genclip.format"] == METADATA_FORMAT and meta["genclip.format_version"] == "1"
+    assert json.loads(meta["genclip.classes"]) == ["bottle", CLASS]
+    thresholds = json.loads(meta["genclip.thresholds"])
+    assert thresholds == {"bottle": 0.5, CLASS: pytest.approx(calibrated_threshold(line["profiles"]))}
+    assert json.loads(meta["genclip.threshold_sources"]) == {"bottle": "default", CLASS: "calibration"}
+    assert json.loads(meta["genclip.class_words"])["bottle"] == "bottle"
+    assert meta["genclip.image_size"] == "224"
+    normalisation = json.loads(meta["genclip.normalisation"])
+    assert len(normalisation["mean"]) == len(normalisation["std"]) == 3 and normalisation["in_graph"] is True
+    assert meta["genclip.prompt_version"] == exported["score"]["prompt_version"] == "untrained"
+    assert meta["genclip.backbone"] == "genclip-tiny" and meta["genclip.weights"]
+    outputs = json.loads(meta["genclip.outputs"])
+    assert list(outputs) == [o.name for o in model.graph.output] == ["scores", "anomaly_maps"]
+    assert all(len(text) > 20 for text in outputs.values())
+    assert set(json.loads(meta["genclip.inputs"])) == {i.name for i in model.graph.input}
+    for key in ("genclip.resize", "genclip.decision"):
+        assert meta[key]
+
+
+def doc_example() -> str:
+    """The Python block of docs/engine.md's section on the exported model's metadata, as written."""
+    text = (REPO / "docs" / "engine.md").read_text()
+    section = text.split("### Running the exported model", 1)[1]
+    (block,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    return block
+
+
+def test_doc_onnx_example_reproduces_genclip_score(line, exported):
+    """The example runs as written, in the folder with genclip.onnx and part.png it names."""
+    code = doc_example()
+    assert 'MODEL, IMAGE, CLASS = "genclip.onnx", "part.png", "tiles"' in code and len(code.splitlines()) <= 14
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=line["root"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    name, score, threshold, verdict = done.stdout.split()
+    record = exported["score"]
+    assert name == CLASS
+    assert abs(float(score) - record["score"]) <= 1e-3
+    assert float(threshold) == pytest.approx(record["threshold"], abs=1e-6)
+    assert verdict == ("NG" if record["is_anomalous"] else "OK")
