@@ -120,7 +120,9 @@ def export_onnx(engine: Engine, classes: list[str], path: Path, opset: int = 18)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    dynamic_shapes = {"images": {0: batch}, "class_index": {0: batch}}
+    # class_index's batch axis is left to torch.export (AUTO): it finds it equal to the images' and names it
+    # "batch" too. Naming both `batch` makes torch.onnx warn that one name "will not be used" (UserWarning).
+    dynamic_shapes = {"images": {0: batch}, "class_index": {0: torch.export.Dim.AUTO}}
     weights_bytes = sum(p.numel() * p.element_size() for p in scorer.parameters())
     with torch.inference_mode(False), torch.no_grad():
         # One eager run first: what the scoring path caches (the map operator) is then built as real tensors and

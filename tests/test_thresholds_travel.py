@@ -206,3 +206,8 @@ def test_doc_onnx_example_reproduces_genclip_score(line, exported):
     assert abs(float(score) - record["score"]) <= 1e-3
     assert float(threshold) == pytest.approx(record["threshold"], abs=1e-6)
     assert verdict == ("NG" if record["is_anomalous"] else "OK")
+
+
+def test_export_prints_no_warning(exported):
+    stderr = exported["done"].stderr
+    assert "Warning" not in stderr and "warn" not in stderr.lower(), stderr
