@@ -105,6 +105,12 @@ class CameraConfig(Section):
     done_dir: Path | None = Field(None, description="Folders: where emitted files go; default <source>/done.")
     rejected_dir: Path | None = Field(None, description="Folders: unreadable files; default <source>/rejected.")
     settle_ms: float = Field(200.0, ge=0, le=600_000, description="Folders: a file's size must hold this long.")
+    recursive: bool = Field(
+        False,
+        description="Folders: also take images in sub-folders (part id: the path below the folder without its "
+        "extension, e.g. 'lot-7/part-000'; done/ and rejected/ keep the sub-folder). false: images in sub-folders "
+        "are not read, and reported (a warning per sub-folder and the camera's status detail).",
+    )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @field_validator("id")
