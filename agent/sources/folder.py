@@ -264,7 +264,7 @@ class FolderSource(FrameSource):
     def _set_running(self) -> None:
         """State 'running'; the detail names the sub-folders whose images are not read."""
         unread = self._unread.items()
-        counts = [f"{name}/ holds {'' if done else 'at least '}{n} image(s)" for name, (n, done) in unread]
+        counts = [f"{name}/ holds {'' if whole else 'at least '}{n} image(s)" for name, (n, whole) in unread]
         detail = f"sub-folders not read (recursive = false): {', '.join(counts)}" if counts else ""
         self._set_state("running", detail)
 
@@ -396,9 +396,8 @@ class FolderSource(FrameSource):
             self._count_error("file rejected", UnreadableImageError(f"{path.name}: {exc}"))
             self._emit_for(path, np.zeros((0, 0), np.uint8), unreadable=str(exc))
             return
-        if self.camera.after == "move":
-            self._ensure_dir(self._below(self.camera.resolved_done_dir, path))  # before emitting: a full disk
-            # must not cost a frame
+        if self.camera.after == "move":  # before emitting: a full disk must not cost a frame
+            self._ensure_dir(self._below(self.camera.resolved_done_dir, path))
         self._emit_for(path, image)
 
     def _emit_for(self, path: Path, image: np.ndarray, unreadable: str | None = None) -> None:
