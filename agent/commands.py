@@ -12,7 +12,7 @@ then one handler function and one row in `COMMANDS` below.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -70,9 +70,7 @@ def set_threshold(line: InspectionService, args: ThresholdArgs) -> Answer:
     engine = line.worker.engine
     if engine is None:
         raise ValueError(ENGINE_LOADING)
-    name = normalise_class_name(args.product_class)
-    if engine.classes.profile(name) is None:
-        raise ValueError(f"unknown product class {args.product_class!r} on this line")
+    name = match_name("product class", normalise_class_name(args.product_class), engine.classes.names())
     line.thresholds = {k: v for k, v in line.thresholds.items() if normalise_class_name(k) != name}
     line.thresholds[name] = args.value
     line.commanded.add(name)
@@ -99,14 +97,29 @@ def snapshot(line: InspectionService, args: SnapshotArgs) -> Answer:
 
 
 def _set_paused(line: InspectionService, camera: str | None, *, paused: bool) -> Answer:
-    if camera is not None and camera not in line.sources:
-        known = ", ".join(line.sources) or "none running"
-        raise ValueError(f"unknown camera {camera!r} on this line (cameras: {known})")
+    if camera is not None:
+        camera = match_name("camera", camera, list(line.sources), none="none running")
     cameras = line.batcher.set_paused(camera, paused)
     log.info(f"cameras {'paused' if paused else 'resumed'}", cameras=cameras)
     save_operator_changes(line)
     line.publish_info()
     return {"cameras": cameras}
+
+
+def match_name(what: str, given: str, names: Sequence[str], *, none: str = "none") -> str:
+    """The one of `names` that `given` names: itself, else the only one equal to it ignoring case. Else a
+    ValueError that lists the line's names (`unknown camera 'cam-9' on this line (cameras: cam-1, cam-2)`),
+    or the ones it matches when it matches several (`Washer` and `washer`)."""
+    if given in names:
+        return given
+    matches = [name for name in names if name.casefold() == given.casefold()]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"{what} {given!r} matches more than one on this line: {', '.join(matches)} (give it exactly)")
+    known = ", ".join(names) or none
+    plural = "classes" if what.endswith("class") else f"{what}s"
+    raise ValueError(f"unknown {what} {given!r} on this line ({plural}: {known})")
 
 
 def save_operator_changes(line: InspectionService) -> None:

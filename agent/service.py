@@ -546,7 +546,7 @@ class InspectionService:
                     "id": c.id,
                     "product_class": c.product_class,
                     "kind": c.resolved_kind,
-                    "state": self.sources[c.id].status().state if c.id in self.sources else "off",
+                    **self._source_info(c.id),
                     "paused": c.id in paused,
                     **self._trigger_info(c.id),
                 }
@@ -558,6 +558,14 @@ class InspectionService:
                 {name: self.thresholds[name] for name in sorted(self.commanded) if name in self.thresholds}, paused
             ),
         }
+
+    def _source_info(self, camera_id: str) -> JsonObject:
+        """A camera's state in info, and its detail (why it is down; a folder's sub-folders it does not read)."""
+        source = self.sources.get(camera_id)
+        if source is None:
+            return {"state": "off", "detail": ""}
+        status = source.status()
+        return {"state": status.state, "detail": status.detail}
 
     def _trigger_info(self, camera_id: str) -> JsonObject:
         """A camera's acquisition in info: mode, trigger source, triggers accepted and missed (MQTT-triggered)."""

@@ -21,7 +21,9 @@ def config_check(
         bool, typer.Option("--model", help="Also load the CLIP weights and prompt checkpoint, as `run` would.")
     ] = False,
 ) -> None:
-    """Validate the configuration: exit 0 with a summary, or 2 listing every error."""
+    """Validate the configuration: exit 0 with a summary, or 2 listing every error.
+
+    Camera sources that do not exist or cannot be opened as a video are warnings (the exit code stays 0)."""
     cfg = load_or_exit(config)
     source = find_config(config) or "defaults"
     classes = ", ".join(cfg.product_classes()) or "none"
@@ -29,8 +31,20 @@ def config_check(
         f"config OK ({source}): line {cfg.line.id} '{cfg.line.name}', {len(cfg.cameras)} camera(s) "
         f"[{classes}], model {cfg.model.backbone}, mqtt {cfg.mqtt.host}:{cfg.mqtt.port}, redis {cfg.redis.url}"
     )
+    check_sources(cfg)
     if model:
         check_model(cfg)
+
+
+def check_sources(cfg: GenclipConfig) -> None:
+    """Warn (exit code unchanged) about camera sources that are missing or no video: a camera may be plugged
+    in, a file or share may appear later, and the agent waits for them or retries."""
+    from agent.sources.checks import source_warning
+
+    for camera in cfg.cameras:
+        warning = source_warning(camera)
+        if warning is not None:
+            typer.echo(f"warning: {warning}", err=True)
 
 
 def check_model(cfg: GenclipConfig) -> None:

@@ -460,6 +460,7 @@ def test_a_class_that_cannot_be_set_up_stops_only_its_cameras(tmp_path, mosquitt
     assert {r["camera"] for r in watcher.of("/result")} == {"cam-2"}
     info = service.info()
     assert "error" in info["classes"]["widget"] and info["cameras"][0]["state"] == "off"
+    assert info["cameras"][0]["detail"] == ""
     service.shutdown()
     assert_accounted(service)
     watcher.close()

@@ -96,3 +96,50 @@ def test_a_handler_never_gets_another_commands_arguments():
     with pytest.raises(TypeError, match="CameraArgs"):
         COMMANDS["pause"](line(), ReloadArgs())
     assert COMMANDS["pause"](line(), CameraArgs(camera="cam-1")) == {"cameras": ["cam-1"]}
+
+
+class Classes:
+    """The engine's class registry, as far as the threshold command uses it."""
+
+    def __init__(self, *names: str) -> None:
+        self.registered = set(names)
+        self.set: list[dict[str, float]] = []
+
+    def names(self) -> list[str]:
+        return sorted(self.registered)
+
+    def set_thresholds(self, thresholds: dict[str, float], sources: dict[str, str] | None = None) -> None:
+        self.set.append(dict(thresholds))
+
+
+def with_classes(*names: str, **overrides: Any) -> Any:
+    return line(worker=SimpleNamespace(engine=SimpleNamespace(classes=Classes(*names))), **overrides)
+
+
+def threshold(fake: Any, name: str, value: float = 0.7) -> Any:
+    return dispatch(fake, parse_command("threshold", f'{{"class": "{name}", "value": {value}}}'.encode()))
+
+
+def test_threshold_class_matches_ignoring_case_and_an_unknown_one_lists_the_lines_classes():
+    fake = with_classes("washer", "widget")
+    assert threshold(fake, "WASHER") == {"product_class": "washer", "threshold": 0.7}
+    assert fake.thresholds == {"washer": 0.7} and fake.worker.engine.classes.set == [{"washer": 0.7}]
+    with pytest.raises(ValueError, match=r"^unknown product class 'bolt' on this line \(classes: washer, widget\)$"):
+        threshold(fake, "bolt")
+    with pytest.raises(ValueError, match=r"\(classes: none\)"):
+        threshold(with_classes(), "washer")
+
+
+def test_a_name_that_matches_several_classes_or_cameras_only_by_case_is_refused_listing_them():
+    fake = with_classes("Washer", "washer", "widget")
+    with pytest.raises(ValueError, match=r"^product class 'WASHER' matches more than one on this line: Washer, "
+                       r"washer \(give it exactly\)$"):  # fmt: skip
+        threshold(fake, "WASHER")
+    assert threshold(fake, "Washer") == {"product_class": "Washer", "threshold": 0.7}  # an exact match wins
+    assert fake.batcher.calls == [] and fake.thresholds == {"Washer": 0.7}
+    cams = line(sources={"cam-1": object(), "CAM-1": object(), "cam-2": object()})
+    with pytest.raises(ValueError, match=r"^camera 'Cam-1' matches more than one on this line: cam-1, CAM-1"):
+        dispatch(cams, parse_command("pause", b'{"camera": "Cam-1"}'))
+    assert dispatch(cams, parse_command("pause", b'{"camera": "CAM-2"}')) == {"cameras": ["cam-2"]}
+    assert dispatch(cams, parse_command("resume", b'{"camera": "CAM-1"}')) == {"cameras": ["CAM-1"]}
+    assert cams.batcher.calls == [("cam-2", True), ("CAM-1", False)]

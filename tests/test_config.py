@@ -249,6 +249,46 @@ def test_config_check_ok_and_errors(tmp_path):
     assert result.exit_code == 2 and "engine.batch_size: Input should be greater than or equal to 1" in result.output
 
 
+def test_config_check_warns_about_camera_sources_that_are_missing_or_no_video(tmp_path):
+    """Warnings (exit 0): a camera may be plugged in later, a file may appear; each names the camera, the path
+    and what the source is taken as. Devices by index, streams and existing videos and folders are not warned."""
+    import cv2
+    import numpy as np
+
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    writer.write(np.zeros((48, 64, 3), np.uint8))
+    writer.release()
+    garbage = tmp_path / "notes.avi"
+    garbage.write_bytes(b"\x00not a video\xff" * 500)
+    (tmp_path / "frames").mkdir()
+    sources = {
+        "gone": tmp_path / "missing.avi",
+        "bad": garbage,
+        "later": tmp_path / "share",
+        "ok-video": video,
+        "ok-folder": tmp_path / "frames",
+        "ok-stream": "rtsp://10.0.0.9/cam",
+        "ok-index": "3",
+    }
+    cameras = "".join(
+        f'\n[[cameras]]\nid = "{name}"\nsource = "{source}"\nproduct_class = "widget"\n'
+        for name, source in sources.items()
+    )
+    path = write(tmp_path, CONFIG.read_text() + cameras)
+    result = runner.invoke(app, ["config", "check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("config OK") and len(result.stdout.splitlines()) == 1
+    assert result.stderr.splitlines() == [
+        f"warning: camera gone: source '{tmp_path}/missing.avi': file not found; taken as a video file "
+        "(kind auto: a video file by its extension), retried until it opens",
+        f"warning: camera bad: source '{garbage}': OpenCV cannot open this file as a video (not a video, or a "
+        "codec this OpenCV build lacks); taken as a video file (kind auto: an existing file), retried until it opens",
+        f"warning: camera later: source '{tmp_path}/share' does not exist; kind auto takes it as a folder of "
+        "images, waited for until it appears (a video file or device that appears later: set kind = 'opencv')",
+    ]
+
+
 def test_config_check_model_loads_weights_or_names_what_is_missing(tmp_path):
     ok = runner.invoke(app, ["config", "check", "--config", str(CONFIG), "--model"])
     assert ok.exit_code == 0, ok.output

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from agent.sources import CameraConfig, open_source
-from agent.sources.capture import OpenCvSource
+from agent.sources.base import SourceError
+from agent.sources.capture import OpenCvSource, open_failure
 from tests.source_fixtures import Collector, stop_promptly, wait_until
 
 FRAMES = 12
@@ -82,6 +83,36 @@ def test_a_source_that_cannot_open_keeps_retrying(tmp_path):
         assert wait_until(lambda: source.status().errors >= 3)
         status = source.status()
         assert status.state == "reconnecting" and "cannot open" in status.detail and not status.healthy
+    finally:
+        stop_promptly(source)
+
+
+def test_a_missing_file_a_file_that_is_no_video_and_a_device_say_which_they_are(tmp_path):
+    """Not one 'cannot open X' for all: the state detail says file not found, no video, or which device/stream."""
+    garbage = tmp_path / "notes.avi"
+    garbage.write_bytes(b"\x00not a video\xff" * 500)
+    (tmp_path / "frames").mkdir()
+    expected = {
+        str(tmp_path / "missing.avi"): "file not found",
+        str(garbage): "OpenCV cannot open this file as a video (not a video, or a codec this OpenCV build lacks)",
+        str(tmp_path / "frames"): "is a folder, not a video file",
+    }
+    for path, why in expected.items():
+        source = open_source(camera(path, kind="opencv"), Collector())
+        assert isinstance(source, OpenCvSource)
+        with pytest.raises(SourceError) as caught:
+            source._open()
+        assert str(caught.value).startswith(f"cannot open {path}: {why}"), caught.value
+    assert open_failure(camera("/dev/video-nope")) == (
+        "cannot open device /dev/video-nope: not found (not plugged in, or another name)"
+    )
+    assert open_failure(camera("7")).startswith("cannot open device 7: not connected, in use")
+    assert open_failure(camera("rtsp://10.0.0.9/cam")).startswith("cannot open stream rtsp://10.0.0.9/cam: unreachable")
+    emit = Collector()
+    source = start(camera(str(garbage)), emit)
+    try:
+        assert wait_until(lambda: "retry in" in source.status().detail)
+        assert source.status().detail.startswith(f"cannot open {garbage}: OpenCV cannot open this file as a video")
     finally:
         stop_promptly(source)
 

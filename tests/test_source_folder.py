@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import structlog
 
 import agent.sources.folder as folder_module
 from agent.sources import CameraConfig, open_source
@@ -325,5 +326,73 @@ def test_a_paused_folder_leaves_new_files_unread_and_still_clears_taken_ones_awa
         assert b.part_id == "b" and b.captured_mono >= resumed and reads == ["a.png", "b.png"]
         b.end("published")
         assert wait_until(lambda: files(tmp_path / "done") == ["a.png", "b.png"])
+    finally:
+        stop_promptly(source)
+
+
+def sub_folder_warnings(logs: list[dict]) -> list[tuple[str, int]]:
+    return [
+        (Path(e["sub_folder"]).name, e["images"]) for e in logs if e["event"] == "images in a sub-folder are not read"
+    ]
+
+
+def test_images_in_sub_folders_are_reported_once_not_silently_ignored(tmp_path, monkeypatch):
+    """Recursive off (the default): a sub-folder's images are not read, but warned about once per sub-folder
+    (not at every count) and listed in the status detail; done/, rejected/, done_dir and hidden ones are not."""
+    monkeypatch.setattr(folder_module, "SUBFOLDERS_CHECK_S", 0.05)
+    monkeypatch.setattr(folder_module, "IDLE_CHECK_S", 0.05)
+    out = tmp_path / "out"  # a configured done_dir inside the folder
+    for name in ("lot-7/a.png", "lot-7/b.png", "lot-7/deeper/c.jpg", "lot-7/notes.txt", "done/d.png",
+                 "rejected/e.png", "out/f.png", ".cache/g.png", "empty/readme.md"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(png(1))
+    emit = Collector()
+    with structlog.testing.capture_logs() as logs:
+        source = start(camera(tmp_path, done_dir=out), emit)
+        try:
+            assert wait_until(lambda: sub_folder_warnings(logs) == [("lot-7", 3)])
+            assert source.status().detail == "sub-folders not read (recursive = false): lot-7/ holds 3 image(s)"
+            assert source.status().state == "running" and source.status().healthy
+            (tmp_path / "lot-8").mkdir()
+            (tmp_path / "lot-8" / "h.png").write_bytes(png(2))
+            (tmp_path / "lot-7" / "i.png").write_bytes(png(3))
+            assert wait_until(lambda: "lot-8/ holds 1 image(s)" in source.status().detail)
+            assert wait_until(lambda: "lot-7/ holds 4 image(s)" in source.status().detail)
+            time.sleep(0.3)  # several counts later: still one warning per sub-folder
+            assert sub_folder_warnings(logs) == [("lot-7", 3), ("lot-8", 1)]
+        finally:
+            stop_promptly(source)
+    assert len(emit) == 0 and files(tmp_path / "lot-7") == ["a.png", "b.png", "i.png", "notes.txt"]
+
+
+def test_recursive_folder_takes_sub_folders_keeping_their_path(tmp_path):
+    """recursive = true: images in sub-folders are parts, the part id has the relative path, and done/ and
+    rejected/ keep it; files in done/ and rejected/ are never taken again."""
+    for name in ("top.png", "lot-7/a.png", "lot-7/deeper/b.png", "lot-7/bad.png", "done/old.png", ".x/h.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(png(1) if name != "lot-7/bad.png" else b"not a png")
+    (tmp_path / "done" / "lot-7").mkdir()
+    (tmp_path / "done" / "lot-7" / "a.png").write_bytes(png(1))  # a part of that name was published before
+    emit = Collector()
+    source = start(camera(tmp_path, recursive=True), emit)
+    try:
+        assert wait_until(lambda: len(emit) == 4 and (tmp_path / "rejected" / "lot-7" / "bad.png").exists())
+        (tmp_path / "lot-9").mkdir()  # a sub-folder that appears while running
+        (tmp_path / "lot-9" / "c.png").write_bytes(png(2))
+        assert wait_until(lambda: len(emit) == 5)
+        assert wait_until(lambda: files(tmp_path / "done" / "lot-9") == ["c.png"])
+        time.sleep(0.2)
+        assert sorted(f.part_id for f in emit.snapshot()) == [
+            "lot-7/a~2",
+            "lot-7/bad",
+            "lot-7/deeper/b",
+            "lot-9/c",
+            "top",
+        ]
+        assert files(tmp_path / "done") == ["old.png", "top.png"]
+        assert files(tmp_path / "done" / "lot-7") == ["a-1.png", "a.png"]
+        assert files(tmp_path / "done" / "lot-7" / "deeper") == ["b.png"]
+        assert files(tmp_path / "rejected" / "lot-7") == ["bad.png", "bad.png.reason.txt"]
+        assert files(tmp_path / ".x") == ["h.png"] and source.status().detail == ""
     finally:
         stop_promptly(source)

@@ -20,10 +20,57 @@ from typing import ClassVar, Literal
 import cv2
 
 from agent.sources.base import TRIGGER_POLL_S, Emit, FrameSource, SourceError
-from agent.sources.config import CameraConfig
+from agent.sources.config import CameraConfig, SourceForm, video_path_problem
 from agent.triggers import Trigger
 
 Outcome = Literal["stopped", "ended", "lost"]
+
+
+NOT_A_VIDEO = "OpenCV cannot open this file as a video (not a video, or a codec this OpenCV build lacks)"
+CANNOT_OPEN: dict[SourceForm, str] = {
+    "device": "not connected, in use by another program, or no permission",
+    "stream": "unreachable, a wrong URL or credentials, or no answer within stall_timeout_s",
+    "pipeline": "the GStreamer pipeline did not start (an element missing, or OpenCV built without GStreamer)",
+    "sequence": "no image matches the sequence pattern",
+}
+
+
+def video_capture(camera: CameraConfig) -> cv2.VideoCapture:
+    """`cv2.VideoCapture` on the camera's source, maybe not opened; FFmpeg gets open/read timeouts."""
+    index = camera.device_index
+    if index is not None:
+        return cv2.VideoCapture(index)
+    if cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
+        timeout_ms = int(camera.stall_timeout_s * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+        return cv2.VideoCapture(camera.source, cv2.CAP_FFMPEG, params)
+    return cv2.VideoCapture(camera.source)
+
+
+def open_failure(camera: CameraConfig) -> str:
+    """Why OpenCV could not open the camera's source: a file not found, a file that is no video (to this
+    OpenCV), or a device, stream, pipeline or image sequence that cannot be opened."""
+    form = camera.source_form
+    if form == "path":
+        return f"cannot open {camera.source}: {video_path_problem(camera.folder) or NOT_A_VIDEO}"
+    if form == "device" and camera.device_index is None and not camera.folder.exists():
+        return f"cannot open device {camera.source}: not found (not plugged in, or another name)"
+    return f"cannot open {form} {camera.source}: {CANNOT_OPEN[form]}"
+
+
+def video_problem(camera: CameraConfig) -> str | None:
+    """Why the camera's video file cannot be played (not found, no video, no frame readable), None when it can;
+    for `config check`. Opens the file and reads one frame."""
+    problem = video_path_problem(camera.folder)
+    if problem is not None:
+        return problem
+    capture = video_capture(camera)
+    try:
+        if not capture.isOpened():
+            return NOT_A_VIDEO
+        return None if capture.grab() else "OpenCV opens it but reads no frame (empty, cut short, or a codec it lacks)"
+    finally:
+        capture.release()
 
 
 class OpenCvSource(FrameSource):
@@ -36,20 +83,11 @@ class OpenCvSource(FrameSource):
         self._lost_reason = ""
 
     def _open(self) -> cv2.VideoCapture:
-        """Open the source or raise SourceError; FFmpeg gets open/read timeouts."""
-        cam = self.camera
-        index = cam.device_index
-        if index is not None:
-            capture = cv2.VideoCapture(index)
-        elif cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
-            timeout_ms = int(cam.stall_timeout_s * 1000)
-            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
-            capture = cv2.VideoCapture(cam.source, cv2.CAP_FFMPEG, params)
-        else:
-            capture = cv2.VideoCapture(cam.source)
+        """Open the source or raise SourceError saying which it is (see `open_failure`)."""
+        capture = video_capture(self.camera)
         if not capture.isOpened():
             capture.release()
-            raise SourceError(f"cannot open {cam.source}")
+            raise SourceError(open_failure(self.camera))
         return capture
 
     def _run(self) -> None:

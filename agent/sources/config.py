@@ -24,6 +24,7 @@ SourceKind = Literal["opencv", "folder", "synthetic"]
 QueuePolicy = Literal["drop_oldest", "block"]
 Acquisition = Literal["free-run", "triggered"]
 TriggerSource = Literal["mqtt", "camera"]
+SourceForm = Literal["device", "stream", "pipeline", "sequence", "path"]
 LIVE_MAX_AGE_MS = 2000.0
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv", ".ts", ".mjpg", ".mjpeg")
 
@@ -105,6 +106,12 @@ class CameraConfig(Section):
     done_dir: Path | None = Field(None, description="Folders: where emitted files go; default <source>/done.")
     rejected_dir: Path | None = Field(None, description="Folders: unreadable files; default <source>/rejected.")
     settle_ms: float = Field(200.0, ge=0, le=600_000, description="Folders: a file's size must hold this long.")
+    recursive: bool = Field(
+        False,
+        description="Folders: also take images in sub-folders (part id: the path below the folder without its "
+        "extension, e.g. 'lot-7/part-000'; done/ and rejected/ keep the sub-folder). false: images in sub-folders "
+        "are not read, and reported (a warning per sub-folder and the camera's status detail).",
+    )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @field_validator("id")
@@ -174,6 +181,18 @@ class CameraConfig(Section):
         )
 
     @property
+    def source_form(self) -> SourceForm:
+        """What `source` names for OpenCV: a device (an index, a /dev node), a stream URL, a GStreamer pipeline,
+        an image sequence pattern ('%04d'), or a path (a video file; a folder for kind folder)."""
+        if self.device_index is not None or self.folder.as_posix().startswith("/dev/"):
+            return "device"
+        if "://" in self.source:
+            return "stream"
+        if "!" in self.source:
+            return "pipeline"
+        return "sequence" if "%" in self.source else "path"
+
+    @property
     def device_index(self) -> int | None:
         """The camera index for a source like '0', else None."""
         return int(self.source) if self.source.isdigit() else None
@@ -219,3 +238,12 @@ class CameraConfig(Section):
     @property
     def resolved_rejected_dir(self) -> Path:
         return self.rejected_dir if self.rejected_dir is not None else self.folder / "rejected"
+
+
+def video_path_problem(path: Path) -> str | None:
+    """What keeps `path` from being a video file, as the file system tells: None when it is a file."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return "is a folder, not a video file (a folder of images: kind = 'folder' or 'auto')"
+    return "file not found" if not path.exists() else "is not a regular file"

@@ -22,6 +22,14 @@ next is read when the camera is resumed, so its part's capture time and deadline
 whose frames were out before the pause are still cleared away. A file read just as the pause came
 waits in the batcher, and is stamped again when it is queued at resume (agent/batcher.py).
 
+Sub-folders: with `recursive = false` (the default) only the folder itself is read. Images in its
+sub-folders (not done/, rejected/, the configured done_dir/rejected_dir, nor hidden ones) are counted
+every `SUBFOLDERS_CHECK_S`: each sub-folder that holds some is warned about once (again only after it
+was emptied) and listed in the camera's status detail, so a grabber writing one level too deep is seen,
+not silently ignored. With `recursive = true` they are parts too: the part id is the path below the
+folder without the extension (`lot-7/part-000`), and done/ and rejected/ keep the sub-folder
+(`done/lot-7/part-000.png`).
+
 Part ids: a file's part id is its name without the extension (`part-000.png` -> `part-000`). A
 name that parts were already published under is a new part, not a repeat: the second part from a
 file of that name gets `part-000~2`, the third `part-000~3` (agent/identity.py). Earlier uses are
@@ -65,6 +73,8 @@ from agent.sources.config import TEMP_SUFFIXES, CameraConfig
 DECODE_RETRIES = 2
 DECODE_RETRY_S = 0.2  # at least this long between decode attempts of a settled file
 IDLE_CHECK_S = 1.0  # how often an idle source checks that its folder and observer are still there
+SUBFOLDERS_CHECK_S = 10.0  # how often a non-recursive source counts the images in sub-folders it does not read
+COUNT_LIMIT = 10_000  # directory entries looked at per sub-folder count; beyond it the count reads "at least"
 PAUSED_CHECK_S = 0.05  # how often a paused source with a file waiting looks whether it was resumed
 DONE = "done"  # a pending action: clear the file away (to done_dir, or delete it); any other action is a reject reason
 # A dropped file stays in the folder and is tried again (at the next start after "shutdown"): its part is
@@ -97,6 +107,9 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
+            if self.source.camera.recursive and event.event_type in (EVENT_TYPE_CREATED, EVENT_TYPE_MOVED):
+                moved = event.event_type == EVENT_TYPE_MOVED
+                self.source._note_tree(Path(os.fsdecode(event.dest_path if moved else event.src_path)))
             return
         if event.event_type in (EVENT_TYPE_DELETED, EVENT_TYPE_MOVED):
             self.source._forget(Path(os.fsdecode(event.src_path)))
@@ -107,7 +120,7 @@ class _Handler(FileSystemEventHandler):
 
 
 class FolderSource(FrameSource):
-    """Watches `camera.source` (not its sub-folders) and emits each settled image file once."""
+    """Watches `camera.source` (its sub-folders too when `recursive`) and emits each settled image file once."""
 
     def __init__(
         self,
@@ -136,17 +149,42 @@ class FolderSource(FrameSource):
         self._closed = False  # guarded: the capture thread is gone; ends are carried out where they happen
         self._pending: dict[Path, str] = {}  # capture thread: DONE or a reject reason, not carried out yet
         self._drops: dict[Path, int] = {}  # capture thread: how often a file's frame was dropped (its backoff)
-        self._uses: dict[str, int] = {}  # capture thread: file name -> parts published under it (see part ids)
+        self._uses: dict[str, int] = {}  # capture thread: relative path -> parts published under it (see part ids)
+        own = (self.folder / "done", self.folder / "rejected", camera.resolved_done_dir, camera.resolved_rejected_dir)
+        self._own_dirs = frozenset(_absolute(path) for path in own)  # where files go, never read from
+        self._unread: dict[str, tuple[int, bool]] = {}  # capture thread: sub-folder -> images not read, all counted
+        self._next_count = 0.0  # capture thread: monotonic time of the next count of `_unread`
 
     # --- called from the observer thread ---------------------------------------------------------------
     def _note(self, path: Path) -> None:
         """Something happened to `path`: look at it again `settle_ms` from now."""
-        if path.parent != self.folder or is_ignored(path.name):
+        if not self._takes(path):
             return
         with self._guard:
             entry = self._unsettled.setdefault(path, _Unsettled(0.0))
             entry.due = time.monotonic() + self._settle_s
         self._wake.set()
+
+    def _note_tree(self, folder: Path) -> None:
+        """Note every file below `folder` (recursive sources: at start, and a sub-folder that appeared)."""
+        if _absolute(folder) in self._own_dirs or not self._takes(folder / "file"):
+            return
+        for parent, dirs, names in os.walk(folder):
+            dirs[:] = [d for d in dirs if not is_ignored(d) and _absolute(Path(parent, d)) not in self._own_dirs]
+            for name in names:
+                self._note(Path(parent, name))
+
+    def _takes(self, path: Path) -> bool:
+        """Whether `path` is a file this source reads: in the folder, or below it when recursive (not in
+        done/ or rejected/, nor in a hidden sub-folder)."""
+        if is_ignored(path.name):
+            return False
+        if path.parent == self.folder:
+            return True
+        if not self.camera.recursive or self.folder not in path.parents:
+            return False
+        between = path.relative_to(self.folder).parents
+        return not any(is_ignored(p.name) or _absolute(self.folder / p) in self._own_dirs for p in between)
 
     def _forget(self, path: Path) -> None:
         with self._guard:
@@ -195,15 +233,15 @@ class FolderSource(FrameSource):
             if target.resolve() == self.folder.resolve():
                 raise SourceError(f"{name} must not be the watched folder itself")
         observer = Observer()
-        observer.schedule(_Handler(self), str(self.folder), recursive=False)
+        observer.schedule(_Handler(self), str(self.folder), recursive=self.camera.recursive)
         observer.start()
         try:
-            for entry in os.scandir(self.folder):  # after the observer starts, so no file falls between
-                self._note(Path(entry.path))
-            self._set_state("running")
+            self._scan()  # after the observer starts, so no file falls between
+            self._set_running()
             while not self._stopping.is_set():
                 if not observer.is_alive() or not self.folder.is_dir():
                     raise SourceError(f"lost the watch on {self.folder}")
+                self._count_unread()
                 self._take_ended()
                 self._settle()
                 if self._ready and not self._waits_for_resume():
@@ -214,6 +252,47 @@ class FolderSource(FrameSource):
         finally:
             observer.stop()
             observer.join(2.0)
+
+    def _scan(self) -> None:
+        """Note the files already there: in the folder, or below it when recursive."""
+        if self.camera.recursive:
+            self._note_tree(self.folder)
+            return
+        for entry in os.scandir(self.folder):
+            self._note(Path(entry.path))
+
+    def _set_running(self) -> None:
+        """State 'running'; the detail names the sub-folders whose images are not read."""
+        unread = self._unread.items()
+        counts = [f"{name}/ holds {'' if whole else 'at least '}{n} image(s)" for name, (n, whole) in unread]
+        detail = f"sub-folders not read (recursive = false): {', '.join(counts)}" if counts else ""
+        self._set_state("running", detail)
+
+    def _count_unread(self) -> None:
+        """Every SUBFOLDERS_CHECK_S (recursive off): count the images in sub-folders; warn about a sub-folder
+        once when images appear in it, and keep the counts in the status detail."""
+        now = time.monotonic()
+        if self.camera.recursive or now < self._next_count:
+            return
+        self._next_count = now + SUBFOLDERS_CHECK_S
+        unread = {}
+        for entry in _entries(self.folder):
+            if entry.is_dir() and not is_ignored(entry.name) and _absolute(Path(entry.path)) not in self._own_dirs:
+                images = count_images(Path(entry.path), self._own_dirs)
+                if images[0]:
+                    unread[entry.name] = images
+        for name in sorted(unread.keys() - self._unread.keys()):
+            self.log.warning(
+                "images in a sub-folder are not read",
+                sub_folder=str(self.folder / name),
+                images=unread[name][0],
+                hint="only files directly in the folder are parts: have the grabber write there, or set "
+                "recursive = true for this camera to take sub-folders too",
+            )
+        changed = unread != self._unread
+        self._unread = dict(sorted(unread.items()))
+        if changed and self.status().state == "running":
+            self._set_running()
 
     def _waits_for_resume(self) -> bool:
         """Paused, and the next file is a new one: leave it unread where it is (clearing files away goes on)."""
@@ -248,7 +327,7 @@ class FolderSource(FrameSource):
                     entry.due = max(entry.due, now + self._settle_s)
                     continue
                 del self._unsettled[path]
-            heapq.heappush(self._ready, (stat.st_mtime_ns, path.name, path))
+            heapq.heappush(self._ready, (stat.st_mtime_ns, self._relative(path), path))
 
     def _take_ended(self) -> None:
         """Act on how in-flight frames ended: clear published files away (first in line), retry dropped ones."""
@@ -260,9 +339,10 @@ class FolderSource(FrameSource):
                 self._in_flight.discard(path)
             action = self._action(unreadable, how)
             if action is not None:
-                self._uses[path.name] = self._uses.get(path.name, 0) + 1  # its part id is taken
+                key = self._relative(path)
+                self._uses[key] = self._uses.get(key, 0) + 1  # its part id is taken
                 self._pending[path] = action
-                heapq.heappush(self._ready, (0, path.name, path))  # before any new file
+                heapq.heappush(self._ready, (0, self._relative(path), path))  # before any new file
             elif how != "shutdown":  # stale, queue_full: the part was not inspected; try again later
                 drops = self._drops[path] = self._drops.get(path, 0) + 1
                 wait = min(self.camera.reconnect_max_s, self.camera.reconnect_min_s * 2 ** min(drops - 1, 16))
@@ -285,7 +365,7 @@ class FolderSource(FrameSource):
             self._back_off("failed", str(exc))
             return
         if self.status().state != "running":
-            self._set_state("running")
+            self._set_running()
             self.backoff.reset()
 
     def _process(self, path: Path) -> None:
@@ -316,8 +396,8 @@ class FolderSource(FrameSource):
             self._count_error("file rejected", UnreadableImageError(f"{path.name}: {exc}"))
             self._emit_for(path, np.zeros((0, 0), np.uint8), unreadable=str(exc))
             return
-        if self.camera.after == "move":
-            self._ensure_dir(self.camera.resolved_done_dir)  # before emitting: a full disk must not cost a frame
+        if self.camera.after == "move":  # before emitting: a full disk must not cost a frame
+            self._ensure_dir(self._below(self.camera.resolved_done_dir, path))
         self._emit_for(path, image)
 
     def _emit_for(self, path: Path, image: np.ndarray, unreadable: str | None = None) -> None:
@@ -337,13 +417,23 @@ class FolderSource(FrameSource):
         self.backoff.reset()
 
     def _part_id(self, path: Path) -> str:
-        """The file's stem, or `<stem>~<n>` when n - 1 parts were already published under its name."""
-        if path.name not in self._uses:
+        """The file's stem (with its sub-folder: `lot-7/part-000`), or `<stem>~<n>` when n - 1 parts were
+        already published under its name."""
+        key = self._relative(path)
+        if key not in self._uses:
             dirs = [self.camera.resolved_rejected_dir]
             if self.camera.after == "move":
                 dirs.append(self.camera.resolved_done_dir)
-            self._uses[path.name] = sum(copies_in(folder, path.name) for folder in dirs)
-        return repeat_part_id(path.stem, self._uses[path.name])
+            self._uses[key] = sum(copies_in(self._below(folder, path), path.name) for folder in dirs)
+        return repeat_part_id(Path(key).with_name(path.stem).as_posix(), self._uses[key])
+
+    def _relative(self, path: Path) -> str:
+        """`path` below the watched folder, '/'-separated: the file name, or `lot-7/part-000.png` (recursive)."""
+        return path.name if path.parent == self.folder else path.relative_to(self.folder).as_posix()
+
+    def _below(self, target: Path, path: Path) -> Path:
+        """Where in `target` (done_dir, rejected_dir) `path` goes: the same sub-folder as below the watched one."""
+        return target / Path(self._relative(path)).parent
 
     def _carry_out(self, path: Path, action: str) -> None:
         """Clear an inspected file away (DONE) or reject it with `action` as the reason; raises _BlockedError."""
@@ -363,7 +453,7 @@ class FolderSource(FrameSource):
             if self.camera.after == "delete":
                 path.unlink(missing_ok=True)
             elif path.exists():
-                move_into(path, self._ensure_dir(done))
+                move_into(path, self._ensure_dir(self._below(done, path)))
         except OSError as exc:
             where = f" to {done}" if self.camera.after == "move" else ""
             raise _BlockedError(f"cannot {self.camera.after} {path.name}{where}: {exc.strerror or exc}") from None
@@ -373,7 +463,7 @@ class FolderSource(FrameSource):
         if not counted:
             self._count_error("file rejected", UnreadableImageError(f"{path.name}: {reason}"))
         try:
-            target = move_into(path, self._ensure_dir(self.camera.resolved_rejected_dir))
+            target = move_into(path, self._ensure_dir(self._below(self.camera.resolved_rejected_dir, path)))
             target.with_name(f"{target.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
         except OSError as exc:
             raise _BlockedError(f"cannot move {path.name} to rejected: {exc.strerror or exc}") from None
@@ -396,6 +486,37 @@ class FolderSource(FrameSource):
         except OSError as exc:
             raise _BlockedError(f"cannot create {folder}: {exc.strerror or exc}") from None
         return folder
+
+
+def _absolute(path: Path) -> Path:
+    """`path` made absolute and normalised (symlinks not followed), to compare folders."""
+    return Path(os.path.abspath(path))
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    """The entries of `folder`; none when it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+def count_images(folder: Path, skip: frozenset[Path], limit: int = COUNT_LIMIT) -> tuple[int, bool]:
+    """Image files (by name) at any depth below `folder`, not below `skip` nor hidden (symlinked folders
+    are not followed), and whether that is all of them: counting stops after looking at `limit` entries."""
+    images, seen, stack = 0, 0, [folder]
+    while stack and seen < limit:
+        for entry in _entries(stack.pop()):
+            seen += 1
+            if is_ignored(entry.name):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if _absolute(Path(entry.path)) not in skip:
+                    stack.append(Path(entry.path))
+            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                images += 1
+    return images, not stack
 
 
 def copies_in(folder: Path, name: str) -> int:
