@@ -35,6 +35,7 @@ from asyncua import Node, Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 from pydantic import ValidationError
 
+from agent.commands import ENGINE_LOADING
 from agent.control import Answer, Command, ThresholdArgs
 from agent.logs import get_logger
 from agent.opcua.config import OpcuaConfig
@@ -448,7 +449,8 @@ class OpcuaServer:
             answer = self._handler(Command("threshold", args))
         except ValueError as exc:
             log.warning("opcua SetThreshold refused", error=str(exc))
-            return status(ua.StatusCodes.BadInvalidArgument)
+            loading = str(exc) == ENGINE_LOADING
+            return status(ua.StatusCodes.BadInvalidState if loading else ua.StatusCodes.BadInvalidArgument)
         name, threshold = answer.get("product_class"), answer.get("threshold")
         return [ua.Variant(str(name), ua.VariantType.String), ua.Variant(float(threshold), ua.VariantType.Double)]  # type: ignore[arg-type]
 
