@@ -1,7 +1,8 @@
-"""The inspection service: cameras to engine to MQTT, Redis and (optionally) OPC UA, wired together and run until stopped.
+"""The inspection service: cameras to engine to MQTT, Redis and OPC UA ([opcua]), wired together and run until stopped.
 
 Start order: publishers (non-blocking: a broker that is down is retried in the
-background; the OPC UA server of `[opcua]`, agent/opcua/, starts listening on its own thread), health server, the engine worker (engine, classes, warm-up, on its
+background; the OPC UA server, agent/opcua/, listens from its own thread), health server,
+the engine worker (engine, classes, warm-up, on its
 own thread), then the cameras whose class could be set up, then the checkpoint
 watcher; systemd hears READY=1 only then. The retained MQTT status is `starting` from
 the first connect until then, `online` (or `degraded`, with reasons) after, see
