@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agent.opcua.config import OpcuaConfig
+from agent.opcua.nodes import clashing_cameras
 from agent.publish.config import MqttConfig, RedisConfig
 from agent.section import Section
 from agent.sources.config import CameraConfig
@@ -146,6 +148,7 @@ class InspectConfig(BaseSettings):
     )
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    opcua: OpcuaConfig = Field(default_factory=OpcuaConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     trainer: object = Field(
         default_factory=dict,
@@ -199,6 +202,16 @@ class InspectConfig(BaseSettings):
         ]
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _opcua_node_ids(self) -> InspectConfig:
+        """A camera's OPC UA node id `<line>.<camera>` must not be one of the line's own (`<line>.Status`, ...)."""
+        clash = clashing_cameras([c.id for c in self.cameras]) if self.opcua.enabled else []
+        if clash:
+            raise ValueError(
+                f"cameras: id {', '.join(clash)} is the name of an OPC UA line variable; rename the camera"
+            )
         return self
 
     def product_classes(self) -> list[str]:

@@ -1,7 +1,8 @@
-"""The inspection service: cameras to engine to MQTT and Redis, wired together and run until stopped.
+"""The inspection service: cameras to engine to MQTT, Redis and OPC UA ([opcua]), wired together and run until stopped.
 
 Start order: publishers (non-blocking: a broker that is down is retried in the
-background), health server, the engine worker (engine, classes, warm-up, on its
+background; the OPC UA server, agent/opcua/, listens from its own thread), health server,
+the engine worker (engine, classes, warm-up, on its
 own thread), then the cameras whose class could be set up, then the checkpoint
 watcher; systemd hears READY=1 only then. The retained MQTT status is `starting` from
 the first connect until then, `online` (or `degraded`, with reasons) after, see
@@ -21,6 +22,7 @@ profiles from [model].profile_dir after the prompts (agent/line_reload.py).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -62,7 +64,7 @@ from agent.results import Inspection, JsonObject, build_inspection, build_uninsp
 from agent.sources import open_source
 from agent.sources.base import FrameSource
 from agent.systemd import SystemdNotifier
-from agent.triggers import TriggerRefusedError, parse_trigger
+from agent.triggers import Trigger, TriggerRefusedError, checked_part_id, parse_trigger
 from agent.worker import InferenceWorker
 from model.checkpoint_files import checkpoint_candidates, resolve_checkpoint
 
@@ -135,7 +137,7 @@ class InspectionService:
         except ValueError as exc:  # TLS files that cannot be loaded
             raise StartupError(str(exc)) from None
         self.redis = RedisStreamPublisher(config.redis, self.line)
-        self.publishers: tuple[Publisher, ...] = (self.mqtt, self.redis)
+        self.publishers: tuple[Publisher, ...] = (self.mqtt, self.redis, *self._opcua_server())
         self.journal = PartJournal(journal_path(state_dir))
         answers = AnswerSettings(self.line, config.mqtt.decision_window_ms / 1000.0, config.mqtt.reject_uninspected)
         self.failsafe = FailSafe(answers, self.publishers, self.metrics, self._model_fields, self.journal.closed)
@@ -167,6 +169,18 @@ class InspectionService:
         self.watcher: CheckpointWatcher | None = None
         self._model_info: dict[str, str] = {}  # backbone, weights
         self._newest_at_start: tuple[Path, int, int] | None = None  # (path, size, mtime) when the engine loaded
+
+    def _opcua_server(self) -> tuple[Publisher, ...]:
+        """The OPC UA server ([opcua], extra `opcua`) when enabled: a sink beside MQTT and Redis."""
+        if not self.config.opcua.enabled:
+            return ()
+        from agent.opcua.server import OpcuaServer  # asyncua: only with the extra
+
+        cameras = [camera.id for camera in self.config.cameras]
+        server = OpcuaServer(
+            self.config.opcua, self.line, cameras, on_trigger=self.opcua_trigger, handler=self.handle_command
+        )
+        return (server,)
 
     # --- start and stop -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -409,18 +423,43 @@ class InspectionService:
         for the camera (agent/triggers.py); refused, it is logged and counted, and the PLC rejects the part on
         silence past its deadline (there is no part id to answer for)."""
         try:
-            source = self._trigger_target(camera, retained)
-            opened = partial(self.journal.opened_part, camera)
-            source.accept_trigger(parse_trigger(payload), lambda trigger: opened(trigger.part_id))
+            if retained:
+                raise TriggerRefusedError("retained", "a retained trigger is ignored: it would fire at every reconnect")
+            part_id = parse_trigger(payload)
         except TriggerRefusedError as exc:
-            label = camera if camera in self.sources else "unknown"
-            self.metrics.triggers_refused.labels(camera=label, reason=exc.reason).inc()
-            log.warning("trigger refused", camera=camera[:64], reason=exc.reason, error=str(exc))
+            self._refused(camera, exc)
+            return
+        with contextlib.suppress(TriggerRefusedError):  # counted and logged by accept_trigger
+            self.accept_trigger(camera, part_id)
 
-    def _trigger_target(self, camera: str, retained: bool) -> FrameSource:
+    def opcua_trigger(self, camera: str, part_id: str | None) -> Trigger:
+        """The OPC UA method Trigger(partId) (an asyncua worker thread): an MQTT trigger's path and refusals,
+        with the part id checked like a plain-text MQTT payload; raises TriggerRefusedError, which the caller
+        gets as a bad status code."""
+        try:
+            checked = None if part_id is None else checked_part_id(part_id)
+        except TriggerRefusedError as exc:
+            self._refused(camera, exc)
+            raise
+        return self.accept_trigger(camera, checked)
+
+    def accept_trigger(self, camera: str, part_id: str | None) -> Trigger:
+        """Journal and queue a trigger for `camera` (never blocks); a refusal is logged, counted and raised."""
+        try:
+            source = self._trigger_target(camera)
+            opened = partial(self.journal.opened_part, camera)
+            return source.accept_trigger(part_id, lambda trigger: opened(trigger.part_id))
+        except TriggerRefusedError as exc:
+            self._refused(camera, exc)
+            raise
+
+    def _refused(self, camera: str, exc: TriggerRefusedError) -> None:
+        label = camera if camera in self.sources else "unknown"
+        self.metrics.triggers_refused.labels(camera=label, reason=exc.reason).inc()
+        log.warning("trigger refused", camera=camera[:64], reason=exc.reason, error=str(exc))
+
+    def _trigger_target(self, camera: str) -> FrameSource:
         """The running source a trigger is for; TriggerRefusedError with the reason when there is none."""
-        if retained:
-            raise TriggerRefusedError("retained", "a retained trigger is ignored: it would fire at every reconnect")
         source = self.sources.get(camera)
         if source is not None and self._running.is_set() and not self._stop.is_set():
             return source

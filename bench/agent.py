@@ -3,7 +3,9 @@
 Starts its own Mosquitto and Redis on free loopback ports (or uses the config's with
 `--brokers config`), runs `genclip run` with N synthetic cameras at F frames/s each,
 and subscribes to every result and reject: sustained frames/s, capture-to-publish
-latency (from the frame's `captured_at` to the subscriber's clock; same machine),
+latency (from the frame's `captured_at` to the subscriber's clock; same machine), and with
+`opcua` the same for an OPC UA client monitoring each camera's `CapturedAt` (the server on,
+handshake off: every result is presented as it comes),
 drops by reason (the agent's /metrics), Redis stream entries, the agent's CPU and
 memory, and at the end the accounting identity from the agent's own "stopped" line:
 accepted = published + dropped + expired.
@@ -205,6 +207,7 @@ def redis_entries(url: str, line: str = LINE) -> int:
 
 def run_agent_bench(
     *,
+    opcua: bool = False,
     cameras: int = 4,
     fps: float = 5.0,
     seconds: float = 60.0,
@@ -253,6 +256,24 @@ def run_agent_bench(
             overrides=settings,
             defect_rate=defect_rate,
         )
+        opcua_listener = None
+        if opcua:  # the OPC UA path: a monitoring client's view of each result, next to MQTT's
+            from bench.opcua_client import make_credentials
+
+            credentials = make_credentials(work / "opcua", LINE)
+            opcua_port = free_port()
+            settings["opcua"] = credentials.config(opcua_port, handshake=False)
+            config = write_config(
+                base,
+                work,
+                cameras=cameras,
+                fps=fps,
+                health_port=health,
+                mqtt_port=mqtt_port if brokers == "start" else None,
+                redis_url=redis_url if brokers == "start" else None,
+                overrides=settings,
+                defect_rate=defect_rate,
+            )
         written = tomllib.loads(config.read_text())
         prefix = written["mqtt"].get("topic_prefix", "genclip")
         listener = LatencyListener(mqtt_host, mqtt_port, prefix)
@@ -276,6 +297,12 @@ def run_agent_bench(
                     if scrape(health).get("genclip_frames_processed", 0) > 0:
                         break
                 time.sleep(0.5)
+            if opcua:
+                from bench.opcua_client import OpcuaLatencyListener
+
+                ids = [c["id"] for c in written["cameras"]]
+                opcua_listener = OpcuaLatencyListener(f"opc.tcp://127.0.0.1:{opcua_port}/", credentials, LINE, ids)
+                opcua_listener.start()
             try:
                 first = {**scrape(health), **process_sample(agent.pid), "t": time.monotonic()}
             except OSError as exc:
@@ -283,12 +310,16 @@ def run_agent_bench(
                     f"the agent is not answering on /metrics after warm-up ({exc}); see {log_path}"
                 ) from None
             seen = listener.measure()
+            opcua_seen = opcua_listener.measure() if opcua_listener is not None else 0
             end = time.monotonic() + seconds
             while agent.poll() is None and time.monotonic() < end:
                 time.sleep(min(1.0, max(0.05, end - time.monotonic())))
             last = {**scrape(health), **process_sample(agent.pid), "t": time.monotonic()}
             counted = dict(listener.counts)
+            opcua_counted = opcua_listener.count if opcua_listener is not None else 0
         finally:
+            if opcua_listener is not None:  # before the agent: its server going away is not news
+                opcua_listener.stop()
             stop_agent(agent)
             listener.stop()
         frames = stopped_frames(log_path.read_text(errors="replace"))
@@ -319,7 +350,11 @@ def run_agent_bench(
             "inspected_fps": rate("genclip_frames_processed"),
             "results_per_s": round((counted["result"] - seen["result"]) / span, 2),
             "rejects_per_s": round((counted["reject"] - seen["reject"]) / span, 2),
-            "latency_ms": {k: percentiles(v) for k, v in listener.latencies.items()},
+            "latency_ms": {
+                **{k: percentiles(v) for k, v in listener.latencies.items()},
+                **({"opcua": percentiles(opcua_listener.latencies)} if opcua_listener is not None else {}),
+            },
+            "opcua_results_per_s": round((opcua_counted - opcua_seen) / span, 2) if opcua else None,
             "dropped_during_measurement": {k: v for k, v in dropped.items() if v},
             "agent": {
                 "cpu_percent": round(100 * (last["cpu_s"] - first["cpu_s"]) / span, 1),
@@ -348,10 +383,16 @@ def print_agent_report(r: dict[str, Any]) -> None:
         f"frames/s: offered {r['offered_fps']}, captured {r['captured_fps']}, inspected {r['inspected_fps']}, "
         f"results {r['results_per_s']}, rejects {r['rejects_per_s']}",
     ]
+    paths = {
+        "result": "MQTT result",
+        "reject": "MQTT reject",
+        "opcua": "OPC UA CapturedAt change (monitoring client, 10 ms publishing)",
+    }
     for kind, p in r["latency_ms"].items():
         if p["count"]:
             lines.append(
-                f"capture->{kind} latency: p50 {p['p50']} ms, p99 {p['p99']} ms, max {p['max']} ms (n={p['count']})"
+                f"capture->{paths.get(kind, kind)} latency: p50 {p['p50']} ms, p99 {p['p99']} ms, max {p['max']} ms "
+                f"(n={p['count']})"
             )
     lines += [
         f"dropped while measured: {r['dropped_during_measurement'] or 'none'}",

@@ -158,15 +158,28 @@ def agent(
         Path | None,
         typer.Option(help="Folder for the config, logs and brokers' files; default a new temporary folder."),
     ] = None,
+    opcua: Annotated[
+        bool | None,
+        typer.Option(
+            "--opcua/--no-opcua",
+            help="Also run the OPC UA server and measure a monitoring client's capture-to-change latency "
+            "(default: when the extra `opcua` is installed).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
 ) -> None:
-    """Sustained frames/s, capture-to-publish latency of results and rejects, drops by reason."""
+    """Sustained frames/s, capture-to-signal latency of MQTT results and rejects and OPC UA, drops by reason."""
     if brokers not in ("start", "config"):
         raise typer.BadParameter("--brokers must be start or config")
+    from agent.opcua import PIP_INSTALL, available
     from bench.agent import print_agent_report, run_agent_bench
 
+    if opcua and not available():
+        typer.echo(f"error: --opcua needs the OPC UA extra: {PIP_INSTALL}", err=True)
+        raise typer.Exit(2)
     overrides = agent_overrides(batch_size, device, backbone, precision, pipeline, image_size, compile_model)
     report = run_agent_bench(
+        opcua=available() if opcua is None else opcua,
         cameras=cameras,
         fps=fps,
         seconds=seconds,

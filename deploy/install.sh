@@ -12,8 +12,9 @@ Installs GenCLIP Inspect from this checkout (as root; run it again at any time t
   PREFIX/venv/                        the program (PREFIX/venv/bin/genclip), rebuilt on every run
   /etc/genclip/<line>.toml            a config per --line, from config.toml (root:genclip 0640);
                                       an existing config is never overwritten
-  /etc/genclip/credentials/<line>/    mqtt-password, redis-password: empty files (root 0600),
-                                      handed to the service with LoadCredential= (empty = no password)
+  /etc/genclip/credentials/<line>/    mqtt-password, redis-password, opcua-users: empty files (root 0600),
+                                      handed to the service with LoadCredential= (empty = no password);
+                                      opcua-cert, opcua-key: the OPC UA server's certificate (openssl)
   /var/lib/genclip/                   state, owned by genclip: prompts/<line>/, profiles/<line>/,
                                       reference/<line>/, runs/<line>/, hf-cache/, weights/
   /etc/systemd/system/                genclip@.service, genclip-train@.service, genclip-train@.timer
@@ -330,15 +331,38 @@ configure_line() {
     fi
     cred="$(r "$CRED_DIR/$line")"
     ensure_dir 0700 root root "$cred"
-    for name in mqtt-password redis-password; do
+    for name in mqtt-password redis-password opcua-users; do
         if [[ ! -e "$cred/$name" ]]; then
             (umask 077 && : >"$cred/$name")
             say "created $cred/$name (empty: no password)"
         fi
     done
+    opcua_certificate "$line" "$cred"
     for sub in prompts profiles reference runs; do
         ensure_dir 0750 "$SERVICE_USER" "$SERVICE_USER" "$(r "$STATE_DIR/$sub/$line")"
     done
+}
+
+# The OPC UA server's certificate ([opcua], docs/integration.md#opc-ua): self-signed, RSA 2048, SHA-256, the
+# line's application URI and this host's name in subjectAltName, the key usages OPC UA asks for. Made once per
+# line (kept on upgrades). Without openssl the files are left empty: `genclip opcua cert` makes them later.
+opcua_certificate() {
+    local line="$1" cred="$2" host
+    [[ -s "$cred/opcua-cert" && -s "$cred/opcua-key" ]] && return 0
+    host="$(hostname -f 2>/dev/null || hostname)"
+    if command -v openssl >/dev/null 2>&1 &&
+        (umask 077 && openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 \
+            -keyout "$cred/opcua-key" -out "$cred/opcua-cert" -outform DER \
+            -subj "/CN=GenCLIP Inspect $line" \
+            -addext "subjectAltName=URI:urn:genclip-inspect:$line,DNS:$host" \
+            -addext "basicConstraints=critical,CA:FALSE" \
+            -addext "keyUsage=critical,digitalSignature,nonRepudiation,keyEncipherment,dataEncipherment" \
+            -addext "extendedKeyUsage=serverAuth,clientAuth" 2>/dev/null); then
+        say "created $cred/opcua-cert and opcua-key (OPC UA server certificate, urn:genclip-inspect:$line)"
+    else
+        (umask 077 && : >"$cred/opcua-cert" && : >"$cred/opcua-key")
+        say "openssl not found: $cred/opcua-cert and opcua-key left empty (genclip opcua cert makes them)"
+    fi
 }
 
 daemon_reload() {

@@ -131,11 +131,28 @@ def test_staged_tree_layout_and_modes(staged):
         assert mode(staged / f"etc/genclip/{line}.toml") == 0o640
         creds = staged / "etc/genclip/credentials" / line
         assert mode(creds) == 0o700
-        for name in ("mqtt-password", "redis-password"):
+        for name in ("mqtt-password", "redis-password", "opcua-users"):
             assert (creds / name).read_bytes() == b"" and mode(creds / name) == 0o600
+        assert_opcua_certificate(creds, line)
         for sub in ("prompts", "profiles", "reference", "runs"):
             assert mode(state / sub / line) == 0o750
     assert (state / "hf-cache").is_dir() and (state / "weights").is_dir()
+
+
+def assert_opcua_certificate(creds: Path, line: str) -> None:
+    """install.sh's OPC UA certificate: the line's application URI, the key usages OPC UA asks for, its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    assert mode(creds / "opcua-key") == 0o600
+    cert = x509.load_der_x509_certificate((creds / "opcua-cert").read_bytes())
+    key = load_pem_private_key((creds / "opcua-key").read_bytes(), None)
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == [f"urn:genclip-inspect:{line}"]
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and usage.key_encipherment and usage.data_encipherment
+    assert cert.public_key().key_size == 2048  # type: ignore[union-attr]
 
 
 @pytest.mark.slow
