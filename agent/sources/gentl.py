@@ -1,7 +1,10 @@
 """Any vendor's GenICam camera through its GenTL producer and harvesters (kind "genicam", the `[genicam]` extra).
 
-`genicam.cti` names the producer (the vendor's .cti for GigE Vision or USB3 Vision); each source loads it
-into its own `Harvester`. The camera is found among the producer's devices by serial number, else by
+`genicam.cti` names the producer (the vendor's .cti for GigE Vision or USB3 Vision). A producer is a shared
+library loaded once per process, so the cameras of one .cti share one `Harvester` (`PRODUCERS`); its device
+list is read again only while none of its cameras is open (harvesters' `update` invalidates the open ones),
+so a camera that reconnects while another camera of the same producer runs is looked for in the list read
+when the first of them opened. The camera is found among the producer's devices by serial number, else by
 user-defined name, else by the producer's device id. A buffer's first component is the image, laid out by
 its `data_format` (the pixel format); `frame_id` is the camera's frame id and the timestamp (ns where the
 producer gives it) is kept when not 0. harvesters discards an incomplete buffer itself and says so through
@@ -13,6 +16,8 @@ and RGBa8, 400x400 by default, free-run only (no trigger features), no timestamp
 from __future__ import annotations
 
 import contextlib
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,10 +76,10 @@ class HarvesterFeatures:
 class HarvesterDevice:
     """An open harvesters `ImageAcquirer` and the `Harvester` that loaded its producer."""
 
-    def __init__(self, harvester: Any, acquirer: Any, name: str) -> None:
+    def __init__(self, cti: Path, acquirer: Any, name: str) -> None:
         from harvesters.core import Callback, ImageAcquirer
 
-        self._harvester = harvester
+        self._cti = cti
         self._acquirer = acquirer
         self.name = name
         self.features: Features = HarvesterFeatures(acquirer.remote_device.node_map)
@@ -117,9 +122,10 @@ class HarvesterDevice:
         return False  # a producer reports a lost device by failing the fetch (an exception: reconnect)
 
     def close(self) -> None:
-        for step in (self._acquirer.stop, self._acquirer.destroy, self._harvester.reset):
+        for step in (self._acquirer.stop, self._acquirer.destroy):
             with contextlib.suppress(Exception):  # a lost device refuses to stop: release what can be released
                 step()
+        PRODUCERS.release(self._cti)
 
 
 def _shaped(component: Any, pixel_format: str) -> np.ndarray:
@@ -129,40 +135,83 @@ def _shaped(component: Any, pixel_format: str) -> np.ndarray:
     return np.array(component.data, copy=True).reshape(shape)
 
 
+class Producers:
+    """The process's loaded GenTL producers: one `Harvester` per .cti, shared by its open cameras."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: dict[Path, tuple[Any, int]] = {}  # cti -> (harvester, cameras open)
+
+    def open(self, cti: Path, wanted: str) -> tuple[Any, Any]:
+        """Open the camera `wanted` (serial, user-defined name or device id) through `cti`: (acquirer, info)."""
+        with self._lock:
+            harvester, users = self._loaded.get(cti, (None, 0))
+            try:
+                if harvester is None:
+                    harvester = _load(cti)
+                elif users == 0:
+                    harvester.update()  # nothing open: the device list can be read again
+                acquirer, info = _create(harvester, wanted)
+            except Exception:
+                if users == 0 and harvester is not None:
+                    harvester.reset()
+                    self._loaded.pop(cti, None)
+                raise
+            self._loaded[cti] = (harvester, users + 1)
+            return acquirer, info
+
+    def release(self, cti: Path) -> None:
+        """One camera of `cti` closed; the producer is unloaded with its last camera."""
+        with self._lock:
+            harvester, users = self._loaded.get(cti, (None, 0))
+            if harvester is None:
+                return
+            if users <= 1:
+                del self._loaded[cti]
+                with contextlib.suppress(Exception):
+                    harvester.reset()
+            else:
+                self._loaded[cti] = (harvester, users - 1)
+
+
+PRODUCERS = Producers()
+
+
+def _load(cti: Path) -> Any:
+    from harvesters.core import Harvester
+
+    harvester = Harvester()
+    try:
+        harvester.add_file(str(cti), check_existence=True, check_validity=True)
+        harvester.update()
+    except Exception as exc:
+        harvester.reset()
+        raise SourceError(f"GenTL producer {cti} cannot be loaded: {first_line(exc)}") from None
+    return harvester
+
+
+def _create(harvester: Any, wanted: str) -> tuple[Any, Any]:
+    """The acquirer of the producer's device named `wanted`; SourceError when not there or not openable."""
+    found = list(harvester.device_info_list)
+    for key in ("serial_number", "user_defined_name", "id_"):
+        match = [i for i, d in enumerate(found) if d.property_dict.get(key) == wanted]
+        if match:
+            break
+    else:
+        seen = ", ".join(f"{d.serial_number} ({d.user_defined_name or d.model})" for d in found)
+        raise SourceError(f"camera {wanted} not found; the producer sees {seen or 'no camera'}")
+    try:
+        return harvester.create(match[0]), found[match[0]]
+    except Exception as exc:
+        why = first_line(exc)
+        raise SourceError(f"camera {wanted} cannot be opened (in use by another program?): {why}") from None
+
+
 class GenTLSource(GenICamSource):
     """A GenICam camera through a GenTL producer (.cti) and harvesters."""
 
     def _open_device(self) -> Device:
-        from harvesters.core import Harvester
-
         cti = self.camera.genicam.cti
         assert cti is not None  # the config requires it for kind genicam
-        harvester = Harvester()
-        try:
-            harvester.add_file(str(cti), check_existence=True, check_validity=True)
-            harvester.update()
-            return self._open_in(harvester)
-        except SourceError:
-            harvester.reset()
-            raise
-        except Exception as exc:
-            harvester.reset()
-            raise SourceError(f"GenTL producer {cti}: {first_line(exc)}") from None
-
-    def _open_in(self, harvester: Any) -> Device:
-        wanted = self.camera.source
-        found = list(harvester.device_info_list)
-        for key in ("serial_number", "user_defined_name", "id_"):
-            match = [i for i, d in enumerate(found) if d.property_dict.get(key) == wanted]
-            if match:
-                break
-        else:
-            seen = ", ".join(f"{d.serial_number} ({d.user_defined_name or d.model})" for d in found)
-            raise SourceError(f"camera {wanted} not found; the producer sees {seen or 'no camera'}")
-        info = found[match[0]]
-        try:
-            acquirer = harvester.create(match[0])
-        except Exception as exc:
-            why = first_line(exc)
-            raise SourceError(f"camera {wanted} cannot be opened (in use by another program?): {why}") from None
-        return HarvesterDevice(harvester, acquirer, f"{info.vendor} {info.model} {info.serial_number}")
+        acquirer, info = PRODUCERS.open(cti.resolve(), self.camera.source)
+        return HarvesterDevice(cti.resolve(), acquirer, f"{info.vendor} {info.model} {info.serial_number}")

@@ -94,6 +94,7 @@ class GenICamSource(FrameSource):
         self._device_name: str | None = None
         self._pixel_format = ""
         self._counts_lock = threading.Lock()
+        self.device_in_use: Device | None = None  # the open camera (tests and benchmarks drive its features)
 
     # --- for the service ------------------------------------------------------------------------------
     def grab_errors(self) -> dict[str, int]:
@@ -113,6 +114,7 @@ class GenICamSource(FrameSource):
         first = self.status().state == "starting"
         self._set_state("starting" if first else "reconnecting", f"opening camera {self.camera.source}")
         device = self._open_device()
+        self.device_in_use = device
         try:
             self._device_name = device.name
             self._pixel_format = configure(device.features, self.camera)
@@ -125,6 +127,7 @@ class GenICamSource(FrameSource):
             else:
                 self._take_frames(device)
         finally:
+            self.device_in_use = None
             device.close()
 
     def _take_frames(self, device: Device) -> None:
