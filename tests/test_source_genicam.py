@@ -90,7 +90,7 @@ def test_genicam_settings_are_checked(tmp_path):
         genicam={"pixel_format": "BayerRG8", "line": "Line2", "activation": "falling", "delay_us": 50},
     )
     assert cam.resolved_kind == "pylon" and cam.is_live and cam.resolved_queue_policy == "drop_oldest"
-    with pytest.raises(ValidationError, match="kind genicam needs genicam.cti"):
+    with pytest.raises(ValidationError, match=r"kind genicam needs genicam\.cti"):
         CameraConfig(id="c", source="0", product_class="w", kind="genicam")
     with pytest.raises(ValidationError, match="is not a file"):
         CameraConfig(id="c", source="0", product_class="w", kind="genicam", genicam={"cti": str(tmp_path / "x.cti")})
