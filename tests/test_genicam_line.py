@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,6 +123,11 @@ def run_conveyors(plc: Plc, prefix: str, count: int, cameras: tuple[str, ...] = 
         conveyor.join(count / RATE + 30)
 
 
+def results_for(watcher: Subscriber, prefix: str) -> int:
+    """Results so far for the parts whose ids start with `prefix`."""
+    return sum(r["part_id"].startswith(prefix) for r in watcher.of("/result"))
+
+
 def test_two_emulated_pylon_cameras_software_triggered_by_the_plc_through_genclip_run(
     tmp_path: Path, mosquitto: MosquittoServer, redis_server: RedisServer
 ) -> None:
@@ -130,10 +136,12 @@ def test_two_emulated_pylon_cameras_software_triggered_by_the_plc_through_gencli
     folders = {camera: tmp_path / camera for camera in ("cam-1", "cam-2")}
     for folder in folders.values():
         write_files(folder, good, defective)
-    line, window_ms, port = "gcam", 6000, free_port()
+    line, window_ms, port = "gcam", 15_000, free_port()  # a long window: two shared CPU cores can lag seconds
     cameras = [emulated("cam-1", "0815-0000", folders["cam-1"]), emulated("cam-2", "0815-0001", folders["cam-2"])]
     cfg = fault_config(mosquitto.port, redis_server.url, line, cameras, mqtt={"decision_window_ms": window_ms})
     data = cfg.model_dump(mode="json", exclude_none=True, by_alias=True)
+    for camera in data["cameras"]:
+        camera.pop("synthetic")  # the defaults model_dump writes; a [cameras.synthetic] table is for synthetic kinds
     data["thresholds"] = {"widget": threshold}
     data["agent"].update(health_port=port, state_dir=str(tmp_path / "state"))
     config = tmp_path / "line.toml"
@@ -148,7 +156,7 @@ def test_two_emulated_pylon_cameras_software_triggered_by_the_plc_through_gencli
     try:
         wait_for(lambda: retained(mosquitto.port, f"genclip/{line}/status", 1) == "online", 120, "the line online")
         run_conveyors(plc, "A", 9)  # both cameras, 2 parts/s each
-        assert plc.wait_settled(window_ms / 1000.0 + 20)
+        wait_for(lambda: results_for(watcher, "A") == 18, 60, "phase A answered")
 
         for name in os.listdir(folders["cam-1"]):  # cam-1 can no longer read its sensor: every grab fails
             os.rename(folders["cam-1"] / name, tmp_path / name)
@@ -159,14 +167,14 @@ def test_two_emulated_pylon_cameras_software_triggered_by_the_plc_through_gencli
         for conveyor in conveyors:
             conveyor.join(30)
         fault_s = time.monotonic() - began
+        wait_for(lambda: results_for(watcher, "B") == 20, 60, "phase B answered while cam-1's files are gone")
         for name in ("part-0.png", "part-1.png", "part-2.png"):
             os.rename(tmp_path / name, folders["cam-1"] / name)
         wait_for(lambda: health(port)[0] == 200, 30, "cam-1 running again")
-        assert plc.wait_settled(window_ms / 1000.0 + 20)
         grab_errors = scrape(port, "genclip_grab_errors_total", camera="cam-1", kind="failed")
         assert scrape(port, "genclip_grab_errors_total", camera="cam-2", kind="failed") == 0
 
-        run_conveyors(plc, "C", 6, ("cam-1",))
+        run_conveyors(plc, "C", 9, ("cam-1",))
         assert plc.wait_settled(window_ms / 1000.0 + 20)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
@@ -182,7 +190,7 @@ def test_two_emulated_pylon_cameras_software_triggered_by_the_plc_through_gencli
     results = {r["part_id"]: r for r in watcher.of("/result")}
     assert Counter(r["part_id"] for r in watcher.of("/result")).most_common(1)[0][1] == 1  # one result a part
     by_part = {r.part_id: r for r in report.records}
-    assert report.parts == report.triggers == 2 * 9 + 2 * 10 + 6 and report.rejected_silence == 0
+    assert report.parts == report.triggers == 2 * 9 + 2 * 10 + 9 and report.rejected_silence == 0
     assert report.uninspected_passed == 0 and report.late == 0 and report.duplicates == 0
 
     # Phase A: each trigger's frame is the camera's next one (frame id = trigger - 1), the defective file rejected.
@@ -201,7 +209,7 @@ def test_two_emulated_pylon_cameras_software_triggered_by_the_plc_through_gencli
     assert all(r["error"].startswith("grab failed: Failed to load image file") for r in cam1[:3]), cam1[0]
     print("cam-1's answers while down:", dict(Counter(r["error"].split(":")[0] for r in cam1)))
     assert grab_errors >= 3
-    assert "retry in" in " ".join(down[1]["reasons"]) and down[0] == 503, down
+    assert down[0] == 503 and any(r.startswith("camera cam-1: reconnecting (") for r in down[1]["reasons"]), down
     cam2 = [results[f"B2-{n:06d}"] for n in range(1, 11)]
     assert [r["camera_frame_id"] for r in cam2] == list(range(9, 19))
     assert all(r["verdict"] == ("NG" if r["camera_frame_id"] % 3 == DEFECTIVE_FILE else "OK") for r in cam2)
@@ -211,12 +219,15 @@ def test_two_emulated_pylon_cameras_software_triggered_by_the_plc_through_gencli
         f"decision latency max {max(answered):.0f} ms; cam-1 grab errors {grab_errors:g}"
     )
 
-    # Phase C: cam-1 reconnected inspects again, in order, with the camera's own frame count.
-    cam1_back = [results[f"C1-{n:06d}"] for n in range(1, 7)]
-    assert all(r["verdict"] in ("OK", "NG") for r in cam1_back), cam1_back
-    ids = [r["camera_frame_id"] for r in cam1_back]
-    assert ids == list(range(ids[0], ids[0] + 6))
-    assert "camera open" in log.read_text()
+    # Phase C: with its files back cam-1 inspects again, in order, with the camera's own frame count. The
+    # emulator reads a folder when ImageFilename is set: opened while the folder was empty, it fails grabs
+    # until the next reopen (up to `error_limit` ERROR answers and a backoff), then every part is inspected.
+    cam1_back = [results[f"C1-{n:06d}"] for n in range(1, 10)]
+    verdicts = "".join("E" if r["verdict"] == "ERROR" else "I" for r in cam1_back)
+    print(f"cam-1 after its files came back: {verdicts} (E: ERROR, I: inspected)")
+    assert re.fullmatch(r"E{0,4}I{5,}", verdicts), verdicts
+    ids = [r["camera_frame_id"] for r in cam1_back if r["verdict"] != "ERROR"]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))
 
 
 def test_a_harvesters_camera_on_the_simulator_producer_free_runs_mono8_and_rgb_frames_scored(

@@ -94,6 +94,8 @@ def test_genicam_settings_are_checked(tmp_path):
         CameraConfig(id="c", source="0", product_class="w", kind="genicam")
     with pytest.raises(ValidationError, match="is not a file"):
         CameraConfig(id="c", source="0", product_class="w", kind="genicam", genicam={"cti": str(tmp_path / "x.cti")})
+    dumped = CameraConfig(id="c", source="synthetic:a", product_class="w").model_dump(mode="json")
+    assert CameraConfig(**dumped).genicam.error_limit == 5  # a dumped config's table of defaults loads again
     with pytest.raises(ValidationError, match="only for kinds pylon and genicam"):
         CameraConfig(id="c", source="0", product_class="w", kind="opencv", genicam={"exposure_us": 100})
     with pytest.raises(ValidationError, match="pixel_format"):
