@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,opcua]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,opcua,pylon,genicam]'
 	@touch $@
 
 .PHONY: brokers

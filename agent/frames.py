@@ -57,6 +57,10 @@ class Frame:
     missed_triggers: int | None = None  # the camera's missed triggers so far (None: not a triggered camera)
     # why this part is answered without a picture (a missed trigger): published as an uninspected ERROR
     not_inspected: str | None = None
+    # a GenICam camera's own numbering of the frame (GigE Vision block id, USB3 Vision frame id) and its
+    # timestamp (camera ticks, ns on most cameras), when it gives them; None for other sources
+    camera_frame_id: int | None = None
+    camera_timestamp: int | None = None
 
     @property
     def answer_only(self) -> bool:

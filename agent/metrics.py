@@ -32,6 +32,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 StatsReader = Callable[[], dict[str, dict[str, int]]]
 TriggerReader = Callable[[], tuple[int, int]]  # (triggers accepted, missed) of one camera
+GrabErrorReader = Callable[[], dict[str, int]]  # a GenICam camera's broken frames by kind (failed, incomplete)
 
 
 class _StatsCollector(Collector):
@@ -112,6 +113,37 @@ class _TriggerCollector(Collector):
         yield missed
 
 
+class _GrabErrorCollector(Collector):
+    """genclip_grab_errors_total{camera, kind}: frames a GenICam camera delivered broken, read from the source."""
+
+    def __init__(self) -> None:
+        self._cameras: dict[str, GrabErrorReader] = {}
+        self._lock = threading.Lock()
+
+    def add(self, camera: str, read: GrabErrorReader) -> None:
+        with self._lock:
+            self._cameras[camera] = read
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            f"{NAMESPACE}_grab_errors",
+            "Frames a GenICam camera delivered broken (failed grab, incomplete buffer), each answered ERROR.",
+            labels=["camera", "kind"],
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        with self._lock:
+            cameras = list(self._cameras.items())
+        for camera, read in cameras:
+            for kind, count in read().items():
+                family.add_metric([camera, kind], float(count))
+        yield family
+
+
 class AgentMetrics:
     """Every metric the agent exports; the service updates them, `/metrics` renders them."""
 
@@ -182,6 +214,8 @@ class AgentMetrics:
         r.register(self._stats)
         self._triggers = _TriggerCollector()
         r.register(self._triggers)
+        self._grab_errors = _GrabErrorCollector()
+        r.register(self._grab_errors)
 
     def add_camera(self, camera: str) -> None:
         """Create the camera's series at zero so rate() and alerts see them before the first event."""
@@ -216,6 +250,10 @@ class AgentMetrics:
     def watch_triggers(self, camera: str, read: TriggerReader) -> None:
         """Export a triggered camera's accepted and missed triggers, read at scrape time."""
         self._triggers.add(camera, read)
+
+    def watch_grab_errors(self, camera: str, read: GrabErrorReader) -> None:
+        """Export a GenICam camera's broken frames by kind, read at scrape time."""
+        self._grab_errors.add(camera, read)
 
     def add_stats_source(self, name: str, read: StatsReader) -> None:
         """Export `read()` -> `{kind: {outcome: count}}` as genclip_messages_total{sink=name,kind,outcome}.

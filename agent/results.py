@@ -187,6 +187,8 @@ def _part_fields(frame: Frame, line: str, model: Mapping[str, str], now: datetim
         "part_id": frame.part_id,
         "trigger": frame.trigger.count if frame.trigger is not None else None,
         "missed_triggers": frame.missed_triggers,
+        "camera_frame_id": frame.camera_frame_id,
+        "camera_timestamp": frame.camera_timestamp,
         "product_class": frame.product_class,
         "captured_at": iso(frame.captured_at),
         "published_at": iso(published),

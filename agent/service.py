@@ -242,6 +242,8 @@ class InspectionService:
             self.metrics.watch_camera(camera.id, source.status)
             if source.triggers is not None:
                 self.metrics.watch_triggers(camera.id, source.triggers.counts)
+            if source.grab_errors() is not None:
+                self.metrics.watch_grab_errors(camera.id, partial(grab_errors_of, source))
             source.start()
         target = self.checkpoint_target
         if target is not None:
@@ -599,12 +601,16 @@ class InspectionService:
         }
 
     def _source_info(self, camera_id: str) -> JsonObject:
-        """A camera's state in info, and its detail (why it is down; a folder's sub-folders it does not read)."""
+        """A camera's state in info, and its detail (why it is down; a folder's sub-folders it does not read);
+        a GenICam camera's device (vendor, model, serial; null until opened) and its broken frames by kind."""
         source = self.sources.get(camera_id)
         if source is None:
             return {"state": "off", "detail": ""}
         status = source.status()
-        return {"state": status.state, "detail": status.detail}
+        grab_errors = source.grab_errors()
+        if grab_errors is None:
+            return {"state": status.state, "detail": status.detail}
+        return {"state": status.state, "detail": status.detail, "device": source.device(), "grab_errors": grab_errors}
 
     def _trigger_info(self, camera_id: str) -> JsonObject:
         """A camera's acquisition in info: mode, trigger source, triggers accepted and missed (MQTT-triggered)."""
@@ -675,3 +681,8 @@ class InspectionService:
                 f"{len(self.sources)} camera(s), {snap.published} published, {snap.in_flight} in flight, "
                 f"prompts {self._prompt_version()}"
             )
+
+
+def grab_errors_of(source: FrameSource) -> dict[str, int]:
+    """A source's broken frames by kind, for the metrics (empty for a source without grabs)."""
+    return source.grab_errors() or {}

@@ -31,6 +31,8 @@ Options:
   --python PATH        interpreter for the venv (default python3.11; needs 3.11+ with venv)
   --pip-args "ARGS"    extra arguments for pip install, word-split (e.g. "--no-deps", or
                        "--extra-index-url https://download.pytorch.org/whl/cu121")
+  --extras LIST        optional parts to install, comma-separated: pylon (Basler cameras), genicam (any
+                       GenTL producer through harvesters), opcua (the OPC UA server), e.g. --extras pylon,opcua
   --constraints FILE   pip constraints (default: constraints.txt of this checkout)
   --no-constraints     install without constraints
   --unit-dir DIR       where the units go (default /etc/systemd/system; packages: /usr/lib/systemd/system)
@@ -60,6 +62,7 @@ ROOT=/
 PREFIX=$SHIPPED_PREFIX
 PYTHON=python3.11
 PIP_ARGS=""
+EXTRAS=""
 CONSTRAINTS="$REPO_DIR/constraints.txt"
 UNIT_DIR=/etc/systemd/system
 LINES=()
@@ -116,13 +119,17 @@ parse_args() {
             LINES+=("$2")
             shift 2
             ;;
-        --prefix | --root | --python | --pip-args | --constraints | --unit-dir)
+        --prefix | --root | --python | --pip-args | --extras | --constraints | --unit-dir)
             [[ $# -ge 2 ]] || die "$1 needs a value"
             case "$1" in
             --prefix) PREFIX="$2" ;;
             --root) ROOT="$2" ;;
             --python) PYTHON="$2" ;;
             --pip-args) PIP_ARGS="$2" ;;
+            --extras)
+                [[ "$2" =~ ^[a-z]+(,[a-z]+)*$ ]] || die "bad --extras '$2': names separated by commas (pylon,genicam)"
+                EXTRAS="$2"
+                ;;
             --constraints) CONSTRAINTS="$2" ;;
             --unit-dir) UNIT_DIR="$2" ;;
             esac
@@ -284,7 +291,7 @@ build_venv() {
     fi
     # shellcheck disable=SC2206 # --pip-args is word-split on purpose
     [[ -z "$PIP_ARGS" ]] || pip+=($PIP_ARGS)
-    "${pip[@]}" "$src" || die "pip install failed; $venv is unchanged"
+    "${pip[@]}" "$src${EXTRAS:+[$EXTRAS]}" || die "pip install failed; $venv is unchanged"
     "$PYTHON" "$HELPER" relocate --venv "$staged" --from "$staged" --to "$final" >/dev/null
     # Byte-code now, naming the final paths in tracebacks: the service cannot write PREFIX later
     # (ProtectSystem=strict). checked-hash: still valid after the staged tree is copied elsewhere.

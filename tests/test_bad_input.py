@@ -918,8 +918,8 @@ def test_every_valid_command_round_trips(command: tuple[str, dict[str, Any]], co
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 RESULT_KEYS = {
     "schema", "line", "camera", "seq", "run_id", "part_id", "product_class", "captured_at", "published_at",
-    "latency_ms", "trigger", "missed_triggers", "score", "threshold", "threshold_source", "verdict", "defects",
-    "model", "map_key",
+    "latency_ms", "trigger", "missed_triggers", "camera_frame_id", "camera_timestamp", "score", "threshold",
+    "threshold_source", "verdict", "defects", "model", "map_key",
 }  # fmt: skip
 UNIT = st.floats(0.0, 1.0)
 

@@ -79,7 +79,7 @@ def staged(tmp_path_factory) -> Path:
 def test_help_and_bad_arguments(tmp_path):
     result = subprocess.run(["bash", str(INSTALL), "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    for option in ("--line", "--prefix", "--root", "--python", "--pip-args", "--uninstall", "--purge"):
+    for option in ("--line", "--prefix", "--root", "--python", "--pip-args", "--extras", "--uninstall", "--purge"):
         assert option in result.stdout
     for args, message in [
         (("--line", "Line 1"), "bad line name"),
@@ -89,6 +89,7 @@ def test_help_and_bad_arguments(tmp_path):
         (("--prefix", "/opt/../x"), "--prefix: give a plain absolute directory"),
         (("--prefix", "/"), "--prefix: give a plain absolute directory"),
         (("--bogus",), "unknown argument: --bogus"),
+        (("--extras", "pylon;rm"), "bad --extras"),
     ]:
         result = install(tmp_path / "root", *args, check=False)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)

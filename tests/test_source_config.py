@@ -70,7 +70,7 @@ def test_defaults():
 @pytest.mark.parametrize(
     ("keys", "where", "what"),
     [
-        ({"kind": "usb"}, "kind", "'auto', 'opencv', 'folder' or 'synthetic'"),
+        ({"kind": "usb"}, "kind", "'auto', 'opencv', 'folder', 'synthetic', 'pylon' or 'genicam'"),
         ({"queue_policy": "drop_newest"}, "queue_policy", "'drop_oldest' or 'block'"),
         ({"queue_size": 0}, "queue_size", "greater than or equal to 1"),
         ({"max_age_ms": -1}, "max_age_ms", "greater than or equal to 0"),
@@ -107,6 +107,8 @@ def test_repo_config_documents_every_camera_key():
     for key in CameraConfig.model_fields:
         assert f"{key} =" in text or f"[cameras.{key}]" in text, key
     for key in CameraConfig.model_fields["synthetic"].default_factory.model_fields:  # type: ignore[union-attr]
+        assert f"{key} =" in text, key
+    for key in CameraConfig.model_fields["genicam"].default_factory.model_fields:  # type: ignore[union-attr]
         assert f"{key} =" in text, key
 
 

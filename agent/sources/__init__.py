@@ -1,4 +1,4 @@
-"""Frame sources: one capture thread per camera (OpenCV, a watched folder, synthetic parts).
+"""Frame sources: one capture thread per camera (OpenCV, a watched folder, synthetic parts, GenICam cameras).
 
 source = open_source(camera, emit, line_id="line-1")
 source.start()
@@ -66,6 +66,14 @@ def open_source(
         from agent.sources.synthetic import SyntheticSource
 
         return SyntheticSource(camera, emit, line_id=line_id, run_id=run_id)
+    if kind == "pylon":
+        from agent.sources.pylon import PylonSource
+
+        return PylonSource(camera, emit, line_id=line_id, run_id=run_id)
+    if kind == "genicam":
+        from agent.sources.gentl import GenTLSource
+
+        return GenTLSource(camera, emit, line_id=line_id, run_id=run_id)
     from agent.sources.capture import OpenCvSource
 
     return OpenCvSource(camera, emit, line_id=line_id, run_id=run_id)

@@ -171,6 +171,14 @@ class FrameSource(ABC):
         make_id = partial(camera_part_id, self.camera.id, self.run_id)
         return self.triggers.accept(part_id, make_id, on_accepted)
 
+    def grab_errors(self) -> dict[str, int] | None:
+        """Frames the camera delivered broken, by kind ('failed', 'incomplete'); None: a source without grabs."""
+        return None
+
+    def device(self) -> str | None:
+        """The camera device in use (vendor, model, serial) once opened; None where there is no such thing."""
+        return None
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -252,6 +260,7 @@ class FrameSource(ABC):
         trigger: Trigger | None = None,
         captured: tuple[datetime, float] | None = None,
         not_inspected: str | None = None,
+        camera_frame: tuple[int | None, int | None] = (None, None),
     ) -> Frame | None:
         """Number the image, wrap it in a Frame and hand it to the pipeline; None when emit raised.
 
@@ -261,7 +270,8 @@ class FrameSource(ABC):
         `redelivered_on`: the drop reasons after which this source offers the same part again (not answered).
         `trigger`: the PLC trigger the frame answers (its part id and counter); `captured`: when the picture was
         taken (wall, monotonic), when known better than "now" (at grab time, before decoding);
-        `not_inspected`: why the part is answered without a picture (a missed trigger).
+        `not_inspected`: why the part is answered without a picture (a missed trigger);
+        `camera_frame`: the camera's frame id and timestamp (a GenICam camera), each None when not given.
         """
         seq = self._next_seq() if seq is None else seq
         captured_at, captured_mono = captured if captured is not None else (datetime.now(UTC), time.monotonic())
@@ -280,6 +290,8 @@ class FrameSource(ABC):
             not_inspected=not_inspected,
             captured_at=captured_at,
             captured_mono=captured_mono,
+            camera_frame_id=camera_frame[0],
+            camera_timestamp=camera_frame[1],
         )
         with self._lock:
             self._emitting = True

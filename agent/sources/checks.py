@@ -14,8 +14,8 @@ def source_warning(camera: CameraConfig) -> str | None:
     """Why the camera's source will not deliver as it stands, naming the camera, the path and the kind
     it is taken as; None when nothing is known to be wrong (or it cannot be checked without opening it)."""
     kind = camera.resolved_kind
-    if kind == "synthetic":
-        return None
+    if kind in ("synthetic", "pylon", "genicam"):
+        return None  # a GenICam camera is looked for when it opens (the running agent may hold it now)
     where = f"camera {camera.id}: source {camera.source!r}"
     if kind == "folder":
         problem = _folder_problem(camera)

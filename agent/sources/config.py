@@ -14,13 +14,15 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from agent.section import Section
+from agent.sources.genicam_config import GenICamConfig, missing_extra
 from synthetic.kinds import DEFECT_KINDS, normalise_kind
 from synthetic.kinds import TEXTURE_FAMILIES as FAMILIES
 
 SYNTHETIC_PREFIX = "synthetic:"
 TEMP_SUFFIXES = (".tmp", ".part")
 
-SourceKind = Literal["opencv", "folder", "synthetic"]
+SourceKind = Literal["opencv", "folder", "synthetic", "pylon", "genicam"]
+GENICAM_KINDS = ("pylon", "genicam")
 QueuePolicy = Literal["drop_oldest", "block"]
 Acquisition = Literal["free-run", "triggered"]
 TriggerSource = Literal["mqtt", "camera"]
@@ -67,15 +69,22 @@ class CameraConfig(Section):
     id: str = Field(..., description="Camera id, unique on this line.")
     source: str = Field(
         ...,
-        description="Device index ('0'), URL (rtsp://, http://), video file, image folder, or 'synthetic:<name>'.",
+        description="Device index ('0'), URL (rtsp://, http://), video file, image folder, or 'synthetic:<name>'; "
+        "kinds pylon and genicam: the camera's serial number or user-defined name (DeviceUserID).",
     )
     product_class: str = Field(..., description="What this camera sees, e.g. 'bottle' or 'pcb1'.")
-    kind: Literal["auto", "opencv", "folder", "synthetic"] = Field(
+    kind: Literal["auto", "opencv", "folder", "synthetic", "pylon", "genicam"] = Field(
         "auto",
         description="auto: 'synthetic:...' -> synthetic; a device index, URL or existing or video file -> opencv; "
-        "else folder (one that does not exist yet is waited for).",
+        "else folder (one that does not exist yet is waited for). pylon (Basler, pypylon) and genicam (any GenTL "
+        "producer, harvesters) are never chosen by auto.",
     )
-    fps: float = Field(5.0, gt=0, le=1000, description="Frames per second to take (opencv and synthetic).")
+    fps: float = Field(
+        5.0,
+        gt=0,
+        le=1000,
+        description="Frames per second to take (opencv, synthetic; a free-run GenICam camera's AcquisitionFrameRate).",
+    )
     acquisition: Acquisition = Field(
         "free-run",
         description="free-run: frames at `fps`. triggered: one part per trigger, every frame the camera "
@@ -113,6 +122,7 @@ class CameraConfig(Section):
         "are not read, and reported (a warning per sub-folder and the camera's status detail).",
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    genicam: GenICamConfig = Field(default_factory=GenICamConfig)
 
     @field_validator("id")
     @classmethod
@@ -149,7 +159,26 @@ class CameraConfig(Section):
                 f"synthetic: only for synthetic sources (source starting {SYNTHETIC_PREFIX!r}); this camera's "
                 f"source is {self.source!r}: remove its [cameras.synthetic] table"
             )
+        self._check_genicam()
         return self
+
+    def _check_genicam(self) -> None:
+        """A [cameras.genicam] table only for GenICam kinds; their extra installed; a .cti for kind genicam."""
+        if self.kind not in GENICAM_KINDS:
+            if self.genicam != GenICamConfig():  # a table of defaults (a dumped config) is harmless
+                raise ValueError(f"genicam: only for kinds pylon and genicam, not {self.kind!r}")
+            return
+        problem = missing_extra(self.kind)  # type: ignore[arg-type]
+        if problem is not None:
+            raise ValueError(problem)
+        cti = self.genicam.cti
+        if self.kind == "pylon" and cti is not None:
+            raise ValueError("genicam.cti: only for kind genicam (pylon brings its own transport layers)")
+        if self.kind == "genicam":
+            if cti is None:
+                raise ValueError("kind genicam needs genicam.cti: the GenTL producer (.cti file) of the camera")
+            if not cti.is_file():
+                raise ValueError(f"genicam.cti: {cti} is not a file (the vendor's GenTL producer, *.cti)")
 
     @property
     def mqtt_triggered(self) -> bool:
@@ -201,7 +230,7 @@ class CameraConfig(Section):
     def is_live(self) -> bool:
         """Frames come whether or not we take them (a device or a stream), so old ones are worth dropping."""
         kind = self.resolved_kind
-        if kind == "synthetic":
+        if kind in ("synthetic", *GENICAM_KINDS):
             return True
         if kind == "folder":
             return False
