@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agent.page.config import PageConfig
 from agent.publish.config import MqttConfig, RedisConfig
 from agent.section import Section
 from agent.sources.config import CameraConfig
@@ -77,7 +78,7 @@ class BatchConfig(Section):
 class AgentConfig(Section):
     health_host: str = "127.0.0.1"
     health_port: int = Field(
-        8321, ge=0, le=65535, description="HTTP port for /healthz and /metrics; 0 = any free port."
+        8321, ge=0, le=65535, description="HTTP port for /healthz, /metrics and the live page; 0 = any free port."
     )
     publish_queue: int = Field(
         64,
@@ -147,6 +148,7 @@ class InspectConfig(BaseSettings):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    page: PageConfig = Field(default_factory=PageConfig)
     trainer: object = Field(
         default_factory=dict,
         description="The trainer's section: kept as written, read by nothing in agent/; "
