@@ -4,10 +4,12 @@ Viewing (the anonymous part only with `[page].anonymous_view`):
 - `GET /`, `/static/*`: the page itself (always served: without a login it shows the login form);
 - `GET /api/session`: who is logged in and how one may log in;
 - `GET /api/state`: the line's state, the latest part of each camera and the last NG parts;
-- `GET /api/events`: server-sent events: `part` (each NG part and the newest part of each camera, at most
+- `GET /api/events`: server-sent events: `part` (each NG or ERROR part and the newest of each camera, at most
   every EVENT_TICK_S) and `state` (every STATE_S: status, brokers, cameras with counters, classes);
 - `GET /stream/<camera>.mjpg?overlay=<0..100>`: the camera's frames as MJPEG, heat map blended in at that
   opacity, defect boxes labelled; encoded only while the stream is open (agent/page/encoder.py);
+- `GET /snapshot/<camera>.jpg?overlay=..`: the latest part as one JPEG (tiles past the first MAX_STREAMS of
+  static/page.js poll it: a browser holds only about six connections per server);
 - `GET /api/parts/<n>/thumb.jpg|frame.jpg|map.jpg`: a kept part's thumbnail, full frame and heat map.
 
 Operator actions (a login, always; `401` otherwise) run through the same command table as MQTT commands
@@ -134,6 +136,7 @@ class Page:
             Route("/api/state", self.state),
             Route("/api/events", self.events),
             Route("/stream/{camera}.mjpg", self.stream),
+            Route("/snapshot/{camera}.jpg", self.snapshot),
             Route("/api/parts/{number:int}/{kind}.jpg", self.picture),
             Route("/api/parts/{number:int}/review", self.review, methods=["POST"]),
             Route("/api/cameras/{camera}/{action}", self.camera_action, methods=["POST"]),
@@ -258,6 +261,30 @@ class Page:
                 await asyncio.sleep(STREAM_POLL_S)
         finally:
             self.encoder.close(key)
+
+    async def snapshot(self, request: Request) -> Response:
+        """The camera's latest part as one JPEG (tiles past the page's few live streams poll it)."""
+        if not self.may_view(request):
+            return error(401, "log in to watch this line")
+        camera = request.path_params["camera"]
+        if camera not in self.cameras:
+            return error(404, f"no camera {camera!r} on this line")
+        try:
+            opacity = render.opacity_step(float(request.query_params.get("overlay", DEFAULT_OPACITY)))
+        except ValueError:
+            return error(400, "overlay must be a number from 0 to 100")
+        part = self.feed.latest(camera)
+        if part is None or part.image is None:
+            return error(404, f"no picture from camera {camera} yet")
+        data = await run_in_threadpool(self._snapshot, part, opacity)
+        return Response(data, media_type="image/jpeg", headers=NO_STORE)
+
+    def _snapshot(self, part: LivePart, opacity: int) -> bytes:
+        assert part.image is not None
+        cfg = self.config
+        data = render.jpeg(render.overlay(part.image, part.prediction, cfg.stream_width, opacity), cfg.jpeg_quality)
+        self.line.metrics.page_frames_encoded.labels(camera=part.inspection.camera).inc()
+        return data
 
     async def picture(self, request: Request) -> Response:
         if not self.may_view(request):
