@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from agent.opcua.config import OpcuaConfig
 from agent.opcua.nodes import clashing_cameras
+from agent.page.config import PageConfig
 from agent.publish.config import MqttConfig, RedisConfig
 from agent.section import Section
 from agent.sources.config import CameraConfig
@@ -79,7 +80,7 @@ class BatchConfig(Section):
 class AgentConfig(Section):
     health_host: str = "127.0.0.1"
     health_port: int = Field(
-        8321, ge=0, le=65535, description="HTTP port for /healthz and /metrics; 0 = any free port."
+        8321, ge=0, le=65535, description="HTTP port for /healthz, /metrics and the live page; 0 = any free port."
     )
     publish_queue: int = Field(
         64,
@@ -150,6 +151,7 @@ class InspectConfig(BaseSettings):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     opcua: OpcuaConfig = Field(default_factory=OpcuaConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    page: PageConfig = Field(default_factory=PageConfig)
     trainer: object = Field(
         default_factory=dict,
         description="The trainer's section: kept as written, read by nothing in agent/; "

@@ -1,4 +1,4 @@
-"""`/healthz`, `/livez` and `/metrics` over HTTP, on a daemon thread beside the inspection loop.
+"""The agent's HTTP port: `/healthz`, `/livez`, `/metrics` and (agent/page/) the live page, beside the inspection loop.
 
 `/healthz` (readiness): 200 `{"status": "ok"}` only when the line is running and healthy, else 503
 with the reasons (the first, until warm-up ends: "starting: loading the engine / warming up").
@@ -6,23 +6,31 @@ with the reasons (the first, until warm-up ends: "starting: loading the engine /
 agent's threads are alive and not hung (the same rule the systemd watchdog pings on), also while
 starting; 503 `{"status": "hung", "reasons": [...]}` otherwise.
 
-The server is the standard library's threaded one: a slow scrape or a hanging
-check holds only its own request. Requests are logged at DEBUG, never printed,
-so a scrape every few seconds does not flood the journal.
+The server is Starlette on uvicorn, in an event loop on its own daemon thread (`health-http`).
+The socket is bound in `start()` on the caller's thread, so a busy port is a `HealthServerError`
+there and then. uvicorn installs signal handlers only on the main thread, so the agent's own
+SIGTERM/SIGINT/SIGHUP handling (agent/service.py) is never touched; `stop()` asks the loop to
+exit, gives open streams (the page's MJPEG and server-sent events) a second to end, and joins the
+thread. Plain endpoints run in the worker-thread pool, so a slow scrape or a hanging check holds
+only its own request. Requests are logged at DEBUG, never printed, so a scrape every few seconds
+does not flood the journal.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import socket
 import threading
-from collections.abc import Callable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
 
+import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
@@ -31,74 +39,42 @@ log = get_logger(__name__)
 
 HEALTH_PATHS = ("/healthz", "/health")  # /health: the name config.toml has always used
 LIVE_PATH = "/livez"
-POLL_S = 0.1  # how soon stop() is noticed by the serving loop
+START_WAIT_S = 10.0  # how long start() waits for the loop to serve
+STOP_GRACE_S = 1  # open streams get this long to end when the server stops
+STOP_JOIN_S = 5.0
 
 
 class HealthServerError(RuntimeError):
     """The health server cannot listen where the configuration says."""
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True  # restart while old sockets sit in TIME_WAIT
-    allow_reuse_port = False  # a second agent on the same port must fail, not share it
+class _RequestLog:
+    """Logs every request at DEBUG (method, path, status) once it is answered; streams pass through untouched."""
 
-    def __init__(self, address: tuple[str, int], owner: HealthServer) -> None:
-        self.owner = owner
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "genclip-health"
+        async def send_logged(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
 
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path in HEALTH_PATHS:
-            reasons = self.server.owner.reasons()
-            if reasons:
-                self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "unhealthy", "reasons": reasons})
-            else:
-                self._json(HTTPStatus.OK, {"status": "ok"})
-        elif path == LIVE_PATH and self.server.owner.serves_liveness:
-            hung = self.server.owner.liveness()
-            if hung:
-                self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "hung", "reasons": hung})
-            else:
-                self._json(HTTPStatus.OK, {"status": "alive"})
-        elif path == "/metrics":
-            try:
-                body = self.server.owner.metrics.render()
-            except Exception:
-                log.exception("rendering metrics failed")
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"metrics unavailable\n", "text/plain; charset=utf-8")
-                return
-            self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
-        elif path == "/":
-            live = [LIVE_PATH] if self.server.owner.serves_liveness else []
-            self._json(HTTPStatus.OK, {"endpoints": ["/healthz", *live, "/metrics"]})
-        else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {path}"})
-
-    def _json(self, status: HTTPStatus, payload: dict[str, object]) -> None:
-        self._send(status, json.dumps(payload).encode() + b"\n", "application/json")
-
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http request", client=self.client_address[0], request=format % args)
+        try:
+            await self.app(scope, receive, send_logged)
+        finally:
+            client = scope.get("client") or ("?", 0)
+            log.debug("http request", client=client[0], request=f"{scope['method']} {scope['path']} {status}")
 
 
 class HealthServer:
-    """Serves `checks()` as /healthz (200 or 503 with the reasons) and the metrics as /metrics."""
+    """Serves `checks()` as /healthz (200 or 503 with the reasons), the metrics as /metrics, and `routes`."""
 
     def __init__(
         self,
@@ -108,13 +84,16 @@ class HealthServer:
         checks: Callable[[], list[str]],
         *,
         liveness: Callable[[], list[str]] | None = None,
+        routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.host = host
         self.metrics = metrics
         self._port = port
         self._checks = checks
         self._liveness = liveness
-        self._server: _Server | None = None
+        self._routes = list(routes)
+        self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -145,31 +124,105 @@ class HealthServer:
             log.warning("liveness check raised", exc_info=True)
             return [f"liveness check failed: {type(exc).__name__}: {exc}"]
 
+    # --- endpoints (run in the worker-thread pool: plain functions) -------------------------------------
+    def _healthz(self, request: Request) -> Response:
+        reasons = self.reasons()
+        if reasons:
+            return JSONResponse({"status": "unhealthy", "reasons": reasons}, 503, headers=_NO_STORE)
+        return JSONResponse({"status": "ok"}, headers=_NO_STORE)
+
+    def _livez(self, request: Request) -> Response:
+        hung = self.liveness()
+        if hung:
+            return JSONResponse({"status": "hung", "reasons": hung}, 503, headers=_NO_STORE)
+        return JSONResponse({"status": "alive"}, headers=_NO_STORE)
+
+    def _metrics(self, request: Request) -> Response:
+        try:
+            body = self.metrics.render()
+        except Exception:
+            log.exception("rendering metrics failed")
+            return Response(b"metrics unavailable\n", 500, media_type="text/plain; charset=utf-8")
+        return Response(body, headers={**_NO_STORE, "Content-Type": CONTENT_TYPE_LATEST})
+
+    def _index(self, request: Request) -> Response:
+        live = [LIVE_PATH] if self.serves_liveness else []
+        return JSONResponse({"endpoints": ["/healthz", *live, "/metrics"]}, headers=_NO_STORE)
+
+    def _not_found(self, request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"no such endpoint: {request.url.path}"}, 404)
+
+    def app(self) -> ASGIApp:
+        """The ASGI application: health, liveness, metrics, then the extra routes (the page)."""
+        routes: list[BaseRoute] = [Route(path, self._healthz) for path in HEALTH_PATHS]
+        if self.serves_liveness:
+            routes.append(Route(LIVE_PATH, self._livez))
+        routes.append(Route("/metrics", self._metrics))
+        routes += self._routes
+        if not any(getattr(r, "path", None) == "/" for r in self._routes):
+            routes.append(Route("/", self._index))
+        return _RequestLog(Starlette(routes=routes, exception_handlers={404: self._not_found}))
+
+    # --- start and stop ----------------------------------------------------------------------------------
     def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("health server already started")
+        self._socket = self._bind()
+        self._port = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            self.app(),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            http="h11",
+            ws="none",
+            loop="asyncio",
+            timeout_graceful_shutdown=STOP_GRACE_S,
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [self._socket]}, name="health-http", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + START_WAIT_S
+        while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not server.started:
+            self.stop()
+            raise HealthServerError(f"the HTTP server on {self.host}:{self._port} did not start")
+        log.info("health server listening", host=self.host, port=self._port)
+
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while old sockets sit in TIME_WAIT
         try:
-            self._server = _Server((self.host, self._port), self)
+            sock.bind((self.host, self._port))  # no SO_REUSEPORT: a second agent on the same port must fail
+            sock.listen(128)
         except OSError as exc:
+            sock.close()
             why = "the address is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
             raise HealthServerError(
                 f"cannot serve /healthz and /metrics on {self.host}:{self._port}: {why}; "
                 f"set [agent].health_port (or GENCLIP_AGENT__HEALTH_PORT) to a free port, "
                 f"or stop the other process (another agent for this line?)"
             ) from exc
-        self._port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(POLL_S,), name="health-http", daemon=True
-        )
-        self._thread.start()
-        log.info("health server listening", host=self.host, port=self._port)
+        sock.set_inheritable(False)
+        return sock
 
     def stop(self) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.should_exit = True
         if self._thread is not None:
-            self._thread.join()
-        self._server = self._thread = None
+            self._thread.join(STOP_JOIN_S + STOP_GRACE_S)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = None
+        self._thread = None
+        self._socket = None
         log.info("health server stopped", host=self.host, port=self._port)
+
+
+_NO_STORE = {"Cache-Control": "no-store"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -33,6 +34,26 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 StatsReader = Callable[[], dict[str, dict[str, int]]]
 TriggerReader = Callable[[], tuple[int, int]]  # (triggers accepted, missed) of one camera
 GrabErrorReader = Callable[[], dict[str, int]]  # a GenICam camera's broken frames by kind (failed, incomplete)
+
+
+@dataclass(frozen=True, slots=True)
+class CameraCounts:
+    """One camera's counters as the live page shows them."""
+
+    parts: int
+    verdicts: dict[str, int]
+    dropped: dict[str, int]
+
+
+def _totals(counter: Counter, label: str, camera: str) -> dict[str, int]:
+    """A labelled counter's `_total` samples of one camera, by the value of `label`."""
+    out: dict[str, int] = {}
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and sample.labels.get("camera") == camera:
+                key = sample.labels[label]
+                out[key] = out.get(key, 0) + int(sample.value)
+    return out
 
 
 class _StatsCollector(Collector):
@@ -210,6 +231,23 @@ class AgentMetrics:
             namespace=ns,
             registry=r,
         )
+        self.page_viewers = Gauge(
+            "page_viewers",
+            "Open live streams (MJPEG) of each camera on the live page; 0: nothing is encoded for it.",
+            ["camera"],
+            namespace=ns,
+            registry=r,
+        )
+        self.page_frames_encoded = Counter(
+            "page_frames_encoded",
+            "Frames encoded as JPEG for the live page's viewers (off the engine and result threads).",
+            ["camera"],
+            namespace=ns,
+            registry=r,
+        )
+        self.page_event_clients = Gauge(
+            "page_event_clients", "Open server-sent event streams of the live page.", namespace=ns, registry=r
+        )
         self._stats = _StatsCollector()
         r.register(self._stats)
         self._triggers = _TriggerCollector()
@@ -225,6 +263,8 @@ class AgentMetrics:
             self.frames_dropped.labels(camera=camera, reason=reason)
             self.frames_answered.labels(camera=camera, reason=reason)
         self.camera_up.labels(camera=camera).set(0)
+        self.page_viewers.labels(camera=camera).set(0)
+        self.page_frames_encoded.labels(camera=camera)
 
     def dropped(self, camera: str, reason: str, n: int = 1) -> None:
         """Count dropped frames (the ledger's listener); an unknown reason is a programming error."""
@@ -261,6 +301,15 @@ class AgentMetrics:
         `read` is called on every scrape, from the HTTP thread: it must be cheap and thread-safe.
         """
         self._stats.add(name, read)
+
+    def camera_counts(self, camera: str) -> CameraCounts:
+        """The camera's counters so far: parts by verdict and frames dropped by reason."""
+        verdicts = _totals(self.results_published, "verdict", camera)
+        return CameraCounts(
+            parts=sum(verdicts.values()),
+            verdicts={v: verdicts.get(v, 0) for v in ("OK", "NG", "ERROR")},
+            dropped=_totals(self.frames_dropped, "reason", camera),
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

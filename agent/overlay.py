@@ -69,7 +69,7 @@ def _text_style(height: int, width: int) -> tuple[float, int]:
     return scale, max(1, round(scale * 1.6))
 
 
-def _put_label(image: np.ndarray, text: str, origin: tuple[int, int], colour: tuple[int, int, int]) -> None:
+def put_label(image: np.ndarray, text: str, origin: tuple[int, int], colour: tuple[int, int, int]) -> None:
     """Text on a filled black box whose top-left corner is `origin`, kept inside the image."""
     height, width = image.shape[:2]
     scale, thickness = _text_style(height, width)
@@ -99,8 +99,8 @@ def draw_overlay(frame: np.ndarray, prediction: Prediction, heat_weight: float =
         cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), BOX_COLOUR, thickness, cv2.LINE_AA)
         # above the box, else inside its top; never under the header strip
         label_y = max(label_height, y - label_height if y >= 2 * label_height else y)
-        _put_label(image, defect_label(defect.type, defect.type_probability), (x, label_y), BOX_COLOUR)
-    _put_label(image, header_text(prediction), (0, 0), NG_COLOUR if prediction.is_anomalous else OK_COLOUR)
+        put_label(image, defect_label(defect.type, defect.type_probability), (x, label_y), BOX_COLOUR)
+    put_label(image, header_text(prediction), (0, 0), NG_COLOUR if prediction.is_anomalous else OK_COLOUR)
     return image
 
 

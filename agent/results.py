@@ -50,6 +50,11 @@ def results_stream(line: str) -> str:
     return f"genclip:{line}:results"
 
 
+def reviews_stream(line: str) -> str:
+    """The Redis stream operators' reviews of parts (good/defect, from the live page) are appended to."""
+    return f"genclip:{line}:reviews"
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Inspection:
     """One frame's outcome, ready for the publishers; `result` is the schema-1 result payload."""

@@ -1,17 +1,18 @@
 """The inspection service: cameras to engine to MQTT, Redis and OPC UA ([opcua]), wired together and run until stopped.
 
 Start order: publishers (non-blocking: a broker that is down is retried in the
-background; the OPC UA server, agent/opcua/, listens from its own thread), health server,
-the engine worker (engine, classes, warm-up, on its
-own thread), then the cameras whose class could be set up, then the checkpoint
-watcher; systemd hears READY=1 only then. The retained MQTT status is `starting` from
-the first connect until then, `online` (or `degraded`, with reasons) after, see
-agent/line_state.py. Stop order is the reverse: cameras stop, what is queued is scored
-and published until `[agent].shutdown_timeout_s` has passed (the rest is dropped and
+background; the OPC UA server, agent/opcua/, listens from its own thread), the HTTP server
+(health, metrics, and the live page of agent/page/ with its encoder thread), the engine
+worker (engine, classes, warm-up, on its own thread), then the cameras whose class could be
+set up, then the checkpoint watcher; systemd hears READY=1 only then. The retained MQTT
+status is `starting` from the first connect until then, `online` (or `degraded`, with
+reasons) after, see agent/line_state.py. Stop order is the reverse: cameras stop, what is
+queued is scored and published until `[agent].shutdown_timeout_s` has passed (the rest is dropped and
 counted), every part dropped on the way is answered (an ERROR decision, agent/failsafe.py:
 the fail-safe thread is stopped after the result thread and before the publishers), the
 brokers get what is left of that time (at least a few seconds) to take the last results and
-answers, `stopped` is published.
+answers, `stopped` is published; then the page's streams end and the HTTP server stops (it never
+touches the signal handlers `run` installs).
 
 `run` (what `genclip run` calls) first takes the line's lock in its state directory
 (agent/instance_lock.py), before any broker is touched: a second agent for the line exits 1
@@ -55,6 +56,7 @@ from agent.logs import get_logger
 from agent.metrics import AgentMetrics
 from agent.operator_state import OPERATOR_FILE, OperatorStore
 from agent.outcomes import Outcome, Prediction
+from agent.page.routes import Page
 from agent.publish.mqtt import MqttPublisher
 from agent.publish.publisher import Publisher
 from agent.publish.redis_streams import RedisStreamPublisher
@@ -69,6 +71,7 @@ from agent.worker import InferenceWorker
 from model.checkpoint_files import checkpoint_candidates, resolve_checkpoint
 
 if TYPE_CHECKING:
+    from model.classes import ClassStatus
     from model.engine import Engine
 
 log = get_logger("agent.service")
@@ -153,12 +156,15 @@ class InspectionService:
             self.mqtt.sink,
         )
         self.status = StatusMonitor(self.checks.state, self.mqtt, self.publish_info, config.mqtt.heartbeat_s)
+        cameras = [camera.id for camera in config.cameras]
+        self.page = Page(config.page, self, self.line, cameras) if config.page.enabled else None
         self.health = HealthServer(
             config.agent.health_host,
             config.agent.health_port,
             self.metrics,
             self.health_reasons,
             liveness=self.checks.liveness,
+            routes=self.page.routes() if self.page is not None else (),
         )
         self.batcher = FrameBatcher(self.ledger, config.engine.batch_size, config.engine.max_wait_ms)
         batches = max(2, -(-config.agent.publish_queue // config.engine.batch_size))
@@ -214,6 +220,8 @@ class InspectionService:
             self.health.start()
         except Exception as exc:
             raise StartupError(str(exc)) from None
+        if self.page is not None:
+            self.page.start()
         self.results.start()
         self.failsafe.start()
         self.notifier.status("starting: loading the engine")
@@ -339,6 +347,8 @@ class InspectionService:
         self.failsafe.stop(max(deadline, time.monotonic() + FLUSH_MIN_S))  # answers, before `stopped`
         for publisher in self.publishers:
             publisher.stop(timeout=max(deadline - time.monotonic(), FLUSH_MIN_S))
+        if self.page is not None:
+            self.page.stop()  # its open streams end, then the HTTP server stops
         self.health.stop()
         self.journal.close()
         frames = self.ledger.snapshot().as_dict()
@@ -482,6 +492,8 @@ class InspectionService:
             self.metrics.frame_errors.labels(camera=frame.camera).inc()
             log.warning("frame not scored", camera=frame.camera, seq=frame.seq, reason=outcome.reason)
         self.metrics.results_published.labels(camera=frame.camera, verdict=inspection.verdict).inc()
+        if self.page is not None:
+            self.page.feed.offer(frame, outcome, inspection)  # references only: the page encodes on its own thread
         latency = time.monotonic() - frame.captured_mono
         self.metrics.capture_to_publish_seconds.labels(kind="result").observe(latency)
         if inspection.rejects:
@@ -629,6 +641,17 @@ class InspectionService:
         for publisher in self.publishers:
             publisher.publish_info(info)
         return info
+
+    # --- what the live page reads (agent/page/views.py LinePort) ------------------------------------------
+    def class_statuses(self) -> list[ClassStatus]:
+        engine = self.worker.engine
+        return [] if engine is None else [engine.classes.status(name) for name in engine.classes.names()]
+
+    def sink_health(self) -> list[tuple[str, bool, str]]:
+        return [(publisher.sink, *publisher.health()) for publisher in self.publishers]
+
+    def record_review(self, fields: dict[str, str]) -> str:
+        return self.redis.record_review(fields)
 
     def health_reasons(self) -> list[str]:
         """Why the line is unhealthy (empty when it is not); reads only, changes nothing (the camera_up and

@@ -139,6 +139,11 @@ class LatencyListener:
             if self._measuring:
                 self.latencies[kind].append(1000 * (now - captured.timestamp()))
 
+    def mark(self) -> dict[str, int]:
+        """How many latencies of each kind are kept so far (slice `latencies` between two marks)."""
+        with self._lock:
+            return {kind: len(values) for kind, values in self.latencies.items()}
+
     def measure(self) -> dict[str, int]:
         """Start keeping latencies (after warm-up); returns the counts so far."""
         with self._lock:
@@ -404,3 +409,207 @@ def print_agent_report(r: dict[str, Any]) -> None:
     ]
     for line in lines:
         typer.echo(line)
+
+
+# --- the live page open vs closed (`genclip bench agent --page-rounds N`) -------------------------------------
+class PageViewer:
+    """What a browser with the live page open asks of the agent: one MJPEG stream per camera and the
+    server-sent events, read as fast as they come (the rendering happens on the operator's PC, not here)."""
+
+    def __init__(self, port: int, cameras: int) -> None:
+        import http.client
+
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        paths = [f"/stream/cam-{i + 1}.mjpg?overlay=40" for i in range(cameras)] + ["/api/events"]
+        self._threads = []
+        for path in paths:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", path)
+            response = conn.getresponse()
+            if response.status != 200:
+                raise RuntimeError(f"the live page answered {response.status} for {path}")
+            thread = threading.Thread(target=self._read, args=(conn, response), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _read(self, conn: Any, response: Any) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    chunk = response.read1(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    return
+                with self._lock:
+                    self.bytes += len(chunk)
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+
+
+def run_page_bench(
+    *,
+    cameras: int = 4,
+    fps: float = 5.0,
+    rounds: int = 3,
+    seconds: float = 30.0,
+    warmup: float = 20.0,
+    threads: int = 0,
+    base_config: Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    work: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """One agent, its live page closed and open in interleaved phases (closed, open, open, closed, ...: drift
+    cancels out), `seconds` each: inspected frames/s and capture-to-result latency per phase, and the ratios
+    open/closed with their spread over the rounds."""
+    from bench.engine import machine_info
+
+    say = progress or (lambda text: None)
+    work = Path(work or tempfile.mkdtemp(prefix="genclip-bench-page-"))
+    work.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, dict[str, Any]] = {"engine": {"threads": threads}} if threads else {}
+    for section, values in (overrides or {}).items():
+        settings.setdefault(section, {}).update(values)
+    settings.setdefault("page", {}).update(enabled=True, anonymous_view=True)
+    mqtt_server = MosquittoServer(work / "mosquitto", executable=find_binary(MosquittoServer.binary))
+    redis_server = RedisServer(work / "redis", executable=find_binary(RedisServer.binary))
+    servers = [mqtt_server, redis_server]
+    for server in servers:
+        server.start()
+    try:
+        health = free_port()
+        config = write_config(
+            base_config or REPO / "config.toml",
+            work,
+            cameras=cameras,
+            fps=fps,
+            health_port=health,
+            mqtt_port=mqtt_server.port,
+            redis_url=redis_server.url,
+            overrides=settings,
+        )
+        written = tomllib.loads(config.read_text())
+        listener = LatencyListener(HOST, mqtt_server.port, written["mqtt"].get("topic_prefix", "genclip"))
+        log_path = work / "agent.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        with log_path.open("w") as log:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "cli", "run", "--config", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
+        phases: list[dict[str, Any]] = []
+        try:
+            ready_by = time.monotonic() + max(warmup, 1.0) + 600
+            while agent.poll() is None and time.monotonic() < ready_by:
+                with contextlib.suppress(OSError):
+                    if scrape(health).get("genclip_frames_processed", 0) > 0:
+                        break
+                time.sleep(0.5)
+            time.sleep(warmup)
+            listener.measure()
+            order = [("closed", "open") if r % 2 == 0 else ("open", "closed") for r in range(rounds)]
+            for round_index, pair in enumerate(order):
+                for state in pair:
+                    say(f"round {round_index + 1}/{rounds}: page {state} for {seconds:g} s")
+                    phases.append({"round": round_index + 1, **_page_phase(state, health, cameras, seconds, listener)})
+        finally:
+            stop_agent(agent)
+            listener.stop()
+        return {
+            "machine": machine_info(),
+            "settings": {
+                "cameras": cameras,
+                "fps_per_camera": fps,
+                "rounds": rounds,
+                "seconds_per_phase": seconds,
+                "warmup_s": warmup,
+                "threads": threads or "default",
+                "backbone": written["model"]["backbone"],
+                "page": written["page"],
+            },
+            "phases": phases,
+            "comparison": compare_page_phases(phases),
+            "identity_holds": identity_holds(stopped_frames(log_path.read_text(errors="replace"))),
+            "agent_exit_code": agent.returncode,
+            "log": str(log_path),
+        }
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _page_phase(state: str, port: int, cameras: int, seconds: float, listener: LatencyListener) -> dict[str, Any]:
+    """One phase with the page open (a viewer on every camera and the events) or closed."""
+    viewer = PageViewer(port, cameras) if state == "open" else None
+    try:
+        first, mark = {**scrape(port), "t": time.monotonic()}, listener.mark()
+        time.sleep(seconds)
+        last, end = {**scrape(port), "t": time.monotonic()}, listener.mark()
+    finally:
+        if viewer is not None:
+            viewer.close()
+    span = last["t"] - first["t"]
+    with listener._lock:
+        latencies = listener.latencies["result"][mark["result"] : end["result"]]
+    return {
+        "page": state,
+        "inspected_fps": round((last["genclip_frames_processed"] - first["genclip_frames_processed"]) / span, 3),
+        "latency_ms": percentiles(latencies),
+        "frames_encoded": int(last.get("genclip_page_frames_encoded", 0) - first.get("genclip_page_frames_encoded", 0)),
+        "viewer_mib": round(viewer.bytes / 2**20, 2) if viewer is not None else 0.0,
+    }
+
+
+def compare_page_phases(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per round: open/closed of inspected frames/s and of the result latency's p99; their mean, min and max."""
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for phase in phases:
+        by_round.setdefault(phase["round"], {})[phase["page"]] = phase
+    throughput, p99 = [], []
+    for pair in by_round.values():
+        if {"open", "closed"} <= set(pair):
+            throughput.append(pair["open"]["inspected_fps"] / pair["closed"]["inspected_fps"])
+            open_p99, closed_p99 = pair["open"]["latency_ms"]["p99"], pair["closed"]["latency_ms"]["p99"]
+            if open_p99 is not None and closed_p99:
+                p99.append(open_p99 / closed_p99)
+
+    def spread(values: list[float]) -> dict[str, float | None]:
+        if not values:
+            return {"mean": None, "min": None, "max": None}
+        return {"mean": round(sum(values) / len(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+    return {"throughput_open_over_closed": spread(throughput), "p99_open_over_closed": spread(p99)}
+
+
+def print_page_report(r: dict[str, Any]) -> None:
+    s = r["settings"]
+    typer.echo(
+        f"{s['cameras']} camera(s) x {s['fps_per_camera']:g} fps ({s['backbone']}, threads {s['threads']}), "
+        f"{s['rounds']} rounds of page closed/open, {s['seconds_per_phase']:g} s each"
+    )
+    for p in r["phases"]:
+        lat = p["latency_ms"]
+        typer.echo(
+            f"round {p['round']} page {p['page']:<6}: inspected {p['inspected_fps']:.2f} frames/s, result latency "
+            f"p50 {lat['p50']} ms p99 {lat['p99']} ms (n={lat['count']}), JPEGs encoded {p['frames_encoded']}, "
+            f"viewer read {p['viewer_mib']} MiB"
+        )
+    c = r["comparison"]
+    for name, key in (("throughput", "throughput_open_over_closed"), ("p99 latency", "p99_open_over_closed")):
+        v = c[key]
+        typer.echo(f"{name} open/closed: mean {v['mean']}, min {v['min']}, max {v['max']}")
+    m = r["machine"]
+    typer.echo(f"machine: {m['cpu']}, {m['cores']} cores, load {m['load_average'][0]:.2f}, {m['date']}")

@@ -166,18 +166,47 @@ def agent(
             "(default: when the extra `opcua` is installed).",
         ),
     ] = None,
+    page_rounds: Annotated[
+        int,
+        typer.Option(
+            "--page-rounds",
+            min=0,
+            help="Compare the live page open (an MJPEG stream per camera and the events) and closed in this many "
+            "interleaved rounds of --seconds per phase, on one agent (own brokers).",
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
 ) -> None:
     """Sustained frames/s, capture-to-signal latency of MQTT results and rejects and OPC UA, drops by reason."""
     if brokers not in ("start", "config"):
         raise typer.BadParameter("--brokers must be start or config")
     from agent.opcua import PIP_INSTALL, available
-    from bench.agent import print_agent_report, run_agent_bench
+    from bench.agent import print_agent_report, print_page_report, run_agent_bench, run_page_bench
 
     if opcua and not available():
         typer.echo(f"error: --opcua needs the OPC UA extra: {PIP_INSTALL}", err=True)
         raise typer.Exit(2)
     overrides = agent_overrides(batch_size, device, backbone, precision, pipeline, image_size, compile_model)
+    if page_rounds:
+        page = run_page_bench(
+            cameras=cameras,
+            fps=fps,
+            rounds=page_rounds,
+            seconds=seconds,
+            warmup=warmup,
+            threads=threads,
+            base_config=config,
+            overrides=overrides,
+            work=work,
+            progress=lambda text: typer.echo(text, err=True),
+        )
+        if as_json:
+            typer.echo(json.dumps(page, indent=2))
+        else:
+            print_page_report(page)
+        if not page["identity_holds"] or page["agent_exit_code"] != 0:
+            raise typer.Exit(1)
+        return
     report = run_agent_bench(
         opcua=available() if opcua is None else opcua,
         cameras=cameras,

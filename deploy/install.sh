@@ -12,8 +12,9 @@ Installs GenCLIP Inspect from this checkout (as root; run it again at any time t
   PREFIX/venv/                        the program (PREFIX/venv/bin/genclip), rebuilt on every run
   /etc/genclip/<line>.toml            a config per --line, from config.toml (root:genclip 0640);
                                       an existing config is never overwritten
-  /etc/genclip/credentials/<line>/    mqtt-password, redis-password, opcua-users: empty files (root 0600),
-                                      handed to the service with LoadCredential= (empty = no password);
+  /etc/genclip/credentials/<line>/    mqtt-password, redis-password, opcua-users, page-token,
+                                      page-password: empty files (root 0600), handed to the service
+                                      with LoadCredential= (empty = no password; no page login);
                                       opcua-cert, opcua-key: the OPC UA server's certificate (openssl)
   /var/lib/genclip/                   state, owned by genclip: prompts/<line>/, profiles/<line>/,
                                       reference/<line>/, runs/<line>/, hf-cache/, weights/
@@ -338,7 +339,7 @@ configure_line() {
     fi
     cred="$(r "$CRED_DIR/$line")"
     ensure_dir 0700 root root "$cred"
-    for name in mqtt-password redis-password opcua-users; do
+    for name in mqtt-password redis-password opcua-users page-token page-password; do
         if [[ ! -e "$cred/$name" ]]; then
             (umask 077 && : >"$cred/$name")
             say "created $cred/$name (empty: no password)"
@@ -402,7 +403,8 @@ EOF
 Next steps (docs/deploy.md):
   1. Put CLIP's weights on this machine ($STATE_DIR/weights/ or $STATE_DIR/hf-cache/).
   2. Edit $CONF_DIR/$first.toml (cameras, brokers, [model]); passwords, if any, into
-     $CRED_DIR/$first/mqtt-password and redis-password. Check it:
+     $CRED_DIR/$first/mqtt-password and redis-password; the live page's login into page-token
+     (or [page].username and page-password). Check it:
        sudo -u $SERVICE_USER $PREFIX/venv/bin/genclip config check --config $CONF_DIR/$first.toml --model
   3. Start the line:   systemctl enable --now genclip@$first
      Weekly training:  systemctl enable --now genclip-train@$first.timer   (needs [trainer] data)

@@ -8,9 +8,10 @@ usage() {
 Usage: bash deploy/services.sh [--config PATH] {install|up|down|status}
 
   install   install mosquitto, mosquitto-clients and redis-server with apt-get (as root)
-            if the mosquitto or redis-server binary is missing, and systemd if
-            systemd-analyze is missing (the unit-file tests run `systemd-analyze verify`);
-            otherwise do nothing
+            if the mosquitto or redis-server binary is missing, systemd if
+            systemd-analyze is missing (the unit-file tests run `systemd-analyze verify`),
+            and chromium if /usr/bin/chromium is missing (the live page's browser test
+            drives it with Playwright; nothing downloads a browser); otherwise do nothing
   up        start Mosquitto and Redis on 127.0.0.1, on the ports of the config file:
             MQTT from [mqtt].port, Redis from [redis].url; already running = no-op
   down      stop what `up` started (by pid file); nothing running = no-op
@@ -44,9 +45,10 @@ cmd_install() {
     # tests/test_deploy_install.py checks deploy/systemd/ with `systemd-analyze verify`; a container has
     # no systemd, and Debian ships systemd-analyze in the systemd package.
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
-    if command -v mosquitto >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 &&
-        command -v systemd-analyze >/dev/null 2>&1; then
-        echo "mosquitto, redis-server and systemd-analyze are installed: nothing to do"
+    # tests/test_page_browser.py drives Debian's Chromium through Playwright (executable_path=/usr/bin/chromium).
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    if ((${#missing[@]} == 0)); then
+        echo "mosquitto, redis-server, systemd-analyze and chromium are installed: nothing to do"
         return 0
     fi
     if [[ $(id -u) -ne 0 ]]; then
@@ -63,6 +65,7 @@ or: sudo apt-get install -y ${missing[*]}"
     command -v mosquitto >/dev/null 2>&1 || die "mosquitto still missing after apt-get install"
     command -v redis-server >/dev/null 2>&1 || die "redis-server still missing after apt-get install"
     command -v systemd-analyze >/dev/null 2>&1 || die "systemd-analyze still missing after apt-get install"
+    [[ -x /usr/bin/chromium ]] || die "chromium still missing after apt-get install"
     echo "installed: $(mosquitto -h 2>/dev/null | head -n 1 || true); $(redis-server --version);" \
         "$(systemd-analyze --version | head -n 1)"
 }

@@ -82,6 +82,28 @@ class CalibrationStatus:
     quantile: float
     images: int
     prompt_version: str
+    # the good parts' score distribution it was measured on, and the share of them the threshold rejects
+    score_min: float | None = None
+    score_median: float | None = None
+    score_p95: float | None = None
+    score_max: float | None = None
+    false_reject_rate: float | None = None
+    rule: str = "quantile"
+
+    @classmethod
+    def of(cls, c: Calibration) -> CalibrationStatus:
+        return cls(
+            c.threshold,
+            c.quantile,
+            c.images,
+            c.prompt_version,
+            c.score_min,
+            c.score_median,
+            c.score_p95,
+            c.score_max,
+            c.false_reject_rate,
+            c.rule,
+        )
 
 
 @dataclass(frozen=True)
@@ -215,7 +237,7 @@ class ClassRegistry:
             cnf=p.cnf,
             defect_types=p.defect_types,
             stale_reason=entry.stale_reason,
-            calibration=None if c is None else CalibrationStatus(c.threshold, c.quantile, c.images, c.prompt_version),
+            calibration=None if c is None else CalibrationStatus.of(c),
         )
 
     def calibration_settings(self, class_word: str) -> CalibrationSettings:

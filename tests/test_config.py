@@ -359,7 +359,7 @@ def test_errors_from_the_environment_name_the_variable(tmp_path, monkeypatch):
     assert sorted(err.value.errors) == sorted(
         [
             "environment variable GENCLIP_MQT__HOST: no section 'mqt' (sections: line, model, engine, cameras, "
-            "thresholds, references, mqtt, redis, opcua, agent, trainer, logging)",
+            "thresholds, references, mqtt, redis, opcua, agent, page, trainer, logging)",
             "environment variable GENCLIP_MQTT_HOST: not a setting; a section and its key are joined by two "
             "underscores (GENCLIP_MQTT__HOST)",
             "engine.batchsize (from GENCLIP_ENGINE__BATCHSIZE): unknown key (misspelt, or not in this section)",

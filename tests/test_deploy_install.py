@@ -132,7 +132,7 @@ def test_staged_tree_layout_and_modes(staged):
         assert mode(staged / f"etc/genclip/{line}.toml") == 0o640
         creds = staged / "etc/genclip/credentials" / line
         assert mode(creds) == 0o700
-        for name in ("mqtt-password", "redis-password", "opcua-users"):
+        for name in ("mqtt-password", "redis-password", "opcua-users", "page-token", "page-password"):
             assert (creds / name).read_bytes() == b"" and mode(creds / name) == 0o600
         assert_opcua_certificate(creds, line)
         for sub in ("prompts", "profiles", "reference", "runs"):

@@ -23,7 +23,7 @@ from redis.typing import EncodableT, FieldT
 from agent.logs import get_logger
 from agent.publish.config import RedisConfig
 from agent.publish.outbox import DeliveryStats, Outbox, link_health
-from agent.results import Inspection, JsonObject, results_stream
+from agent.results import Inspection, JsonObject, results_stream, reviews_stream
 
 log = get_logger(__name__)
 
@@ -53,6 +53,7 @@ class RedisStreamPublisher:
         self.line_id = line_id
         self.stream = results_stream(line_id)
         self.info_key = f"genclip:{line_id}:info"
+        self.review_stream = reviews_stream(line_id)
         self._cv = threading.Condition()
         self._outbox: Outbox[Inspection] = Outbox(config.outbox_size, on_drop=self._overflow, cond=self._cv)
         self.stats = DeliveryStats(KINDS, depth=lambda: len(self._outbox))
@@ -93,6 +94,15 @@ class RedisStreamPublisher:
         with self._cv:
             self._info = json.dumps(info, separators=(",", ":"), ensure_ascii=False, default=str)
             self._cv.notify_all()
+
+    def record_review(self, fields: dict[str, str]) -> str:
+        """XADD an operator's review of a part (the live page's good/defect mark) to `genclip:<line>:reviews`,
+        now, on the caller's thread; the entry id. Raises redis.RedisError or OSError when Redis does not take
+        it: the operator is told, nothing is queued (a review is worth a person's attention, not a retry)."""
+        entry = self._client.xadd(
+            self.review_stream, dict(fields.items()), maxlen=self.config.stream_maxlen, approximate=True
+        )
+        return entry.decode() if isinstance(entry, bytes) else str(entry)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Write what is queued within timeout, then close; what is left is counted as dropped."""
