@@ -5,8 +5,9 @@ Contract.
   ([L, M, C], the same M patch positions in every layer) and where each row came from (`origins`:
   image index * grid^2 + patch index). Features are the layer tokens after ln_post (`"tokens"`, the
   default: independent of the learned prompts, so a prompt swap keeps the memory) or the adapted patch
-  features the maps use (`"adapted"`: tied to one prompt version). Rounded to fp16 when built, so a
-  memory read back from its file scores exactly as the one built in process.
+  features the maps use (`"adapted"`: tied to one prompt version). Rounded to fp16 and normalised again
+  when built (`stored_precision`), so a memory read back from its file scores exactly as the one built
+  in process.
 - The few-shot map of a frame is, per patch, 1 - the largest cosine similarity to the memory, averaged
   over layers; on the engine's device, as chunked matrix products over the memory rows inside the batch
   (`few_shot_map`). A row may leave one memory image out (`exclude`): how the references score
@@ -204,6 +205,12 @@ def normalised_tokens(tokens: Sequence[torch.Tensor]) -> torch.Tensor:
     return F.normalize(torch.stack([t.float() for t in tokens], dim=1), dim=-1)
 
 
+def stored_precision(features: torch.Tensor) -> torch.Tensor:
+    """Features as a memory keeps them: rounded to fp16 (as its file stores them), normalised again, in fp32.
+    The same for a memory built in process and one read back: both score alike, bit for bit."""
+    return F.normalize(features.to(torch.float16).float(), dim=-1)
+
+
 def greedy_coreset(features: torch.Tensor, size: int, projection: int = 128, seed: int = 0) -> torch.Tensor:
     """PatchCore's greedy (k-center) coreset: indices of `size` rows of `features` [M, C], each the row
     farthest from those taken so far, distances in a random projection to `projection` dims (PatchCore's
@@ -253,7 +260,7 @@ def build_memory(
     """A memory from per-image normalised features [N, L, HW, C] (see `normalised_tokens`)."""
     if features.shape[0] != len(image_digests) or len(sources) != len(image_digests):
         raise ValueError("one digest and one source per image")
-    rounded = features.to(torch.float16).float()  # as the file stores it
+    rounded = stored_precision(features)
     rows, origins = _cut(*_rows(rounded, 0), coreset)
     return PatchMemory(
         rows.contiguous(), origins, identity, tuple(image_digests), tuple(sources), reference_digest, coreset
@@ -274,7 +281,7 @@ def add_images(
     if not new:
         return memory
     hw = memory.identity.grid**2
-    rounded = features[new].to(torch.float16).float()
+    rounded = stored_precision(features[new])
     rows, origins = _rows(rounded, memory.images)
     rows = torch.cat([memory.features, rows.to(memory.features.device)], dim=1)
     origins = torch.cat([memory.origins, origins.to(memory.origins.device)])
@@ -444,7 +451,7 @@ def load_memory(path: Path, expected: MemoryIdentity, device: torch.device | str
         raise MemoryFileError(f"{path}: patch memory header has no identity")
     check_identity(identity, expected, str(path))
     try:
-        features = tensors["features"].float()
+        features = stored_precision(tensors["features"])
         origins = tensors["origins"].long()
         digests = tuple(str(d) for d in meta["image_digests"])
         sources = tuple(str(s) for s in meta["sources"])

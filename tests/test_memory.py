@@ -108,7 +108,7 @@ def test_growing_is_bounded_references_stay_and_origins_follow():
     last = features(2, seed=12)  # the rows of the newest images are where their origins say
     for i in range(2):
         rows = grown.origins // GRID**2 == 3 + i
-        assert torch.equal(grown.features[:, rows], last[i].half().float())
+        assert torch.equal(grown.features[:, rows], patch_memory.stored_precision(last[i]))
     again = add_images(grown, last, ["confirmed-2-0", "confirmed-2-1"], ["confirmed:x", "confirmed:y"], 5)
     assert again is grown  # images already in it are not added twice
 
@@ -151,19 +151,19 @@ def outputs(engine: Engine, frames: list[np.ndarray]) -> tuple[np.ndarray, np.nd
 
 def test_weight_zero_or_no_references_is_exactly_the_zero_shot_result(backbone):
     references, frames = surfaces(1, 8), surfaces(2, 3) + defective(surfaces(3, 3), 0)
-    today = Engine(tiny_config(image_size=96), backbone=backbone)
+    today = Engine(tiny_config(image_size=96, cnf=False), backbone=backbone)
     today.classes.register("tile", references)
     scores, maps = outputs(today, frames)
-    weight_zero = Engine(tiny_config(image_size=96, memory_weight=0.0), backbone=backbone)
+    weight_zero = Engine(tiny_config(image_size=96, cnf=False, memory_weight=0.0), backbone=backbone)
     weight_zero.classes.register("tile", references)
-    no_references = Engine(tiny_config(image_size=96, memory_weight=0.5), backbone=backbone)
+    no_references = Engine(tiny_config(image_size=96, cnf=False, memory_weight=0.5), backbone=backbone)
     no_references.classes.register("tile")
     assert no_references.classes.status("tile").memory_error is not None  # said why, scored zero-shot
     for engine in (weight_zero, no_references):
         other_scores, other_maps = outputs(engine, frames)
         assert np.array_equal(other_scores, scores) and np.array_equal(other_maps, maps)  # bit for bit
     assert weight_zero.classes.threshold("tile") == today.classes.threshold("tile")
-    fused = Engine(tiny_config(image_size=96, memory_weight=0.5), backbone=backbone)
+    fused = Engine(tiny_config(image_size=96, cnf=False, memory_weight=0.5), backbone=backbone)
     fused.classes.register("tile", references)
     _, fused_maps = outputs(fused, frames)
     assert not np.array_equal(fused_maps, maps)  # the memory does change the result when b > 0
