@@ -120,7 +120,7 @@ class EngineConfig(BaseModel):
         default_factory=dict, description="Per product class: b, overriding memory_weight."
     )
     memory_fusion: Literal["linear", "harmonic"] = Field(
-        "linear", description="How the normalised branches mix: (1-b)*zero_shot + b*few_shot, or a harmonic mean."
+        "harmonic", description="How the normalised branches mix: (1-b)*zero_shot + b*few_shot, or a harmonic mean."
     )
     memory_features: Literal["tokens", "adapted"] = Field(
         "tokens",

@@ -122,7 +122,8 @@ class CalibrationSettings:
         if isinstance(values["layers"], list):
             values["layers"] = tuple(values["layers"])
         extra = tuple((k, v) for k, v in data.items() if k not in values)
-        return cls(**values, extra=extra, missing=tuple(name for name in names if name not in data))
+        absent = tuple(name for name in names if name not in data and name != "memory")  # memory: optional
+        return cls(**values, extra=extra, missing=absent)
 
     @classmethod
     def _keys(cls) -> list[str]:

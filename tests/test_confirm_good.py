@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from paho.mqtt.properties import Properties
 from agent.commands import dispatch
 from agent.config import InspectConfig
 from agent.control import parse_command
+from agent.service import InspectionService
 from synthetic.textures import instance_seed, render_texture
 from tests.factories import tiny_config
-from tests.test_agent import Watcher, running, wait_for  # noqa: F401  (running: the fixture)
+from tests.test_agent import Watcher, wait_for
 from tests.test_commands import line as fake_line
 
 
@@ -51,6 +53,21 @@ def config(tmp_path: Path, mqtt_port: int, redis_url: str, **agent: Any) -> Insp
     )
 
 
+@pytest.fixture
+def start() -> Iterator[Callable[[InspectConfig], InspectionService]]:
+    services: list[InspectionService] = []
+
+    def run(cfg: InspectConfig) -> InspectionService:
+        services.append(InspectionService(cfg))
+        services[-1].start()
+        return services[-1]
+
+    yield run
+    for service in services:
+        if not service._stop.is_set():
+            service.shutdown()
+
+
 def command(port: int, name: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
     """Send one command with a correlation id and wait for its answer on cmd/response."""
     answers: list[dict[str, Any]] = []
@@ -76,11 +93,11 @@ def command(port: int, name: str, body: dict[str, Any], timeout: float = 120) ->
     return answers[0]
 
 
-def test_confirm_good_grows_the_memory_bounded_and_a_restart_keeps_it(tmp_path, mosquitto, redis_server, running):
+def test_confirm_good_grows_the_memory_bounded_and_a_restart_keeps_it(tmp_path, mosquitto, redis_server, start):
     cfg = config(tmp_path, mosquitto.port, redis_server.url, confirm_good=True, confirm_good_parts=16)
     watcher = Watcher(mosquitto.port, "mem")
     try:
-        service = running(cfg)
+        service = start(cfg)
         wait_for(lambda: len(watcher.of("cam-1/result")) >= 4, 60, "results")
         parts = [r["part_id"] for r in watcher.of("cam-1/result")[:3]]
         assert service.info()["classes"]["widget"]["memory"]["images"] == 8  # the references
@@ -94,7 +111,7 @@ def test_confirm_good_grows_the_memory_bounded_and_a_restart_keeps_it(tmp_path, 
         assert not refused["ok"] and "among the last 16 parts" in refused["error"]
         threshold = service.info()["classes"]["widget"]["threshold"]
         service.shutdown()
-        restarted = running(cfg)
+        restarted = start(cfg)
         info = restarted.info()["classes"]["widget"]
         assert info["memory"]["images"] == 10 and info["memory"]["confirmed"] == 2  # kept across the restart
         assert info["threshold"] == threshold and info["threshold_source"] == "calibration"

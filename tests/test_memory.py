@@ -180,7 +180,7 @@ def test_calibration_on_the_fused_score_leaves_each_reference_out(backbone):
     in_memory_scores, _ = outputs(engine, references)  # served: the references find themselves in the memory
     calibration = engine.classes.profile("tile").calibration
     assert calibration.score_median > float(np.median(in_memory_scores))  # calibrated as unseen good parts
-    assert "b=0.5 linear tokens" in calibration.settings.memory
+    assert "b=0.5 harmonic tokens" in calibration.settings.memory
 
 
 def test_profile_folder_keeps_the_memory_and_refuses_one_for_another_image_size(backbone, tmp_path):
