@@ -16,16 +16,29 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
-from agent.control import ARGS, Answer, CameraArgs, Command, CommandArgs, ReloadArgs, SnapshotArgs, ThresholdArgs
+from agent.control import (
+    ARGS,
+    Answer,
+    CameraArgs,
+    Command,
+    CommandArgs,
+    ConfirmGoodArgs,
+    ReloadArgs,
+    SnapshotArgs,
+    ThresholdArgs,
+)
 from agent.logs import get_logger
 from model.config import normalise_class_name
 
 if TYPE_CHECKING:
     from agent.service import InspectionService
+    from model.engine import Engine
+    from model.memory import PatchMemory
 
 log = get_logger(__name__)
 
 ENGINE_LOADING = "the engine is still loading; try again once the line reports online"
+MEMORY_TASK_S = 300.0  # growing a memory (features, statistics, recalibration) may take this long
 
 A = TypeVar("A", bound=CommandArgs)
 
@@ -96,6 +109,34 @@ def snapshot(line: InspectionService, args: SnapshotArgs) -> Answer:
     return {"info": line.publish_info()}
 
 
+def confirm_good(line: InspectionService, args: ConfirmGoodArgs) -> Answer:
+    """Add parts confirmed good (among the last [agent].confirm_good_parts scored) to their class's patch
+    memory, bounded by [model].memory_max_images; the memory is saved beside the class profile, so a restart
+    keeps it. Off unless [agent].confirm_good."""
+    if not line.config.agent.confirm_good:
+        raise ValueError("confirm-good is off on this line ([agent].confirm_good = false)")
+    if line.worker.engine is None:
+        raise ValueError(ENGINE_LOADING)
+    found, missing = line.recent_parts.find(args.parts)
+    if not found:
+        raise ValueError(
+            f"no part of {', '.join(repr(p) for p in missing)} is among the last {line.recent_parts.capacity} "
+            "parts scored ([agent].confirm_good_parts)"
+        )
+    grown: dict[str, object] = {}
+    for name, parts in found.items():
+        images, ids = [p.image for p in parts], [p.part_id for p in parts]
+
+        def grow(engine: Engine, name: str = name, images: list = images, ids: list = ids) -> PatchMemory:
+            return engine.classes.grow_memory(name, images, ids)
+
+        memory = line.worker.submit(grow).result(MEMORY_TASK_S)
+        grown[name] = {"images": memory.images, "confirmed": memory.confirmed, "patches": memory.patches}
+        log.info("parts confirmed good added to the patch memory", product_class=name, parts=ids)
+    line.publish_info()
+    return {"classes": grown, "unknown_parts": missing}
+
+
 def _set_paused(line: InspectionService, camera: str | None, *, paused: bool) -> Answer:
     if camera is not None:
         camera = match_name("camera", camera, list(line.sources), none="none running")
@@ -146,6 +187,7 @@ COMMANDS: Mapping[str, Route] = {
     "pause": route(CameraArgs, pause),
     "resume": route(CameraArgs, resume),
     "snapshot": route(SnapshotArgs, snapshot),
+    "confirm-good": route(ConfirmGoodArgs, confirm_good),
 }
 if {name: route.args for name, route in COMMANDS.items()} != ARGS:  # a command the wire accepts and nothing runs
     raise ImportError("agent.commands.COMMANDS and agent.control.ARGS name different commands or arguments")

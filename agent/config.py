@@ -119,6 +119,17 @@ class AgentConfig(Section):
         "at start (a commanded threshold yields to a [thresholds] value changed since); false: every start "
         "resets them.",
     )
+    confirm_good: bool = Field(
+        False,
+        description="Accept the confirm-good command: parts an operator confirms good (by part id) grow their "
+        "class's patch memory ([model].memory_weight > 0), kept beside the class profile ([model].profile_dir).",
+    )
+    confirm_good_parts: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Pictures of the last scored parts kept in memory for confirm-good (only while it is on).",
+    )
 
 
 class LoggingConfig(Section):
@@ -213,6 +224,15 @@ class InspectConfig(BaseSettings):
         if clash:
             raise ValueError(
                 f"cameras: id {', '.join(clash)} is the name of an OPC UA line variable; rename the camera"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _confirm_good_kept(self) -> InspectConfig:
+        """A memory grown over MQTT must survive a restart: it is kept beside the class profiles."""
+        if self.agent.confirm_good and self.model.profile_dir is None:
+            raise ValueError(
+                "agent.confirm_good: needs [model].profile_dir, where the grown patch memories are kept across restarts"
             )
         return self
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_MAX_BYTES = 4096
 Answer = dict[str, object]  # what a command's handler gives back: the answer's fields, JSON for the wire
@@ -45,6 +45,19 @@ class CameraArgs(CommandArgs):
     camera: str | None = Field(None, min_length=1, max_length=200)
 
 
+class ConfirmGoodArgs(CommandArgs):
+    """Parts an operator confirms good (by part id): added to their class's patch memory ([agent].confirm_good)."""
+
+    parts: list[str] = Field(min_length=1, max_length=64)
+
+    @field_validator("parts")
+    @classmethod
+    def _part_ids(cls, value: list[str]) -> list[str]:
+        if any(not 1 <= len(part) <= 200 for part in value):
+            raise ValueError("part ids are 1 to 200 characters")
+        return value
+
+
 class SnapshotArgs(CommandArgs):
     """Re-publish the line's retained info (model, prompt version, cameras, classes, thresholds)."""
 
@@ -56,6 +69,7 @@ ARGS: dict[str, type[CommandArgs]] = {
     "pause": CameraArgs,
     "resume": CameraArgs,
     "snapshot": SnapshotArgs,
+    "confirm-good": ConfirmGoodArgs,
 }
 
 

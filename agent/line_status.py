@@ -6,6 +6,7 @@ class's word, threshold and their sources through these two functions.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,6 +20,8 @@ def info_entry(status: ClassStatus) -> dict[str, object]:
         "class_word_source": status.class_word_source,
         "threshold": status.threshold,
         "threshold_source": status.threshold_source,
+        "memory": None if status.memory is None else asdict(status.memory),  # size, last update (patch memory)
+        "memory_error": status.memory_error,
     }
 
 

@@ -60,6 +60,7 @@ from agent.page.routes import Page
 from agent.publish.mqtt import MqttPublisher
 from agent.publish.publisher import Publisher
 from agent.publish.redis_streams import RedisStreamPublisher
+from agent.recent_parts import RecentParts
 from agent.reload import CheckpointWatcher, checkpoint_signature
 from agent.result_stage import ResultStage
 from agent.results import Inspection, JsonObject, build_inspection, build_uninspected, iso
@@ -142,6 +143,7 @@ class InspectionService:
         self.redis = RedisStreamPublisher(config.redis, self.line)
         self.publishers: tuple[Publisher, ...] = (self.mqtt, self.redis, *self._opcua_server())
         self.journal = PartJournal(journal_path(state_dir))
+        self.recent_parts = RecentParts(config.agent.confirm_good_parts)  # filled only with confirm_good on
         answers = AnswerSettings(self.line, config.mqtt.decision_window_ms / 1000.0, config.mqtt.reject_uninspected)
         self.failsafe = FailSafe(answers, self.publishers, self.metrics, self._model_fields, self.journal.closed)
         self.sources: dict[str, FrameSource] = {}
@@ -482,6 +484,8 @@ class InspectionService:
     def publish(self, frame: Frame, outcome: Outcome) -> Inspection:
         """Build one frame's Inspection and hand it to every publisher (which never block)."""
         inspection = self._inspection(frame, outcome)
+        if self.config.agent.confirm_good and isinstance(outcome, Prediction):
+            self.recent_parts.add(frame.part_id, frame.product_class, frame.image)
         frame.decided.claim()  # from here on a drop of this frame is not answered: one decision per part
         self.journal.closed(frame)
         for publisher in self.publishers:

@@ -308,6 +308,95 @@ def bench_point(
     return result
 
 
+def memory_point(
+    backbone: str,
+    image_size: int | None,
+    shots: int,
+    batch: int,
+    *,
+    precision: str = "fp32",
+    device: str = "auto",
+    rounds: int = 5,
+    frame_size: tuple[int, int] = (480, 640),
+    coreset: int = 0,
+    backbone_cache: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The patch memory's cost on one engine: building it from `shots` good frames (features and the
+    leave-one-out statistics), its size, the nearest-neighbour search per frame, and fused vs zero-shot
+    images/s at `batch`, interleaved round by round (zero-shot, fused, zero-shot, fused, ...)."""
+    import torch
+
+    from model import Engine, EngineConfig
+    from model.memory import few_shot_map
+
+    cache = backbone_cache if backbone_cache is not None else {}
+    config = EngineConfig(
+        backbone=backbone, pretrained="random", device=device, precision=precision, memory_coreset=coreset
+    )
+    engine = Engine(config, backbone=cache.get(backbone), max_batch=batch)
+    cache[backbone] = engine.backbone
+    size = image_size or engine.backbone.native_image_size
+    if size != engine.config.image_size:
+        engine = Engine(config.model_copy(update={"image_size": size}), backbone=engine.backbone, max_batch=batch)
+    engine.classes.register(CLASSES[0])
+    rng = np.random.default_rng(1)
+    references = [rng.integers(0, 256, (*frame_size, 3), dtype=np.uint8) for _ in range(shots)]
+    frames = [rng.integers(0, 256, (*frame_size, 3), dtype=np.uint8) for _ in range(batch)]
+    classes = [CLASSES[0]] * batch
+    builds = []
+    memory = None
+    for _ in range(max(1, min(rounds, 3))):
+        _synchronise(engine.device)
+        began = time.perf_counter()
+        memory = engine.classes.build_memory(CLASSES[0], references)
+        _synchronise(engine.device)
+        builds.append(time.perf_counter() - began)
+    assert memory is not None
+    kind = "tokens"
+    query = engine.classes.scorer.patch_features(engine.snapshot.prompts.model, frames, kind)
+    searches = []
+    with torch.inference_mode():
+        few_shot_map(query, memory)  # warm
+        for _ in range(rounds):
+            _synchronise(engine.device)
+            began = time.perf_counter()
+            few_shot_map(query, memory)
+            _synchronise(engine.device)
+            searches.append((time.perf_counter() - began) / batch * 1000)
+    engine.warmup()
+    timings = Timings()
+    for _ in range(rounds):
+        for variant, use in (("zero-shot", None), ("fused", memory)):
+            engine.classes.use_memory(CLASSES[0], use, 0.5)
+            _synchronise(engine.device)
+            began = time.perf_counter()
+            engine.predict(frames, classes)
+            _synchronise(engine.device)
+            timings.add(variant, time.perf_counter() - began)
+    zero, fused = timings.rounds["zero-shot"], timings.rounds["fused"]
+    return {
+        "backbone": backbone,
+        "image_size": size,
+        "grid": memory.identity.grid,
+        "layers": list(memory.identity.layers),
+        "shots": shots,
+        "coreset": coreset,
+        "batch": batch,
+        "device": str(engine.device),
+        "precision": engine.precision,
+        "memory_patches_per_layer": memory.patches,
+        "memory_mib": round(memory.nbytes / 2**20, 2),
+        "build_s": {"median": round(statistics.median(builds), 3), "min": round(min(builds), 3)},
+        "search_ms_per_frame": {"median": round(statistics.median(searches), 3), "min": round(min(searches), 3)},
+        "images_per_s": {
+            "zero-shot": round(batch / statistics.median(zero), 2),
+            "fused": round(batch / statistics.median(fused), 2),
+        },
+        "fused_vs_zero_shot": _ratio(zero, fused),  # > 1: fused is faster
+        "rounds": rounds,
+    }
+
+
 def run_bench(
     backbones: list[str],
     image_sizes: list[int | None],
@@ -323,13 +412,29 @@ def run_bench(
 
     applied = set_torch_threads(threads, interop_threads)
     cache: dict[str, Any] = {}
+    shots = options.pop("memory_shots", 0)
     points = [
         bench_point(backbone, size, mode, batches, backbone_cache=cache, **options)
         for backbone in backbones
         for size in image_sizes
         for mode in modes
     ]
-    return {"machine": machine_info() | applied, "points": points}
+    report: dict[str, Any] = {"machine": machine_info() | applied, "points": points}
+    if shots:
+        keep = ("precision", "device", "rounds", "frame_size")
+        report["memory"] = [
+            memory_point(
+                backbone,
+                size,
+                shots,
+                max(batches),
+                backbone_cache=cache,
+                **{k: options[k] for k in keep if k in options},
+            )
+            for backbone in backbones
+            for size in image_sizes
+        ]
+    return report
 
 
 def quiet_logs_to_stderr() -> None:
@@ -412,6 +517,14 @@ def print_engine_table(report: dict[str, Any]) -> None:
             f"{w['images_per_s']['engine']} img/s, WinCLIP {w['images_per_s']['winclip batch']} img/s batched, "
             f"{w['images_per_s']['winclip one by one']} img/s one by one; engine is "
             f"{_spread(w['engine_vs_winclip_batch'])} / {_spread(w['engine_vs_winclip_one_by_one'])} faster"
+        )
+    for p in report.get("memory", []):
+        console.print(
+            f"patch memory {p['backbone']} {p['image_size']}px ({p['grid']}x{p['grid']} grid, {len(p['layers'])} "
+            f"layers), {p['shots']} shots: build {p['build_s']['median']:.2f} s, {p['memory_patches_per_layer']} "
+            f"patches/layer, {p['memory_mib']} MiB; search {p['search_ms_per_frame']['median']:.2f} ms/frame; "
+            f"batch {p['batch']}: zero-shot {p['images_per_s']['zero-shot']} img/s, fused "
+            f"{p['images_per_s']['fused']} img/s (fused/zero-shot time {_spread(p['fused_vs_zero_shot'])} faster)"
         )
     m = report["machine"]
     console.print(

@@ -58,6 +58,15 @@ def engine(
     winclip_precision: Annotated[
         str | None, typer.Option("--winclip-precision", help="WinCLIP's precision; default the engine's.")
     ] = None,
+    memory_shots: Annotated[
+        int,
+        typer.Option(
+            "--memory-shots",
+            min=0,
+            help="Also the patch memory with K good frames: build time, size, search per frame, and fused vs "
+            "zero-shot images/s at the largest batch, interleaved (0: skip).",
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
 ) -> None:
     """Images/s, batch latency and memory per batch size, as ratios to the naive loop and to batch 1."""
@@ -86,6 +95,7 @@ def engine(
         naive=naive,
         compile_model=compile_model,
         pipelined=pipelined,
+        memory_shots=memory_shots,
     )
     if winclip:
         report["winclip"] = winclip_point(

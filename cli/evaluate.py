@@ -11,7 +11,7 @@ Exit codes: 0 done, 1 some images could not be read, 2 bad arguments or configur
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -26,6 +26,10 @@ from cli.options import (
     threshold_origin,
     with_profiles,
 )
+
+if TYPE_CHECKING:
+    from model.engine import Engine
+    from trainer.datasets import Sample
 
 DataOption = Annotated[
     list[str],
@@ -66,6 +70,26 @@ def evaluate_command(
         ),
     ] = None,
     profiles: ProfilesOption = None,
+    shots: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--shots",
+            min=1,
+            help="Also K good references per class (repeatable: --shots 1 --shots 2 --shots 4 --shots 8): zero-shot, "
+            "memory-only and fused figures side by side (shots.md, shots.json). References come from the "
+            "data's training split, never the evaluated images.",
+        ),
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="With --shots: seeds drawing the references.")] = 3,
+    memory_weight: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-weight",
+            min=0.0,
+            max=1.0,
+            help="With --shots: b of the fused figures; default [model] (0.5 if 0).",
+        ),
+    ] = None,
 ) -> None:
     """Image and pixel AUROC/AP/F1-max and AUPRO per class, like the zero-shot papers."""
     from trainer.datasets import DatasetError, open_dataset
@@ -90,6 +114,11 @@ def evaluate_command(
             fail(str(exc))
         thresholds[name] = threshold_origin(engine, name)
         typer.echo(f"threshold {name}: {describe_origin(thresholds[name])}")
+    if shots:
+        run_shots(
+            engine, items, data, out, sorted(set(shots)), seeds, memory_weight, batch_size or cfg.engine.batch_size
+        )
+        return
     outcome = evaluate(
         engine,
         items,
@@ -114,3 +143,41 @@ def evaluate_command(
         typer.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
     if outcome.skipped:
         raise typer.Exit(1)
+
+
+def run_shots(
+    engine: Engine,
+    items: list[Sample],
+    data: list[str],
+    out: Path,
+    shots: list[int],
+    seeds: int,
+    weight: float | None,
+    batch_size: int,
+) -> None:
+    """`--shots`: references from each data set's training split; the table printed, shots.json/md written."""
+    from trainer.datasets import DatasetError, open_dataset
+    from trainer.shots import ShotsInputError, evaluate_shots, format_table, training_spec, write_shots
+
+    try:
+        training = [s for spec in data for s in open_dataset(training_spec(spec))]
+    except DatasetError as exc:
+        fail(f"--shots needs good training images beside the evaluated ones: {exc}")
+    b = weight if weight is not None else (engine.config.memory_weight or 0.5)
+    try:
+        outcome = evaluate_shots(
+            engine,
+            items,
+            training,
+            shots=shots,
+            seeds=list(range(seeds)),
+            weight=b,
+            batch_size=batch_size,
+            progress=lambda text: typer.echo(text, err=True),
+        )
+    except ShotsInputError as exc:
+        fail(str(exc))
+    typer.echo(format_table(outcome))
+    meta = {"data": data, "shots": shots, "seeds": seeds, "prompt_version": engine.prompt_version}
+    for path in write_shots(out, outcome, meta):
+        typer.echo(f"wrote {path}")

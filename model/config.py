@@ -109,6 +109,34 @@ class EngineConfig(BaseModel):
         le=10.0,
         description="Too few good images to resolve the quantile: threshold = max + margin x (max - median).",
     )
+    memory_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="b: weight of the few-shot branch (a memory of good parts' patches) in the map; 0 = off, "
+        "scores exactly zero-shot. A class needs good parts ([references], `genclip calibrate`) for a memory.",
+    )
+    class_memory_weights: dict[str, float] = Field(
+        default_factory=dict, description="Per product class: b, overriding memory_weight."
+    )
+    memory_fusion: Literal["linear", "harmonic"] = Field(
+        "harmonic", description="How the normalised branches mix: (1-b)*zero_shot + b*few_shot, or a harmonic mean."
+    )
+    memory_features: Literal["tokens", "adapted"] = Field(
+        "tokens",
+        description="Patch features the memory keeps: the map layers' tokens before the adapters (independent of "
+        "the prompts) or after them (rebuilt for every prompt version).",
+    )
+    memory_coreset: int = Field(
+        0, ge=0, le=10_000_000, description="Patches a memory keeps (PatchCore greedy coreset); 0 = all."
+    )
+    memory_max_images: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Most images a memory holds; parts confirmed good beyond it replace the "
+        "oldest confirmed ones (references stay).",
+    )
     max_frame_pixels: int = Field(
         50_000_000, ge=64, description="Frames with more pixels are refused (a guard against absurd inputs)."
     )
@@ -159,6 +187,14 @@ class EngineConfig(BaseModel):
                 raise ValueError(f"{name}: must be a non-empty list of non-empty names")
         return {k: [w.strip() for w in v] for k, v in value.items()}
 
+    @field_validator("class_memory_weights")
+    @classmethod
+    def _memory_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, weight in value.items():
+            if not 0.0 <= weight <= 1.0:
+                raise ValueError(f"{name}: {weight} is outside 0..1")
+        return {normalise_class_name(k): v for k, v in value.items()}
+
     @field_validator("layers")
     @classmethod
     def _layers(cls, value: list[int] | None) -> list[int] | None:
@@ -191,6 +227,10 @@ class EngineConfig(BaseModel):
         if not self.pretrained.startswith("random"):
             return None
         return int(self.pretrained.partition(":")[2] or 0)
+
+    def memory_weight_for(self, product_class: str) -> float:
+        """b for one product class: its own weight, or memory_weight."""
+        return self.class_memory_weights.get(normalise_class_name(product_class), self.memory_weight)
 
     def defect_vocabulary(self, product_class: str) -> list[str]:
         """Defect names for one product class: its own list, or the default one."""

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import structlog
@@ -43,7 +43,8 @@ from model.batch import HostTransfer, Item, PendingBatch
 from model.checkpoint_files import resolve_checkpoint
 from model.classes import ClassRegistry, ClassSetupError
 from model.config import EngineConfig, normalise_class_name
-from model.genclip import DefectGroup, GenClip, Scores, ScoringSettings, prompt_shape
+from model.genclip import DefectGroup, GenClip, Scores, ScoringSettings, head_precision, prompt_shape
+from model.memory import ClassMemory, MemoryGroup, MemoryIdentity, normalised_tokens
 from model.outcomes import FrameError, Prediction
 from model.postprocess import Assemble, RegionSettings, assemble
 from model.preprocess import InvalidFrameError, Preprocessor, check_frame
@@ -56,7 +57,27 @@ __all__ = ["ClassSetupError", "Engine", "EngineInfo", "PreparedPrompts", "normal
 
 log = structlog.stdlib.get_logger("model.engine")
 UNTRAINED = "untrained"
-ScoreBatch = Callable[[PromptState, list[ClassText], list[np.ndarray]], tuple[Scores, list[list[int]]]]
+
+
+class MemoryRequest(NamedTuple):
+    """How one frame of a batch uses its class's patch memory: fused with it, leaving memory image `exclude`
+    out (-1: none), or, with `collect`, not fused but both branches' grid maps returned (statistics)."""
+
+    use: ClassMemory
+    exclude: int = -1
+    collect: bool = False
+
+
+class ScoreBatch(Protocol):
+    """The engine's one scoring path (`Engine._score`), as the class registry's scorer calls it."""
+
+    def __call__(
+        self,
+        prompts: PromptState,
+        texts: list[ClassText],
+        frames: list[np.ndarray],
+        memory: Sequence[MemoryRequest | None] | None = None,
+    ) -> tuple[Scores, list[list[int]]]: ...
 
 
 @dataclass(frozen=True)
@@ -195,14 +216,67 @@ class DeviceScorer:
         with torch.inference_mode(), self._autocast():
             return model.text.encode_texts(list(texts)).float()
 
-    def good_scores(self, prompts: PromptState, text: ClassText, frames: Sequence[np.ndarray]) -> np.ndarray:
+    @property
+    def device(self) -> torch.device:
+        return self._base.sot.device
+
+    def _requests(
+        self, memory: ClassMemory | None, exclude: Sequence[int] | None, start: int, n: int, collect: bool = False
+    ) -> list[MemoryRequest | None] | None:
+        if memory is None:
+            return None
+        return [MemoryRequest(memory, exclude[start + i] if exclude else -1, collect) for i in range(n)]
+
+    def good_scores(
+        self,
+        prompts: PromptState,
+        text: ClassText,
+        frames: Sequence[np.ndarray],
+        memory: ClassMemory | None = None,
+        exclude: Sequence[int] | None = None,
+    ) -> np.ndarray:
         scores = []
         for start in range(0, len(frames), self._chunk):
             chunk = list(frames[start : start + self._chunk])
+            requests = self._requests(memory, exclude, start, len(chunk))
             with torch.inference_mode(), self._autocast():
-                out, _ = self._score(prompts, [text] * len(chunk), chunk)
+                if requests is None:
+                    out, _ = self._score(prompts, [text] * len(chunk), chunk)
+                else:
+                    out, _ = self._score(prompts, [text] * len(chunk), chunk, requests)
             scores.append(out.scores[: len(chunk)].float().cpu().numpy())  # not the padding rows
         return np.concatenate(scores)
+
+    def branch_maps(
+        self,
+        prompts: PromptState,
+        text: ClassText,
+        frames: Sequence[np.ndarray],
+        memory: ClassMemory,
+        exclude: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        zero_shot, few_shot = [], []
+        for start in range(0, len(frames), self._chunk):
+            chunk = list(frames[start : start + self._chunk])
+            requests = self._requests(memory, exclude, start, len(chunk), collect=True)
+            with torch.inference_mode(), self._autocast():
+                out, _ = self._score(prompts, [text] * len(chunk), chunk, requests)
+            assert out.branch_maps is not None
+            zero_shot.append(out.branch_maps[0][: len(chunk)].float())
+            few_shot.append(out.branch_maps[1][: len(chunk)].float())
+        return torch.cat(zero_shot), torch.cat(few_shot)
+
+    def patch_features(self, model: GenClip, frames: Sequence[np.ndarray], kind: str) -> torch.Tensor:
+        out = []
+        for start in range(0, len(frames), self._chunk):
+            chunk = frames[start : start + self._chunk]
+            with torch.inference_mode(), self._autocast():
+                vision = self._base.vision(self._preprocess(chunk))
+            with torch.inference_mode(), head_precision(self.device.type):
+                feats = model.image_features(vision)
+                assert feats.tokens is not None
+                out.append(normalised_tokens(feats.tokens) if kind == "tokens" else feats.patches.float())
+        return torch.cat(out)
 
 
 class Engine:
@@ -248,14 +322,40 @@ class Engine:
         scorer = DeviceScorer(
             self._base,
             self.preprocess,
-            lambda p, t, f: self._score(p, t, f),  # late-bound: a test may replace _score
+            self._late_score,
             self.batch_sizes[-1],
             self._autocast,
             self.stats,
         )
         settings = calibration_settings(self.backbone, config, self._base, self._precision)
-        self.classes = ClassRegistry(config, self._cell, scorer, settings)
+        self.classes = ClassRegistry(config, self._cell, scorer, settings, self.memory_identity)
         log.info("engine ready", **self.info().as_dict())
+
+    def _late_score(
+        self,
+        prompts: PromptState,
+        texts: list[ClassText],
+        frames: list[np.ndarray],
+        memory: Sequence[MemoryRequest | None] | None = None,
+    ) -> tuple[Scores, list[list[int]]]:
+        """`_score`, looked up at each call: a test may replace it (with the three-argument form)."""
+        if memory is None:
+            return self._score(prompts, texts, frames)
+        return self._score(prompts, texts, frames, memory)
+
+    def memory_identity(self, prompts: PromptState) -> MemoryIdentity:
+        """What a patch memory built on this engine (and, for adapted features, these prompts) is."""
+        adapted = self.config.memory_features == "adapted"
+        return MemoryIdentity(
+            backbone=self.backbone.name,
+            weights=self.backbone.weights,
+            image_size=self.config.image_size,
+            layers=tuple(self.layers),
+            vv_from_layer=self.vv_from,
+            features=f"adapted:{prompts.digest[:16]}" if adapted else "tokens",
+            width=self.backbone.embed_dim if adapted else self.backbone.vision_width,
+            grid=self.config.image_size // self.backbone.patch_size,
+        )
 
     # --- precision ---------------------------------------------------------------------------------------
     @property
@@ -456,7 +556,13 @@ class Engine:
                 self.fault_hook(len(items))
             with torch.inference_mode(), self._autocast():
                 texts = [snap.classes[name].text for _, _, name in items]
-                out, groups = self._score(snap.prompts, texts, [frame for _, frame, _ in items])
+                uses = [snap.classes[name].memory for _, _, name in items]
+                batch = [frame for _, frame, _ in items]
+                if any(use is not None for use in uses):
+                    requests = [None if use is None else MemoryRequest(use) for use in uses]
+                    out, groups = self._score(snap.prompts, texts, batch, requests)
+                else:
+                    out, groups = self._score(snap.prompts, texts, batch)
                 pending.add(items, HostTransfer(out, groups, len(items)))
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
@@ -473,9 +579,14 @@ class Engine:
             self._run(snap, items[half:], pending)
 
     def _score(
-        self, prompts: PromptState, texts: list[ClassText], frames: list[np.ndarray]
+        self,
+        prompts: PromptState,
+        texts: list[ClassText],
+        frames: list[np.ndarray],
+        memory: Sequence[MemoryRequest | None] | None = None,
     ) -> tuple[Scores, list[list[int]]]:
-        """The one scoring path, on a batch padded to a fixed size so compiled graphs are reused."""
+        """The one scoring path, on a batch padded to a fixed size so compiled graphs are reused. `memory`: per
+        frame, how it uses its class's patch memory (None: zero-shot, exactly as without memories)."""
         n = len(frames)
         padded = next(s for s in self.batch_sizes if s >= n)
         images = self.preprocess(frames)
@@ -500,8 +611,25 @@ class Engine:
             vision=self._vision,
             truncate_text=False,
             text_in_fp32=self._text_in_fp32(padded),
+            memory=self._memory_groups(memory or ()),
         )
         return out, list(groups.values())
+
+    def _memory_groups(self, requests: Sequence[MemoryRequest | None]) -> list[MemoryGroup]:
+        """The batch's rows grouped by class memory: row indices on the device built once per pattern, the
+        left-out images copied to the device only when a row leaves one out (calibration, statistics)."""
+        rows: dict[tuple[int, bool], list[int]] = {}
+        for i, request in enumerate(requests):
+            if request is not None:
+                rows.setdefault((id(request.use), request.collect), []).append(i)
+        groups = []
+        for indices in rows.values():
+            first = requests[indices[0]]
+            assert first is not None
+            left_out = [requests[i].exclude for i in indices]  # type: ignore[union-attr]
+            exclude = torch.as_tensor(left_out, device=self.device) if max(left_out) >= 0 else None
+            groups.append(MemoryGroup(self._index_tensor(indices), first.use, exclude, first.collect))
+        return groups
 
     def _text_in_fp32(self, batch: int) -> bool:
         """On the CPU, bf16 matrix products pay a fixed cost per call (weights converted and repacked), which

@@ -16,6 +16,7 @@ from torch import nn
 
 from model.backbone import Backbone
 from model.config import EngineConfig
+from model.memory import MemoryGroup, apply_memory
 from model.prompts import PatchAdapters, PromptLearner, PromptShape, Suffix
 from model.scoring import (
     abnormal_probability,
@@ -39,6 +40,7 @@ class ImageFeatures:
     patches: torch.Tensor
     vision_prompts: torch.Tensor
     grid: int
+    tokens: list[torch.Tensor] | None = None  # the used layers' ln_post tokens [B, HW, W] (the patch memory's)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Scores:
     global_probability: torch.Tensor  # [B]
     maps: torch.Tensor  # [B, S, S], fp32
     type_probabilities: list[torch.Tensor]  # per DefectGroup: [n, g, g, K]
+    branch_maps: tuple[torch.Tensor, torch.Tensor] | None = None  # zero-shot, few-shot grid maps [B, HW] (collect)
 
 
 def head_precision(device_type: str) -> contextlib.AbstractContextManager:
@@ -152,6 +155,7 @@ class GenClip(nn.Module):
             patches=self.adapters(tokens),
             vision_prompts=self.prompts.vision_prompts(tokens),
             grid=out.grid,
+            tokens=tokens,
         )
 
     # --- text ------------------------------------------------------------------------------
@@ -221,13 +225,15 @@ class GenClip(nn.Module):
         vision: Callable[[torch.Tensor], VisionOutput] | None = None,
         truncate_text: bool = True,
         text_in_fp32: bool = False,
+        memory: Sequence[MemoryGroup] = (),
     ) -> Scores:
         """Normalised images [B, 3, S, S] -> scores and maps.
 
         suffixes [B, T, W] / suffix_lengths [B]: each image's class words (see `pad_suffixes`).
         The towers run under whatever autocast the caller set; the head always in fp32.
         `vision` replaces the image tower (a torch.compile'd or low-precision copy); `text_in_fp32` runs the
-        per-image text outside the caller's autocast.
+        per-image text outside the caller's autocast. `memory`: rows fused with their class's patch memory
+        (`model/memory.py`); without it, the zero-shot maps exactly.
         """
         out = (vision if vision is not None else self.vision)(images)
         with head_precision(images.device.type):
@@ -239,7 +245,7 @@ class GenClip(nn.Module):
                 enhanced = self.state_text_padded(
                     suffixes, suffix_lengths, feats.vision_prompts, truncate=truncate_text
                 )
-        return self.head(feats, query_text, enhanced, settings, defect_groups)
+        return self.head(feats, query_text, enhanced, settings, defect_groups, memory)
 
     def head(
         self,
@@ -248,6 +254,7 @@ class GenClip(nn.Module):
         enhanced_text: torch.Tensor | None,
         settings: ScoringSettings,
         defect_groups: Sequence[DefectGroup] = (),
+        memory: Sequence[MemoryGroup] = (),
     ) -> Scores:
         """Cosines, softmax, fusion, blur, image score and defect-type probabilities, in fp32."""
         with head_precision(feats.patches.device.type):
@@ -256,6 +263,10 @@ class GenClip(nn.Module):
             if enhanced_text is not None:
                 enhanced = self.layer_maps(feats, enhanced_text.float()).mean(dim=1)
                 fused = settings.branch_weight * enhanced + (1.0 - settings.branch_weight) * fused
+            branches = None
+            if memory:
+                assert feats.tokens is not None
+                fused, branches = apply_memory(fused, feats.tokens, feats.patches, memory)
             maps = upsample_and_blur(fused, settings.image_size, settings.sigma)
             global_p = global_abnormal_probability(feats.global_embedding, query_text, self.temperature)
             scores = image_score(global_p, maps, settings.score_alpha)
@@ -267,4 +278,6 @@ class GenClip(nn.Module):
                 )
                 probs = self.defect_logits(sub, group.defect_text).softmax(dim=-1).mean(dim=1)
                 types.append(probs.view(len(group.indices), g, g, -1))
-        return Scores(scores=scores, global_probability=global_p, maps=maps, type_probabilities=types)
+        return Scores(
+            scores=scores, global_probability=global_p, maps=maps, type_probabilities=types, branch_maps=branches
+        )

@@ -89,6 +89,7 @@ class CalibrationSettings:
     temperature: float
     precision: str
     class_word: str
+    memory: str | None = None  # the class's patch memory and fusion (`ClassMemory.describe`); None: zero-shot
     # Only for settings read from a profile file unlike the engine's (hand-edited, or another version):
     extra: tuple[tuple[str, Any], ...] = ()  # keys the file holds beyond these
     missing: tuple[str, ...] = ()  # keys the file lacks (their fields hold None and are not written back)
@@ -96,9 +97,17 @@ class CalibrationSettings:
     def for_word(self, class_word: str) -> CalibrationSettings:
         return replace(self, class_word=class_word)
 
+    def with_memory(self, memory: str | None) -> CalibrationSettings:
+        return replace(self, memory=memory)
+
     def as_dict(self) -> dict[str, Any]:
-        """The JSON object a profile stores (layers a list, keys in this order, as read from a file)."""
-        data = {name: getattr(self, name) for name in self._keys() if name not in self.missing}
+        """The JSON object a profile stores (layers a list, keys in this order, as read from a file); `memory`
+        only when a memory is fused, so a zero-shot calibration reads as it did before memories existed."""
+        data = {
+            name: getattr(self, name)
+            for name in self._keys()
+            if name not in self.missing and not (name == "memory" and self.memory is None)
+        }
         if "layers" in data:
             data["layers"] = list(self.layers)
         return {**data, **dict(self.extra)}
@@ -113,7 +122,8 @@ class CalibrationSettings:
         if isinstance(values["layers"], list):
             values["layers"] = tuple(values["layers"])
         extra = tuple((k, v) for k, v in data.items() if k not in values)
-        return cls(**values, extra=extra, missing=tuple(name for name in names if name not in data))
+        absent = tuple(name for name in names if name not in data and name != "memory")  # memory: optional
+        return cls(**values, extra=extra, missing=absent)
 
     @classmethod
     def _keys(cls) -> list[str]:

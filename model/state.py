@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from model.genclip import GenClip
+from model.memory import ClassMemory
 from model.profile import ClassProfile
 from model.prompts import Suffix
 
@@ -59,6 +60,8 @@ class ClassEntry:
     threshold: float
     threshold_source: str
     stale_reason: str | None = None
+    memory: ClassMemory | None = None  # its patch memory and fusion weight; None: scored zero-shot
+    memory_error: str | None = None  # why a class with memory_weight > 0 has no memory
 
 
 @dataclass(frozen=True)
