@@ -159,7 +159,11 @@ class InspectionService:
         )
         self.status = StatusMonitor(self.checks.state, self.mqtt, self.publish_info, config.mqtt.heartbeat_s)
         cameras = [camera.id for camera in config.cameras]
-        self.page = Page(config.page, self, self.line, cameras) if config.page.enabled else None
+        self.page = (
+            Page(config.page, self, self.line, cameras, grows_memory=config.agent.confirm_good)
+            if config.page.enabled
+            else None
+        )
         self.health = HealthServer(
             config.agent.health_host,
             config.agent.health_port,

@@ -127,3 +127,40 @@ def test_confirm_good_is_off_by_default_and_needs_a_profile_folder(tmp_path):
         InspectConfig(model=tiny_config().model_dump(exclude_none=True), agent={"confirm_good": True})
     with pytest.raises(Exception, match="parts"):
         parse_command("confirm-good", b'{"parts": []}')
+
+
+def test_a_part_marked_good_on_the_live_page_joins_the_memory(tmp_path, mosquitto, redis_server, start):
+    """The page's "mark good" is the confirm-good command when the line grows memories ([agent].confirm_good)."""
+    import urllib.request
+
+    from agent.page.config import PageConfig
+    from tests.brokers import free_port
+
+    port, token = free_port(), "a-long-enough-token"
+    cfg = config(tmp_path, mosquitto.port, redis_server.url, confirm_good=True, health_port=port)
+    cfg = cfg.model_copy(update={"page": PageConfig(enabled=True, token=token)})
+    watcher = Watcher(mosquitto.port, "mem")
+    try:
+        service = start(cfg)
+        wait_for(lambda: len(watcher.of("cam-1/result")) >= 2, 60, "results")
+
+        def call(path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}{path}",
+                data=None if body is None else json.dumps(body).encode(),
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                method="GET" if body is None else "POST",
+            )
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return json.loads(answer.read())
+
+        part = call("/api/state")["latest"][0]
+        answer = call(f"/api/parts/{part['n']}/review", {"label": "good"})
+        assert answer["ok"] and answer["part_id"] == part["part_id"], answer
+        assert answer["memory"].startswith("added to the patch memory"), answer
+        memory = service.info()["classes"]["widget"]["memory"]
+        assert memory["images"] == 9 and memory["confirmed"] == 1
+        defect = call(f"/api/parts/{part['n']}/review", {"label": "defect"})
+        assert defect["memory"] is None  # only parts marked good join the memory
+    finally:
+        watcher.close()

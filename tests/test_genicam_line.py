@@ -86,7 +86,8 @@ def emulated(camera_id: str, serial: str, folder: Path) -> dict[str, Any]:
         "product_class": "widget",
         "acquisition": "triggered",
         "trigger": "mqtt",
-        "trigger_timeout_ms": 1500,
+        "trigger_timeout_ms": 5000,  # two shared CPU cores can lag seconds: a missed trigger must be the camera's
+        "max_age_ms": 15_000,  # nor a frame stale for the load alone (the decision window is 15 s)
         "queue_size": 16,
         "reconnect_min_s": 0.2,
         "reconnect_max_s": 1.0,
@@ -199,7 +200,7 @@ def test_two_emulated_pylon_cameras_software_triggered_by_the_plc_through_gencli
             result = results[f"A{camera}-{n:06d}"]
             assert (result["trigger"], result["camera_frame_id"]) == (n, n - 1), result
             defective_part = result["camera_frame_id"] % 3 == DEFECTIVE_FILE
-            assert result["verdict"] == ("NG" if defective_part else "OK"), result
+            assert result["verdict"] == ("NG" if defective_part else "OK"), (result.get("error"), result)
             assert by_part[result["part_id"]].rule == ("NG" if defective_part else "OK")
 
     # Phase B: cam-1's parts answered ERROR (grab failed, or missed while it reconnected), none passed;

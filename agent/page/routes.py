@@ -17,7 +17,9 @@ Operator actions (a login, always; `401` otherwise) run through the same command
 published in the retained info exactly as an MQTT command would be:
 - `POST /api/cameras/<camera>/pause|resume`, `POST /api/classes/<class>/threshold {"value": v}`;
 - `POST /api/parts/<n>/review {"label": "good"|"defect", "note": "..."}`: appended to the Redis stream
-  `genclip:<line>:reviews` (agent/publish/redis_streams.py) with the part's own fields and the user.
+  `genclip:<line>:reviews` (agent/publish/redis_streams.py) with the part's own fields and the user; a part
+  marked good also goes to its class's patch memory when `[agent].confirm_good` is on (the `confirm-good`
+  command), and the answer's `memory` says what that did.
 Every POST must be `application/json` (a cross-site form cannot send it), and the session cookie is
 SameSite=Strict. Logins: `POST /api/login`, `POST /api/logout` (agent/page/auth.py).
 """
@@ -83,9 +85,12 @@ def error(status: int, message: str) -> JSONResponse:
 class Page:
     """The live page of one line: its feed, encoder, logins and endpoints."""
 
-    def __init__(self, config: PageConfig, line: LinePort, line_id: str, cameras: list[str]) -> None:
+    def __init__(
+        self, config: PageConfig, line: LinePort, line_id: str, cameras: list[str], grows_memory: bool = False
+    ) -> None:
         self.config = config
         self.line = line
+        self.grows_memory = grows_memory  # [agent].confirm_good: a part marked good joins its class's patch memory
         self.line_id = line_id
         self.cameras = cameras
         self.feed = LiveFeed(config.ng_parts)
@@ -391,7 +396,19 @@ class Page:
             log.warning("part review not recorded", user=user, part=inspection.part_id, error=str(exc))
             return error(503, f"not recorded: Redis did not take it ({exc})")
         log.info("part reviewed", via="page", user=user, part=inspection.part_id, label=review.label, entry=entry)
-        return JSONResponse({"ok": True, "entry": entry, **fields}, headers=NO_STORE)
+        memory = await self._confirm_good(inspection.part_id) if review.label == "good" else None
+        return JSONResponse({"ok": True, "entry": entry, **fields, "memory": memory}, headers=NO_STORE)
+
+    async def _confirm_good(self, part_id: str) -> str | None:
+        """A part marked good joins its class's patch memory when the line grows memories ([agent].confirm_good)."""
+        if not self.grows_memory:
+            return None
+        try:
+            command = parse_command("confirm-good", json.dumps({"parts": [part_id]}).encode())
+            answer = await run_in_threadpool(self.line.handle_command, command)
+        except (CommandError, ValueError) as exc:
+            return f"not added to the patch memory: {exc}"
+        return f"added to the patch memory: {json.dumps(answer, default=str)}"
 
     async def _json(self, request: Request) -> dict[str, object] | Response:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":

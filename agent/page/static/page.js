@@ -224,7 +224,9 @@ for (const label of ["good", "defect"]) {
   $(`#mark-${label}`).addEventListener("click", async () => {
     const part = page.current;
     const { ok, answer } = await post(`/api/parts/${part.n}/review`, { label });
-    $("#mark-result").textContent = ok ? `recorded as ${label} (${answer.entry})` : `refused: ${answer.error}`;
+    $("#mark-result").textContent = ok
+      ? `recorded as ${label} (${answer.entry})${answer.memory ? "; " + answer.memory : ""}`
+      : `refused: ${answer.error}`;
   });
 }
 
