@@ -120,6 +120,8 @@ def train(
     report_summary(summary)
     if summary.interrupted:
         raise typer.Exit(130)
+    if summary.publish_refused:
+        raise typer.Exit(1)
 
 
 def prepare_run(specs: list[str], out: Path | None, resume: bool, force: bool, out_dir: Path) -> Path:
@@ -180,15 +182,18 @@ def run_training(
 
 def report_summary(summary: TrainSummary) -> None:
     """The run's result lines: epochs, the chosen checkpoint and its validation, where it went, what was skipped."""
-    typer.echo(
-        f"{'interrupted' if summary.interrupted else 'done'}: {summary.epochs_done} epoch(s), "
-        f"{summary.train_images} train / {summary.val_images} validation images, {summary.seconds:.0f} s"
-    )
+    images = f"{summary.train_images} train / {summary.val_images} validation images, {summary.seconds:.0f} s"
+    if summary.interrupted:
+        typer.echo(f"{interrupted_line(summary)}; {images}")
+        typer.echo(f"continue with: genclip train --resume --out {summary.run_dir} (and the same data and options)")
+    else:
+        typer.echo(f"done: {summary.epochs_done} epoch(s), {images}")
     typer.echo(f"selection: {summary.selection}")
     if summary.best_metrics:
         typer.echo(f"best epoch {summary.best_epoch}: {validation_line(summary.best_metrics)}")
     elif summary.best_epoch is not None:
-        typer.echo(f"best epoch {summary.best_epoch} (the last)")
+        last_rule = summary.validation.get("rule") == "last epoch"
+        typer.echo(f"best epoch {summary.best_epoch}{' (the last)' if last_rule else ''}")
     if summary.baseline and summary.best_metrics:
         from trainer.evaluate import headline
 
@@ -202,10 +207,26 @@ def report_summary(summary: TrainSummary) -> None:
     typer.echo(f"checkpoints: {summary.best or summary.last}  (log: {summary.run_dir / 'log.jsonl'})")
     if summary.published:
         typer.echo(f"published: {summary.published}")
+    if summary.publish_refused:
+        typer.echo(f"error: {summary.publish_refused}", err=True)
     if summary.skipped:
         typer.echo(f"skipped {len(summary.skipped)} unreadable file(s):")
         for line in summary.skipped:
             typer.echo(f"  {line}")
+
+
+def interrupted_line(summary: TrainSummary) -> str:
+    """'interrupted after epoch 1 of 3 (log.jsonl: epochs 0-1, epoch 0 = the untrained prompts)': epochs are
+    counted as log.jsonl numbers them, and the epoch that was cut short is not counted."""
+    done, first = summary.epochs_done, 0 if summary.baseline else 1
+    if done == 0:
+        logged = "; log.jsonl: epoch 0 (the untrained prompts)" if summary.baseline else ""
+        return f"interrupted in epoch 1 of {summary.epochs}: no epoch finished{logged}"
+    untrained = ", epoch 0 = the untrained prompts" if first == 0 else ""
+    return (
+        f"interrupted after epoch {done} of {summary.epochs} (log.jsonl: epochs {first}-{done}{untrained}; "
+        f"epoch {done + 1} was cut short)"
+    )
 
 
 def default_run_dir(out_dir: Path, now: datetime | None = None) -> Path:
