@@ -81,6 +81,14 @@ PublishOption = Annotated[
         "Default: [trainer].publish_dir.",
     ),
 ]
+NoPublishOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-publish",
+        help="Publish nothing, even with [trainer].publish_dir set (a line's config sets it): keep the run in its "
+        "folder to evaluate it first, then `genclip publish` it.",
+    ),
+]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")]
 
 
@@ -100,6 +108,7 @@ def train(
     resume: ResumeOption = False,
     force: ForceOption = False,
     publish: PublishOption = None,
+    no_publish: NoPublishOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Learn prompts from labelled anomaly data (or good images + `genclip synth`)."""
@@ -114,6 +123,10 @@ def train(
         "holdout_classes": holdout_classes,
         "holdout_class_names": holdout,
     }
+    if publish is not None and no_publish:
+        fail("--publish and --no-publish contradict each other")
+    if no_publish:
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"publish_dir": None})})
     specs = list(data or cfg.trainer.data)
     run_dir = prepare_run(specs, out, resume, force, cfg.trainer.out_dir)
     summary = run_training(cfg, specs, run_dir, overrides, device, resume, force, publish, progress)
@@ -207,6 +220,8 @@ def report_summary(summary: TrainSummary) -> None:
     typer.echo(f"checkpoints: {summary.best or summary.last}  (log: {summary.run_dir / 'log.jsonl'})")
     if summary.published:
         typer.echo(f"published: {summary.published}")
+    elif summary.best is not None and not summary.interrupted and not summary.publish_refused:
+        typer.echo(f"not published; to the line, once evaluated: genclip publish {summary.best}")
     if summary.publish_refused:
         typer.echo(f"error: {summary.publish_refused}", err=True)
     if summary.skipped:

@@ -183,3 +183,81 @@ def test_publish_checks_the_checkpoint_itself_against_the_line(tmp_path):
     assert not prompts.exists()
     perturbed_checkpoint(checkpoint, line.backbone, tiny_config(image_size=224))
     assert publish(checkpoint, prompts, "run", line.identity()) == prompts / "run.safetensors"
+
+
+# --- genclip publish: a checkpoint trained and evaluated first ------------------------------------------
+def published_line(tmp_path: Path, image_size: int) -> tuple[Path, Path]:
+    """A line config whose agent watches `<tmp>/prompts`; returns (config, prompts folder)."""
+    config, prompts = line_config(tmp_path, image_size=image_size), tmp_path / "prompts"
+    config.write_text(config.read_text() + f'[agent]\nprompt_dir = "{prompts}"\n')
+    return config, prompts
+
+
+def trained_checkpoint(path: Path, image_size: int) -> Path:
+    from model.backbone import load_backbone
+    from tests.factories import perturbed_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    perturbed_checkpoint(path, load_backbone("genclip-tiny", "random"), tiny_config(image_size=image_size))
+    return path
+
+
+def test_publish_puts_a_checkpoint_the_line_takes_where_it_watches(tmp_path):
+    from model.checkpoint import read_checkpoint
+
+    config, prompts = published_line(tmp_path, image_size=64)
+    best = trained_checkpoint(tmp_path / "runs" / "disc-1" / "best.safetensors", image_size=64)
+    result = runner.invoke(app, ["publish", str(best), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    target = prompts / "disc-1.safetensors"  # named after the run folder, as train --publish names it
+    digest = read_checkpoint(target).digest
+    assert f"published: {target} (prompt version disc-1@{digest[:12]})" in result.output
+    assert "warning" not in result.output and target.read_bytes() == best.read_bytes()
+    assert target.stat().st_mode & 0o777 == 0o644  # the agent runs as another user
+    assert [p.name for p in prompts.iterdir()] == ["disc-1.safetensors"]  # no temporary file left
+
+    elsewhere = runner.invoke(app, ["publish", str(best), "--config", str(config), "--to", str(tmp_path / "x")])
+    assert elsewhere.exit_code == 0 and (tmp_path / "x" / "disc-1.safetensors").is_file()
+    assert f"the line's agent does not watch {tmp_path / 'x'}" in elsewhere.output, elsewhere.output
+
+
+def test_publish_refuses_what_the_line_would_refuse(tmp_path):
+    config, prompts = published_line(tmp_path, image_size=224)
+    best = trained_checkpoint(tmp_path / "runs" / "disc-1" / "best.safetensors", image_size=64)
+    result = runner.invoke(app, ["publish", str(best), "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert "not published: the line (the config's [model]) would refuse it" in said, said
+    assert "field 'image_size' is 64 in the checkpoint but 224" in said
+    assert not prompts.exists()
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    junk = runner.invoke(app, ["publish", str(tmp_path / "junk.safetensors"), "--config", str(config)])
+    assert junk.exit_code == 1 and "not published" in junk.output and not prompts.exists()
+    missing = runner.invoke(app, ["publish", str(tmp_path / "none.safetensors"), "--config", str(config)])
+    assert missing.exit_code == 2 and "checkpoint not found" in missing.output
+
+
+def test_eval_reports_the_prompts_it_measured_the_lines_by_default(three_classes, tmp_path):
+    config, prompts = published_line(tmp_path, image_size=64)
+    best = trained_checkpoint(tmp_path / "runs" / "disc-1" / "best.safetensors", image_size=64)
+    assert runner.invoke(app, ["publish", str(best), "--config", str(config)]).exit_code == 0
+    args = ["eval", "--config", str(config), "--data", f"synthetic:{three_classes}@all", "--grid-good", "0"]
+    result = runner.invoke(app, [*args, "--grid-per-kind", "0", "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "report" / "report.json").read_text())["meta"]
+    assert meta["checkpoint"] == str(prompts / "disc-1.safetensors")  # the line's prompts, not "untrained"
+    assert meta["prompt_version"].startswith("disc-1@") and f"prompts {meta['prompt_version']}: " in result.output
+
+
+def test_no_publish_keeps_a_run_from_the_line_whose_config_publishes_every_run(three_classes, tmp_path):
+    config, prompts = line_config(tmp_path, image_size=64), tmp_path / "prompts"
+    config.write_text(config.read_text() + f'publish_dir = "{prompts}"\n')  # [trainer], as a line's config has it
+    out = tmp_path / "run"
+    args = ["train", "--config", str(config), "--data", f"synthetic:{three_classes}@all", "--out", str(out)]
+    both = runner.invoke(app, [*args, "--no-publish", "--publish", str(prompts)])
+    assert both.exit_code == 2 and "contradict" in both.output
+    result = runner.invoke(app, [*args, "--epochs", "1", "--no-publish", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert not prompts.exists() and json.loads((out / "summary.json").read_text())["published"] is None
+    assert f"not published; to the line, once evaluated: genclip publish {out / 'best.safetensors'}" in result.output
