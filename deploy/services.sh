@@ -7,10 +7,9 @@ usage() {
     cat <<'EOF'
 Usage: bash deploy/services.sh [--config PATH] {install|up|down|status}
 
-  install   install mosquitto, mosquitto-clients and redis-server with apt-get (as root)
-            if the mosquitto or redis-server binary is missing, and systemd if
-            systemd-analyze is missing (the unit-file tests run `systemd-analyze verify`);
-            otherwise do nothing
+  install   install mosquitto, mosquitto-clients, redis-server and jq with apt-get (as root)
+            where one is missing, and systemd if systemd-analyze is missing (the unit-file
+            tests run `systemd-analyze verify`); otherwise do nothing
   up        start Mosquitto and Redis on 127.0.0.1, on the ports of the config file:
             MQTT from [mqtt].port, Redis from [redis].url; already running = no-op
   down      stop what `up` started (by pid file); nothing running = no-op
@@ -44,9 +43,11 @@ cmd_install() {
     # tests/test_deploy_install.py checks deploy/systemd/ with `systemd-analyze verify`; a container has
     # no systemd, and Debian ships systemd-analyze in the systemd package.
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
-    if command -v mosquitto >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 &&
-        command -v systemd-analyze >/dev/null 2>&1; then
-        echo "mosquitto, redis-server and systemd-analyze are installed: nothing to do"
+    # docs/training.md's walk-through (run by tests/test_training_walkthrough.py) reads the line's info with
+    # mosquitto_sub | jq and reloads it with mosquitto_rr.
+    command -v jq >/dev/null 2>&1 || missing+=(jq)
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        echo "mosquitto, mosquitto-clients, redis-server, systemd-analyze and jq are installed: nothing to do"
         return 0
     fi
     if [[ $(id -u) -ne 0 ]]; then
@@ -63,6 +64,8 @@ or: sudo apt-get install -y ${missing[*]}"
     command -v mosquitto >/dev/null 2>&1 || die "mosquitto still missing after apt-get install"
     command -v redis-server >/dev/null 2>&1 || die "redis-server still missing after apt-get install"
     command -v systemd-analyze >/dev/null 2>&1 || die "systemd-analyze still missing after apt-get install"
+    command -v mosquitto_rr >/dev/null 2>&1 || die "mosquitto_rr (mosquitto-clients) still missing after apt-get install"
+    command -v jq >/dev/null 2>&1 || die "jq still missing after apt-get install"
     echo "installed: $(mosquitto -h 2>/dev/null | head -n 1 || true); $(redis-server --version);" \
         "$(systemd-analyze --version | head -n 1)"
 }
