@@ -126,16 +126,18 @@ def evaluate_command(
         grid_good=grid_good,
         grid_per_kind=grid_per_kind,
     )
+    prompts = engine.snapshot.prompts  # what was evaluated: --checkpoint, else the line's (prompt_dir, checkpoint)
     meta = {
-        "checkpoint": str(checkpoint or cfg.model.checkpoint or "untrained"),
+        "checkpoint": prompts.path or "untrained",
+        "prompt_version": prompts.version,
         "data": data,
         "thresholds": thresholds,
     }
     written = write_evaluation(out, outcome, meta)
     mean = outcome.results["mean"]
     typer.echo(
-        f"{outcome.images} image(s): image AUROC {mean['image_auroc']:.3f} AP {mean['image_ap']:.3f}, "
-        f"pixel AUROC {mean['pixel_auroc']:.3f} AUPRO {mean['pixel_aupro']:.3f}"
+        f"prompts {prompts.version}: {outcome.images} image(s): image AUROC {mean['image_auroc']:.3f} "
+        f"AP {mean['image_ap']:.3f}, pixel AUROC {mean['pixel_auroc']:.3f} AUPRO {mean['pixel_aupro']:.3f}"
     )
     for path in written:
         typer.echo(f"wrote {path}")

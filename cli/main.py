@@ -1,8 +1,8 @@
 """`genclip`: the one command line for a production line's inspection agent.
 
 The root and the order of its verbs; each verb is a function in its own module:
-`run` (cli/run.py), `score` (cli/score.py), `train`, `synth`, `calibrate`, `eval`
-(cli/train.py, cli/synth.py, cli/calibrate.py, cli/evaluate.py), `config check|show`
+`run` (cli/run.py), `score` (cli/score.py), `train`, `synth`, `calibrate`, `eval`, `publish`
+(cli/train.py, cli/synth.py, cli/calibrate.py, cli/evaluate.py, cli/publish.py), `config check|show`
 (cli/config.py), `export onnx` (cli/export.py), `bench engine|agent` (cli/bench.py) and `opcua cert` (cli/opcua.py).
 Heavy imports (torch) happen inside the verbs that need them, so `genclip config check`
 stays quick.
@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from agent import __version__
-from cli import bench, calibrate, config, evaluate, export, opcua, run, score, synth, train
+from cli import bench, calibrate, config, evaluate, export, opcua, publish, run, score, synth, train
 
 app = typer.Typer(
     name="genclip",
@@ -49,6 +49,7 @@ app.command("train")(train.train)
 app.command("synth")(synth.synth)
 app.command("calibrate")(calibrate.calibrate)
 app.command("eval")(evaluate.evaluate_command)
+app.command("publish")(publish.publish)
 app.add_typer(config.config_app, name="config")
 app.add_typer(export.export_app, name="export", help="Export the engine to other runtimes (onnx).")
 app.add_typer(bench.bench_app, name="bench")

@@ -121,9 +121,36 @@ def open_engine(
         fail(f"cannot start the engine: {exc}")
 
 
+MISSING_PRETRAINED = "model.pretrained: required key is missing"
+
+
+def pretrained_hint(config_file: Path | None) -> list[str]:
+    """What to do when nothing names the CLIP weights ([model].pretrained has no default, on purpose)."""
+    if config_file is None:
+        where = [
+            "hint: without a config file nothing names the CLIP weights. Give the line's config with "
+            "--config PATH (or $GENCLIP_CONFIG, or run where ./config.toml is), or write one with a [model] section:"
+        ]
+    else:
+        where = [f"hint: set pretrained in the [model] section of {config_file}:"]
+    return [
+        *where,
+        "    [model]",
+        '    backbone = "ViT-L-14-336"',
+        '    pretrained = "openai"   # an open_clip tag: its weights in the HF cache, or allow_download = true',
+        '    # pretrained = "/var/lib/genclip/weights/ViT-L-14-336.bin"   # or a weights file',
+        "  or, for a test run whose scores mean nothing (seeded random weights):",
+        "    [model]",
+        '    backbone = "genclip-tiny"',
+        '    pretrained = "random"   # or "random:SEED"',
+        "  (the environment works too: GENCLIP_MODEL__PRETRAINED=random)",
+    ]
+
+
 def load_or_exit(path: Path | None) -> GenclipConfig:
-    """Load the config for a verb; on error print every problem and exit 2."""
-    if find_config(path) is None:
+    """Load the config for a verb; on error print every problem and exit 2 (before anything slow is imported)."""
+    config_file = find_config(path)
+    if config_file is None:
         typer.echo(
             "note: no config file (--config, $GENCLIP_CONFIG, ./config.toml, /etc/genclip/config.toml): "
             "using built-in defaults and GENCLIP_* environment variables",
@@ -135,6 +162,9 @@ def load_or_exit(path: Path | None) -> GenclipConfig:
         typer.echo(f"config error in {exc.source}:", err=True)
         for line in exc.errors:
             typer.echo(f"  {line}", err=True)
+        if MISSING_PRETRAINED in exc.errors:
+            for line in pretrained_hint(config_file):
+                typer.echo(line, err=True)
         raise typer.Exit(2) from None
 
 

@@ -81,6 +81,14 @@ PublishOption = Annotated[
         "Default: [trainer].publish_dir.",
     ),
 ]
+NoPublishOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-publish",
+        help="Publish nothing, even with [trainer].publish_dir set (a line's config sets it): keep the run in its "
+        "folder to evaluate it first, then `genclip publish` it.",
+    ),
+]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")]
 
 
@@ -100,6 +108,7 @@ def train(
     resume: ResumeOption = False,
     force: ForceOption = False,
     publish: PublishOption = None,
+    no_publish: NoPublishOption = False,
     progress: ProgressOption = True,
 ) -> None:
     """Learn prompts from labelled anomaly data (or good images + `genclip synth`)."""
@@ -114,12 +123,18 @@ def train(
         "holdout_classes": holdout_classes,
         "holdout_class_names": holdout,
     }
+    if publish is not None and no_publish:
+        fail("--publish and --no-publish contradict each other")
+    if no_publish:
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"publish_dir": None})})
     specs = list(data or cfg.trainer.data)
     run_dir = prepare_run(specs, out, resume, force, cfg.trainer.out_dir)
     summary = run_training(cfg, specs, run_dir, overrides, device, resume, force, publish, progress)
     report_summary(summary)
     if summary.interrupted:
         raise typer.Exit(130)
+    if summary.publish_refused:
+        raise typer.Exit(1)
 
 
 def prepare_run(specs: list[str], out: Path | None, resume: bool, force: bool, out_dir: Path) -> Path:
@@ -180,15 +195,18 @@ def run_training(
 
 def report_summary(summary: TrainSummary) -> None:
     """The run's result lines: epochs, the chosen checkpoint and its validation, where it went, what was skipped."""
-    typer.echo(
-        f"{'interrupted' if summary.interrupted else 'done'}: {summary.epochs_done} epoch(s), "
-        f"{summary.train_images} train / {summary.val_images} validation images, {summary.seconds:.0f} s"
-    )
+    images = f"{summary.train_images} train / {summary.val_images} validation images, {summary.seconds:.0f} s"
+    if summary.interrupted:
+        typer.echo(f"{interrupted_line(summary)}; {images}")
+        typer.echo(f"continue with: genclip train --resume --out {summary.run_dir} (and the same data and options)")
+    else:
+        typer.echo(f"done: {summary.epochs_done} epoch(s), {images}")
     typer.echo(f"selection: {summary.selection}")
     if summary.best_metrics:
         typer.echo(f"best epoch {summary.best_epoch}: {validation_line(summary.best_metrics)}")
     elif summary.best_epoch is not None:
-        typer.echo(f"best epoch {summary.best_epoch} (the last)")
+        last_rule = summary.validation.get("rule") == "last epoch"
+        typer.echo(f"best epoch {summary.best_epoch}{' (the last)' if last_rule else ''}")
     if summary.baseline and summary.best_metrics:
         from trainer.evaluate import headline
 
@@ -202,10 +220,28 @@ def report_summary(summary: TrainSummary) -> None:
     typer.echo(f"checkpoints: {summary.best or summary.last}  (log: {summary.run_dir / 'log.jsonl'})")
     if summary.published:
         typer.echo(f"published: {summary.published}")
+    elif summary.best is not None and not summary.interrupted and not summary.publish_refused:
+        typer.echo(f"not published; to the line, once evaluated: genclip publish {summary.best}")
+    if summary.publish_refused:
+        typer.echo(f"error: {summary.publish_refused}", err=True)
     if summary.skipped:
         typer.echo(f"skipped {len(summary.skipped)} unreadable file(s):")
         for line in summary.skipped:
             typer.echo(f"  {line}")
+
+
+def interrupted_line(summary: TrainSummary) -> str:
+    """'interrupted after epoch 1 of 3 (log.jsonl: epochs 0-1, epoch 0 = the untrained prompts)': epochs are
+    counted as log.jsonl numbers them, and the epoch that was cut short is not counted."""
+    done, first = summary.epochs_done, 0 if summary.baseline else 1
+    if done == 0:
+        logged = "; log.jsonl: epoch 0 (the untrained prompts)" if summary.baseline else ""
+        return f"interrupted in epoch 1 of {summary.epochs}: no epoch finished{logged}"
+    untrained = ", epoch 0 = the untrained prompts" if first == 0 else ""
+    return (
+        f"interrupted after epoch {done} of {summary.epochs} (log.jsonl: epochs {first}-{done}{untrained}; "
+        f"epoch {done + 1} was cut short)"
+    )
 
 
 def default_run_dir(out_dir: Path, now: datetime | None = None) -> Path:

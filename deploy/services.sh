@@ -7,11 +7,11 @@ usage() {
     cat <<'EOF'
 Usage: bash deploy/services.sh [--config PATH] {install|up|down|status}
 
-  install   install mosquitto, mosquitto-clients and redis-server with apt-get (as root)
-            if the mosquitto or redis-server binary is missing, systemd if
-            systemd-analyze is missing (the unit-file tests run `systemd-analyze verify`),
-            and chromium if /usr/bin/chromium is missing (the live page's browser test
-            drives it with Playwright; nothing downloads a browser); otherwise do nothing
+  install   install mosquitto, mosquitto-clients, redis-server and jq with apt-get (as root)
+            where one is missing, systemd if systemd-analyze is missing (the unit-file
+            tests run `systemd-analyze verify`), and chromium if /usr/bin/chromium is missing
+            (the live page's browser test drives it with Playwright; nothing downloads a
+            browser); otherwise do nothing
   up        start Mosquitto and Redis on 127.0.0.1, on the ports of the config file:
             MQTT from [mqtt].port, Redis from [redis].url; already running = no-op
   down      stop what `up` started (by pid file); nothing running = no-op
@@ -47,8 +47,11 @@ cmd_install() {
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     # tests/test_page_browser.py drives Debian's Chromium through Playwright (executable_path=/usr/bin/chromium).
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
-    if ((${#missing[@]} == 0)); then
-        echo "mosquitto, redis-server, systemd-analyze and chromium are installed: nothing to do"
+    # docs/training.md's walk-through (run by tests/test_training_walkthrough.py) reads the line's info with
+    # mosquitto_sub | jq and reloads it with mosquitto_rr.
+    command -v jq >/dev/null 2>&1 || missing+=(jq)
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        echo "mosquitto, mosquitto-clients, redis-server, systemd-analyze, jq and chromium are installed: nothing to do"
         return 0
     fi
     if [[ $(id -u) -ne 0 ]]; then
@@ -66,6 +69,8 @@ or: sudo apt-get install -y ${missing[*]}"
     command -v redis-server >/dev/null 2>&1 || die "redis-server still missing after apt-get install"
     command -v systemd-analyze >/dev/null 2>&1 || die "systemd-analyze still missing after apt-get install"
     [[ -x /usr/bin/chromium ]] || die "chromium still missing after apt-get install"
+    command -v mosquitto_rr >/dev/null 2>&1 || die "mosquitto_rr (mosquitto-clients) still missing after apt-get install"
+    command -v jq >/dev/null 2>&1 || die "jq still missing after apt-get install"
     echo "installed: $(mosquitto -h 2>/dev/null | head -n 1 || true); $(redis-server --version);" \
         "$(systemd-analyze --version | head -n 1)"
 }

@@ -191,8 +191,8 @@ def read_checkpoint(path: Path) -> CheckpointFile:
     return parse_checkpoint(data, str(path))
 
 
-def check_compatible(meta: dict[str, Any], expected: dict[str, Any], source: str) -> None:
-    """Refuse a checkpoint made for another backbone, size or layer set, naming the field."""
+def identity_mismatch(meta: dict[str, Any], expected: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first IDENTITY_FIELDS entry where `meta` differs from `expected`: (field, meta's, expected's)."""
     for field in IDENTITY_FIELDS:
         have, want = meta.get(field), expected.get(field)
         if isinstance(have, list | tuple):
@@ -200,10 +200,19 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], source: str
         if isinstance(want, list | tuple):
             want = list(want)
         if have != want:
-            raise CheckpointError(
-                f"{source}: field '{field}' is {have!r} in the checkpoint but {want!r} in the running engine; "
-                f"use a checkpoint trained for this model, or set [model] to match it"
-            )
+            return field, have, want
+    return None
+
+
+def check_compatible(meta: dict[str, Any], expected: dict[str, Any], source: str) -> None:
+    """Refuse a checkpoint made for another backbone, size or layer set, naming the field."""
+    mismatch = identity_mismatch(meta, expected)
+    if mismatch is not None:
+        field, have, want = mismatch
+        raise CheckpointError(
+            f"{source}: field '{field}' is {have!r} in the checkpoint but {want!r} in the running engine; "
+            f"use a checkpoint trained for this model, or set [model] to match it"
+        )
 
 
 def model_identity(backbone: Backbone, model: GenClip, image_size: int) -> dict[str, Any]:

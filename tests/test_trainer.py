@@ -187,7 +187,7 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint_and_resume_continues(small_set, 
 
     monkeypatch.setattr(PromptTrainer, "_batches", interrupt_in_epoch_two)
     summary = trainer.run()
-    assert summary.interrupted and summary.epochs_done == 2
+    assert summary.interrupted and summary.epochs_done == 1  # epoch 2 was cut short
     found = read_checkpoint(out / "last.safetensors")
     assert found.meta["interrupted"] is True and found.tensors
     engine = Engine(tiny_config(checkpoint=out / "last.safetensors"))
@@ -246,6 +246,9 @@ class RecordingTrainer:
             run_dir=run_dir,
             published=None,
             skipped=[],
+            validation={"rule": "last epoch"},
+            epochs=1,
+            publish_refused=None,
         )
 
 

@@ -101,6 +101,7 @@ def _markdown(results: Mapping[str, Any], meta: Mapping[str, Any], date: str) ->
     lines = ["# GenCLIP evaluation report", ""]
     for key, label in (
         ("checkpoint", "Checkpoint"),
+        ("prompt_version", "Prompt version"),
         ("data", "Data"),
         ("images", "Images"),
         ("skipped", "Skipped files"),

@@ -4,7 +4,7 @@ Writes into a run folder (one run per folder: a used folder is refused unless th
 run is resumed or `force`d):
   last.safetensors   the newest prompts (after every epoch, and on Ctrl-C)
   best.safetensors   the prompts chosen so far (see trainer/validation.py for the rule)
-  state.safetensors  optimiser state and progress, for --resume
+  state.safetensors  optimiser state, prompts and progress at the end of the last finished epoch, for --resume
   log.jsonl          one line per epoch: losses, validation metrics with intervals, skipped files
   summary.json       what the run did, including the rule that chose `best`
 Validation runs through the same Engine the agent uses, with the epoch's
@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,10 @@ from torch.utils.data import DataLoader
 from model.checkpoint import (
     CheckpointError,
     check_compatible,
+    identity_mismatch,
     model_identity,
     read_checkpoint,
+    read_metadata,
     save_model,
     write_atomic,
 )
@@ -53,12 +57,18 @@ from trainer.validation import ValidationPlan, ValidationRecords, bootstrap_inte
 
 log = structlog.stdlib.get_logger("trainer")
 
+LEARNED_PREFIX = "learned."
+"""state.safetensors: the learned tensors of the last finished epoch, beside the optimiser's (`<param id>.<key>`)."""
 RUN_FILES = ("last.safetensors", "best.safetensors", "state.safetensors", "log.jsonl", "summary.json")
 """What a run writes into its folder; `force` removes exactly these."""
 
 
 class RunFolderError(ValueError):
     """The run folder holds an earlier run that this one would overwrite."""
+
+
+class PublishError(ValueError):
+    """What the run would publish is a checkpoint the line (its [model]) would refuse."""
 
 
 def check_run_folder(run_dir: Path, *, resume: bool, force: bool) -> None:
@@ -82,7 +92,12 @@ def check_run_folder(run_dir: Path, *, resume: bool, force: bool) -> None:
 
 @dataclass
 class TrainSummary:
-    """What a run produced, for the CLI's closing lines and for tests."""
+    """What a run produced, for the CLI's closing lines and for tests.
+
+    `epochs_done` counts finished epochs, numbered as in log.jsonl (epoch 0 there is the untrained
+    baseline, not a training epoch): after a Ctrl-C in epoch 3 it is 2. After --resume, `best_epoch`,
+    `best_metrics` and `baseline` cover the whole run, the epochs before the interruption included.
+    """
 
     run_dir: Path
     last: Path
@@ -100,6 +115,8 @@ class TrainSummary:
     skipped: list[str] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    epochs: int = 0
+    publish_refused: str | None = None
 
 
 class PromptTrainer:
@@ -127,6 +144,7 @@ class PromptTrainer:
         self.force = force
         self.show_progress = show_progress
         self.image_size = settings.image_size or model_config.image_size
+        self.line_image_size = model_config.image_size  # what the line's engine (its [model]) runs at
         self.model_config = model_config.model_copy(update={"image_size": self.image_size, "checkpoint": None})
         self.skipped: list[str] = []
 
@@ -167,6 +185,9 @@ class PromptTrainer:
         engine = Engine(cfg)  # validation runs the agent's own inference path
         backbone, device = engine.backbone, engine.device
         model = GenClip(backbone, cfg).to(device)
+        line_identity = model_identity(backbone, model, self.line_image_size)
+        if self.publish_dir is not None:  # refuse now, not after hours of training for a checkpoint the line refuses
+            self._check_publishable(model_identity(backbone, model, self.image_size), line_identity)
         prep = Preprocessor(self.image_size, backbone.mean, backbone.std, device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.settings.lr, betas=self.settings.betas)
@@ -176,6 +197,7 @@ class PromptTrainer:
         self.best_score, self.best_epoch = float("-inf"), None
         if self.resume:
             start_epoch = self._restore(model, optimizer, backbone, last)
+            baseline, best_metrics = self._logged_validation(start_epoch - 1)
         log.info(
             "training",
             run_dir=str(self.run_dir),
@@ -200,14 +222,16 @@ class PromptTrainer:
             first_epoch=start_epoch,
             train_steps=-(-len(train) // self.settings.batch_size),
             val_steps=-(-len(val) // self.settings.batch_size),
+            baseline=bool(val) and baseline is None,
         )
-        epoch = start_epoch - 1
+        done = start_epoch - 1  # the last finished epoch: its checkpoints, state and log line are all written
         interrupted = False
         try:
             with self._progress:
-                if start_epoch == 1 and val:
+                if val and baseline is None:
                     baseline = self._validate(engine, None, val)
-                    self._log_epoch({"epoch": 0, "note": "untrained prompts", "val": baseline})
+                    with _ctrl_c_held():
+                        self._log_epoch({"epoch": 0, "note": "untrained prompts", "val": baseline})
                 for epoch in range(start_epoch, self.settings.epochs + 1):
                     losses = self._train_epoch(model, optimizer, prep, train, vocabulary, epoch)
                     metrics = self._save_and_validate(model, backbone, engine, optimizer, last, epoch, meta_base, val)
@@ -216,25 +240,38 @@ class PromptTrainer:
                     else:
                         score = headline(metrics["results"]) if metrics else float("nan")
                         improved = bool(score > self.best_score) or self.best_epoch is None
-                    if improved:
-                        self.best_score, self.best_epoch, best_metrics = score, epoch, metrics
-                        _copy_atomic(last, best)
-                    self._save_state(optimizer, epoch)
-                    self._log_epoch({"epoch": epoch, **losses, "val": metrics, "best": improved})
+                    with _ctrl_c_held():  # best, state and log agree: a Ctrl-C waits until all three are written
+                        if improved:
+                            self.best_score, self.best_epoch, best_metrics = score, epoch, metrics
+                            _copy_atomic(last, best)
+                        self._save_state(optimizer, model, epoch)
+                        self._log_epoch({"epoch": epoch, **losses, "val": metrics, "best": improved})
+                        done = epoch
         except KeyboardInterrupt:
             interrupted = True
-            save_model(last, model, backbone, self.image_size, {**meta_base, "epoch": epoch, "interrupted": True})
-            self._save_state(optimizer, epoch - 1)
-            log.warning("training interrupted; last checkpoint saved, continue with --resume", last=str(last))
-        published = None
+            # last.safetensors gets the prompts as they are now (usable at once); state.safetensors keeps those
+            # of the last finished epoch, so --resume redoes the interrupted epoch from where it began.
+            meta = {**meta_base, "epoch": done, "interrupted": True, "interrupted_in_epoch": done + 1}
+            save_model(last, model, backbone, self.image_size, meta)
+            log.warning(
+                "training interrupted; last checkpoint saved, continue with --resume",
+                last=str(last),
+                epochs_done=done,
+                interrupted_in_epoch=done + 1,
+            )
+        published, refused = None, None
         if self.publish_dir is not None and best.exists() and not interrupted:
-            published = publish(best, self.publish_dir, self.run_dir.name)
+            try:
+                published = publish(best, self.publish_dir, self.run_dir.name, line_identity)
+            except PublishError as exc:
+                refused = str(exc)
+                log.error("not published", reason=refused)
         summary = TrainSummary(
             run_dir=self.run_dir,
             last=last,
             best=best if best.exists() else None,
             published=published,
-            epochs_done=epoch,
+            epochs_done=done,
             best_epoch=self.best_epoch,
             best_score=self.best_score,
             baseline=baseline,
@@ -246,6 +283,8 @@ class PromptTrainer:
             skipped=sorted(set(self.skipped)),
             interrupted=interrupted,
             seconds=time.perf_counter() - started,
+            epochs=self.settings.epochs,
+            publish_refused=refused,
         )
         (self.run_dir / "summary.json").write_text(json.dumps(jsonable(asdict(summary)), indent=2))
         return summary
@@ -394,12 +433,17 @@ class PromptTrainer:
             "seconds": round(outcome.seconds, 2),
         }
 
-    def _save_state(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
-        """Optimiser moments and progress as tensors + JSON (safetensors, nothing pickled)."""
+    def _save_state(self, optimizer: torch.optim.Optimizer, model: GenClip, epoch: int) -> None:
+        """Optimiser moments, the learned tensors and progress at the end of `epoch`, as tensors + JSON
+        (safetensors, nothing pickled): what --resume continues from."""
         tensors = {
             f"{param_id}.{key}": torch.as_tensor(value).detach().cpu().contiguous()
             for param_id, state in optimizer.state_dict()["state"].items()
             for key, value in state.items()
+        }
+        tensors |= {
+            f"{LEARNED_PREFIX}{name}": value.detach().cpu().contiguous()
+            for name, value in model.learned_state().items()
         }
         progress = json.dumps({"epoch": epoch, "best_score": self.best_score, "best_epoch": self.best_epoch})
         path = self.run_dir / "state.safetensors"
@@ -413,14 +457,19 @@ class PromptTrainer:
             return 1
         found = read_checkpoint(last)
         check_compatible(found.meta, model_identity(backbone, model, self.image_size), str(last))
-        try:
-            model.load_learned_state(found.tensors)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{last}: cannot resume, prompt shapes differ: {exc}") from None
         with safe_open(str(state_path), framework="pt") as fh:
             progress = json.loads((fh.metadata() or {}).get("progress", "{}"))
+        saved = load_file(str(state_path))
+        # The prompts at the end of the last finished epoch (state files before these were kept: last's).
+        learned = {k.removeprefix(LEARNED_PREFIX): v for k, v in saved.items() if k.startswith(LEARNED_PREFIX)}
+        try:
+            model.load_learned_state(learned or found.tensors)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{last}: cannot resume, prompt shapes differ: {exc}") from None
         state = optimizer.state_dict()
-        for key, value in load_file(str(state_path)).items():
+        for key, value in saved.items():
+            if key.startswith(LEARNED_PREFIX):
+                continue
             param_id, name = key.split(".", 1)
             state["state"].setdefault(int(param_id), {})[name] = value
         optimizer.load_state_dict(state)
@@ -429,6 +478,39 @@ class PromptTrainer:
         self.best_epoch = progress.get("best_epoch")
         log.info("resuming", after_epoch=progress.get("epoch", 0), best_score=self.best_score)
         return int(progress.get("epoch", 0)) + 1
+
+    def _logged_validation(self, done: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """From log.jsonl of the run being resumed: the untrained baseline (epoch 0) and the validation of the
+        best epoch so far, so the resumed run's summary covers the epochs before the interruption."""
+        records: dict[int, dict[str, Any]] = {}
+        kept: dict[int, str] = {}
+        path = self.run_dir / "log.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash: that epoch is done again
+                continue
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= done:
+                records[record["epoch"]], kept[record["epoch"]] = record, line
+        if len(kept) != len(lines):  # the log goes on from the last finished epoch, one line per epoch
+            text = "".join(kept[e] + "\n" for e in sorted(kept))
+            write_atomic(path, lambda tmp: tmp.write_text(text))
+        baseline = (records.get(0) or {}).get("val")
+        best = (records.get(self.best_epoch) or {}).get("val") if self.best_epoch is not None else None
+        return baseline, best
+
+    def _check_publishable(self, trained: dict[str, Any], line: dict[str, Any]) -> None:
+        """Refuse --publish before training when the line's engine would refuse this run's checkpoints."""
+        mismatch = identity_mismatch(trained, line)
+        if mismatch is None:
+            return
+        field_name, have, want = mismatch
+        raise PublishError(
+            f"--publish {self.publish_dir}: the line would refuse this run's checkpoints: field '{field_name}' is "
+            f"{have!r} in this run but {want!r} in the line's [model] (the config given to train); nothing was "
+            f"trained or published. {_publish_advice(field_name, want)}"
+        )
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record, "skipped_total": len(set(self.skipped))}
@@ -453,10 +535,28 @@ def _rounded(value: Any) -> Any:
     return round(float(value), 4) if isinstance(value, float) and value == value else value
 
 
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block has run, then raise it: an epoch's files are written whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and previous is not signal.SIG_IGN:
+        raise KeyboardInterrupt
+
+
 class RunProgress:
     """One progress bar over the whole run (training and validation batches), so its ETA is the run's."""
 
-    def __init__(self, show: bool, *, epochs: int, first_epoch: int, train_steps: int, val_steps: int) -> None:
+    def __init__(
+        self, show: bool, *, epochs: int, first_epoch: int, train_steps: int, val_steps: int, baseline: bool
+    ) -> None:
         self.epochs = epochs
         self.val_steps = val_steps
         self._val_done = 0
@@ -464,7 +564,7 @@ class RunProgress:
         if not show:
             return
         epochs_left = max(epochs - first_epoch + 1, 0)
-        total = epochs_left * (train_steps + val_steps) + (val_steps if first_epoch == 1 else 0)
+        total = epochs_left * (train_steps + val_steps) + (val_steps if baseline else 0)
         self._bar = Progress(
             TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
             BarColumn(),
@@ -503,8 +603,29 @@ def _copy_atomic(source: Path, target: Path) -> None:
     write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
-def publish(checkpoint: Path, folder: Path, name: str) -> Path:
-    """Put a checkpoint where an agent watches, atomically: it sees the old file or the whole new one."""
+def _publish_advice(field_name: str, line_value: Any) -> str:
+    if field_name == "image_size":
+        return (
+            f"Train at the line's size: leave out --image-size and [trainer].image_size (or give {line_value}); "
+            "or, to move the line to another size, change its [model].image_size first and train with that config."
+        )
+    return "Train with the line's config, or change the line's [model] first and train with that config."
+
+
+def publish(checkpoint: Path, folder: Path, name: str, line: dict[str, Any] | None = None) -> Path:
+    """Put a checkpoint where an agent watches, atomically: it sees the old file or the whole new one.
+
+    `line`: the identity (`model_identity`) of the engine that reads `folder`; a checkpoint it would refuse
+    (Engine.prepare_prompts' check) is not published: PublishError names the field and both values.
+    """
+    if line is not None:
+        mismatch = identity_mismatch(read_metadata(checkpoint), line)
+        if mismatch is not None:
+            field_name, have, want = mismatch
+            raise PublishError(
+                f"{checkpoint}: not published to {folder}: the line would refuse it: field '{field_name}' is "
+                f"{have!r} in the checkpoint but {want!r} in the line's [model]. {_publish_advice(field_name, want)}"
+            )
     target = Path(folder) / f"{name}.safetensors"
     _copy_atomic(checkpoint, target)
     log.info("published", path=str(target))
