@@ -1,7 +1,9 @@
 """The OPC UA server (agent/opcua/): the handshake's buffer, the users file and config, and the real agent
 with real Mosquitto and Redis and an asyncua client as a PLC: certificate and user/password (anonymous and a
 wrong password refused), ResultCounter/Verdict/Reject monitored and matched with the MQTT result of the same
-part, the ResultValid/ResultAck handshake through a buffer overrun, Trigger(partId) and SetThreshold by role."""
+part, the ResultValid/ResultAck handshake through a buffer overrun, Trigger(partId) and SetThreshold by role;
+ResultReady events (one per result, discarded ones included) matched field by field with MQTT; and
+`trusted_clients_dir` letting in only the client certificates in it."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from agent.opcua.config import OpcuaConfig
 from agent.opcua.handshake import ResultHandshake
 from agent.opcua.nodes import PlcResult
 from agent.opcua.users import UsersFileError, parse_users
+from agent.results import iso
 from agent.service import InspectionService
 from bench.brokers import free_port
 from bench.opcua_client import OpcuaCredentials, make_credentials, secure_client
@@ -288,3 +291,125 @@ def test_a_plc_over_opcua_gets_the_mqtt_result_runs_the_handshake_through_an_ove
     assert seen["plc SetThreshold"] == "BadUserAccessDenied" and seen["reader ack"] == "BadUserAccessDenied"
     assert seen["operator SetThreshold"] == ["widget", 0.4] and thresholds["thresholds"] == {"widget": 0.4}  # type: ignore[index]
     assert seen["line"]["Status"] in ("online", "degraded") and seen["line"]["Heartbeat"] >= 1
+
+
+def utc(moment: datetime) -> datetime:
+    """asyncua's DateTime as an aware UTC datetime (it may hand back naive UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def test_result_ready_events_one_per_result_with_the_mqtt_result_fields_whatever_the_handshake_does(
+    tmp_path: Path, mosquitto, redis_server
+) -> None:
+    port = free_port()
+    creds = make_credentials(tmp_path, LINE)
+    camera = synthetic_camera("cam-1", 5, acquisition="triggered", queue_size=8, synthetic={"defect_rate": 0.5})
+    cfg = fault_config(mosquitto.port, redis_server.url, LINE, [camera], mqtt={"decision_window_ms": 60_000})
+    cfg.opcua = OpcuaConfig(**creds.config(port, result_buffer=1))  # no acks: parts 2 and 3 are discarded
+    url = f"opc.tcp://127.0.0.1:{port}/"
+    watcher = Subscriber(mosquitto.port, [f"genclip/{LINE}/cam-1/#"], f"opc-events-{LINE}")
+    service = InspectionService(cfg)
+    parts = ["E-0001", "E-0002", "E-0003"]
+
+    async def scenario() -> dict[str, Any]:
+        from asyncua import ua
+
+        events: list[Any] = []
+
+        class Handler:
+            def event_notification(self, event: Any) -> None:
+                events.append(event)
+
+        async with await secure_client(url, creds, "reader") as reader:  # readers may subscribe to events
+            ns = await reader.get_namespace_index(f"urn:genclip-inspect:{LINE}")
+            event_type = reader.get_node(ua.NodeId("ResultReadyEventType", ns))
+            subscription = await reader.create_subscription(20, Handler())
+            await subscription.subscribe_events(reader.get_node(ua.NodeId(f"{LINE}.cam-1", ns)), event_type)
+            async with await secure_client(url, creds, "plc") as client:
+                plc = Plc(client, ns)
+                for part in parts:
+                    await plc.trigger(part)
+                    await asyncio.to_thread(
+                        wait_for, lambda p=part: any(r["part_id"] == p for r in watcher.of("/result")), 30, part
+                    )
+                end = asyncio.get_running_loop().time() + 10
+                while len(events) < len(parts) and asyncio.get_running_loop().time() < end:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)  # nothing more comes
+                handshake = await plc.read("PartId", "BufferedResults", "DiscardedResults", "Overrun")
+        return {"events": events, "handshake": handshake}
+
+    try:
+        service.start()
+        seen = asyncio.run(scenario())
+        wait_for(lambda: len(watcher.of("/decision")) >= len(parts), 30, "the decisions")
+        results = {r["part_id"]: r for r in watcher.of("/result")}
+        decisions = {d["part_id"]: d for d in watcher.of("/decision")}
+        run_id = service.info()["run_id"]
+    finally:
+        service.shutdown()
+        watcher.close()
+    assert seen["handshake"] == {"PartId": "E-0001", "BufferedResults": 1, "DiscardedResults": 2, "Overrun": True}
+    events = seen["events"]
+    assert [e.PartId for e in events] == parts  # one event per result, discarded ones included, in order
+    verdicts = {"OK": 0, "NG": 1, "ERROR": 2}
+    evaluations = {"OK": 1, "NG": 2, "ERROR": 0}
+    severities = {"OK": 100, "NG": 500, "ERROR": 700}
+    for number, event in enumerate(events, start=1):
+        mqtt, decision = results[event.PartId], decisions[event.PartId]
+        assert event.ResultId == f"{mqtt['run_id']}:cam-1:{mqtt['seq']}" and mqtt["run_id"] == run_id
+        assert (event.Camera, event.ProductId, event.IsPartial) == ("cam-1", mqtt["product_class"], False)
+        assert (event.ResultCounter, event.TriggerCounter) == (number, mqtt["trigger"])
+        assert event.Verdict == verdicts[mqtt["verdict"]] and event.ResultEvaluation == evaluations[mqtt["verdict"]]
+        assert event.Reject == decision["reject"] and event.Score == pytest.approx(mqtt["score"])
+        assert event.DefectTypes == ",".join(decision["defect_types"])  # on the decision, not the result
+        assert iso(utc(event.CapturedAt)) == mqtt["captured_at"] and iso(utc(event.Deadline)) == decision["deadline"]
+        assert utc(event.CreationTime) >= utc(event.CapturedAt)
+        assert event.Severity == severities[mqtt["verdict"]]
+        assert event.Message.Text == f"cam-1 {event.PartId} {mqtt['verdict']}"
+        assert event.SourceNode.Identifier == f"{LINE}.cam-1"
+
+
+def test_trusted_clients_dir_lets_in_only_the_client_certificates_in_it(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from agent.opcua.certificate import write_certificate
+    from agent.opcua.server import OpcuaServer
+    from bench.opcua_client import CLIENT_URI
+
+    creds = make_credentials(tmp_path, LINE)
+    stranger = write_certificate(tmp_path / "stranger", CLIENT_URI, client=True)
+    monkeypatch.setenv("HOME", str(tmp_path))  # the folder given as ~/trusted: expanded like the other files
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    pem = x509.load_der_x509_certificate(creds.client.certificate.read_bytes()).public_bytes(Encoding.PEM)
+    (trusted / "plc.pem").write_bytes(pem)  # our client, as PEM
+    shutil.copy(creds.server.certificate, trusted / "other.der")  # someone else, as DER
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "README").write_text("not a certificate\n")
+    with pytest.raises(ValidationError, match=r"trusted_clients_dir: .*junk/README is not a readable X.509"):
+        OpcuaConfig(**creds.config(4840, trusted_clients_dir="~/junk"))
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/"
+    server = OpcuaServer(OpcuaConfig(**creds.config(port, trusted_clients_dir="~/trusted")), LINE, ["cam-1"])
+
+    async def scenario() -> dict[str, str]:
+        seen = {
+            "stranger": await refused(url, OpcuaCredentials(creds.server, stranger, creds.users), "plc"),
+            "trusted": await refused(url, creds, "plc"),
+        }
+        async with await secure_client(url, creds, "reader") as reader:  # a trusted client works as usual
+            ns = await reader.get_namespace_index(f"urn:genclip-inspect:{LINE}")
+            seen["read"] = await Plc(reader, ns).node("PartId").read_value()
+        return seen
+
+    server.start()
+    try:
+        assert server.startup_problem(30) is None
+        seen = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert seen == {"stranger": "BadCertificateUntrusted", "trusted": "connected", "read": ""}

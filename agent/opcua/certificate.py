@@ -67,3 +67,22 @@ def write_certificate(
         out.write(dump_private_key_as_pem(key))
     files.certificate.write_bytes(cert.public_bytes(Encoding.DER))
     return files
+
+
+def certificate_der(path: Path) -> bytes:
+    """A certificate file's DER bytes (PEM or DER on disk); ValueError naming the file when it is not one."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        data = path.read_bytes()
+        pem = data.lstrip().startswith(b"-----")
+        cert = x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable X.509 certificate (DER or PEM): {exc}") from None
+    return cert.public_bytes(Encoding.DER)
+
+
+def trusted_certificates(folder: Path) -> frozenset[bytes]:
+    """The DER bytes of every file in `folder` (each must be a certificate; ValueError names the first that is not)."""
+    return frozenset(certificate_der(path) for path in sorted(folder.iterdir()) if path.is_file())

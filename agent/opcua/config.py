@@ -4,7 +4,8 @@ Files come like the broker passwords (agent/publish/config.py): a path in the co
 systemd credential of the same name in `$CREDENTIALS_DIRECTORY` (`opcua-cert`, `opcua-key`,
 `opcua-users`), which deploy/install.sh creates per line (the certificate and key generated there).
 With `enabled = true` everything is checked when the config is read (so at `genclip config check`):
-the extra is installed, the certificate and key are readable and not empty, the users file parses.
+the extra is installed, the certificate and key are readable and not empty, the users file parses,
+every file in `trusted_clients_dir` is a certificate.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ class OpcuaConfig(Section):
     def users_path(self) -> Path | None:
         return credential_file(self.users_file, USERS_CREDENTIAL)
 
+    @property
+    def trusted_clients_path(self) -> Path | None:
+        """trusted_clients_dir with `~` expanded (the server reads this one)."""
+        return Path(os.path.expanduser(self.trusted_clients_dir)) if self.trusted_clients_dir is not None else None
+
     @model_validator(mode="after")
     def _usable(self) -> OpcuaConfig:
         """With the server on: the extra, the certificate, the key and the users, or an error saying what to do."""
@@ -115,9 +121,22 @@ class OpcuaConfig(Section):
                 read_users(users)
             except UsersFileError as exc:
                 raise ValueError(str(exc)) from None
-        if self.trusted_clients_dir is not None and not Path(os.path.expanduser(self.trusted_clients_dir)).is_dir():
-            raise ValueError(f"trusted_clients_dir: not a folder: {self.trusted_clients_dir}")
+        _check_trusted_clients(self.trusted_clients_path)
         return self
+
+
+def _check_trusted_clients(folder: Path | None) -> None:
+    """Every file in the folder must be a certificate: the server reads them all at start."""
+    from agent.opcua.certificate import trusted_certificates
+
+    if folder is None:
+        return
+    if not folder.is_dir():
+        raise ValueError(f"trusted_clients_dir: not a folder: {folder}")
+    try:
+        trusted_certificates(folder)
+    except ValueError as exc:
+        raise ValueError(f"trusted_clients_dir: {exc}") from None
 
 
 def _check_pem_or_der(what: str, path: Path | None, credential: str) -> None:

@@ -2,7 +2,7 @@
 
 - The channel: Basic256Sha256 SignAndEncrypt only, with the server's certificate (agent/opcua/config.py).
   With `[opcua].trusted_clients_dir`, only the client certificates in that folder open a session
-  (pinned: the exact certificate, DER or PEM files); without it any client certificate may.
+  (pinned: the exact certificate, DER or PEM files, read at start); without it any client certificate may.
 - The user: user name and password from the users file (agent/opcua/users.py), compared in constant
   time; anonymous only with `allow_anonymous`, as a reader. A wrong password is refused at
   ActivateSession (BadUserAccessDenied) and logged with the user name.
@@ -28,6 +28,7 @@ from asyncua.ua.ua_binary import struct_from_binary
 from cryptography import x509
 
 from agent.logs import get_logger
+from agent.opcua.certificate import trusted_certificates
 from agent.opcua.ua_values import node_id
 from agent.opcua.users import OpcuaUser, Role, can_set_threshold, can_trigger, can_write_ack
 
@@ -101,7 +102,7 @@ class PinnedClients:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.trusted = {_der(path) for path in sorted(folder.iterdir()) if path.is_file()}
+        self.trusted = trusted_certificates(folder)
 
     async def __call__(self, cert: x509.Certificate, app_description: ua.ApplicationDescription) -> None:
         from cryptography.hazmat.primitives.serialization import Encoding
@@ -109,16 +110,3 @@ class PinnedClients:
         if cert.public_bytes(Encoding.DER) not in self.trusted:
             log.warning("opcua client certificate not trusted", subject=cert.subject.rfc4514_string()[:200])
             raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
-
-
-def _der(path: Path) -> bytes:
-    """A certificate file's DER bytes (PEM or DER on disk)."""
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    data = path.read_bytes()
-    cert = (
-        x509.load_pem_x509_certificate(data)
-        if data.lstrip().startswith(b"-----")
-        else x509.load_der_x509_certificate(data)
-    )
-    return cert.public_bytes(Encoding.DER)

@@ -343,8 +343,8 @@ class OpcuaServer:
         if cfg.allow_anonymous:
             tokens.append(ua.AnonymousIdentityToken)
         server.set_identity_tokens(tokens)
-        if cfg.trusted_clients_dir is not None:
-            server.set_certificate_validator(PinnedClients(cfg.trusted_clients_dir))
+        if cfg.trusted_clients_path is not None:
+            server.set_certificate_validator(PinnedClients(cfg.trusted_clients_path))
         self._ns = await server.register_namespace(cfg.namespace(self.line))
         methods = await self._address_space(server)
         permissions = RolePermissions(users, set(self._ack_nodes), methods[TRIGGER], methods[SET_THRESHOLD])
