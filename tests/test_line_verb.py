@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
 from agent.config import InspectConfig
 from cli.main import app
 from tests.brokers import free_port
 from tests.test_agent import line_config, running, wait_for
+from tests.test_deploy_acl import broker, mqtt_passwords
 
-__all__ = ["running"]  # a fixture, imported for pytest
+__all__ = ["broker", "mqtt_passwords", "running"]  # fixtures, imported for pytest
 
 pytestmark = pytest.mark.timeout(240)
 AGENT_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")  # the service runs in this process
@@ -120,3 +122,37 @@ def test_no_broker_no_info_and_bad_credentials_options(tmp_path, mosquitto):
     assert alone.exit_code == 2 and "give --username" in alone.stderr
     missing = genclip(here, "info", "--username", "op", "--password-file", str(tmp_path / "nope"))
     assert missing.exit_code == 2 and "--password-file: cannot read" in missing.stderr
+
+
+def test_the_shipped_acl_takes_commands_from_the_operator_and_refuses_the_agents_account(
+    tmp_path, broker, mqtt_passwords, redis_server, running
+):
+    """deploy/mosquitto/acl: the operator's account sends commands and reads its own reply topic; the agent's
+    account (the [mqtt].username of the same config file) is refused by the broker, before the line sees it."""
+    _, passwords = mqtt_passwords
+    cfg = line_config(tmp_path, broker.port, redis_server.url, "line-1")
+    agent = {"username": "genclip-line-1", "password": SecretStr(passwords["genclip-line-1"])}
+    cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update=agent)})
+    config = config_file(tmp_path, cfg)  # names the agent's account: the verb never logs in with it
+    service = running(cfg)
+    wait_for(lambda: service.status.current.state == "online", 60, "the line online")
+    for user in ("genclip-operator", "genclip-line-1"):
+        (tmp_path / user).write_text(passwords[user] + "\n")
+
+    operator = ("--username", "genclip-operator", "--password-file", str(tmp_path / "genclip-operator"))
+    answered = genclip(config, "threshold", "widget", "0.7", *operator)
+    assert answered.exit_code == 0, answered.output
+    assert service.worker.engine.classes.threshold("widget") == (0.7, "command")
+    assert "  widget  threshold 0.7000 (command)" in genclip(config, "info", *operator).stdout
+
+    as_agent = ("--username", "genclip-line-1", "--password-file", str(tmp_path / "genclip-line-1"))
+    refused = genclip(config, "threshold", "widget", "0.5", *as_agent)
+    assert refused.exit_code == 2, refused.output
+    assert "the broker refused the command on genclip/line-1/cmd/threshold: Not authorized" in refused.stderr
+    assert service.worker.engine.classes.threshold("widget") == (0.7, "command")
+
+    anonymous = genclip(config, "info", "--timeout", "3")
+    assert anonymous.exit_code == 2 and "refused the connection" in anonymous.stderr, anonymous.output
+    (tmp_path / "wrong").write_text("not-the-password\n")
+    wrong = genclip(config, "info", "--username", "genclip-operator", "--password-file", str(tmp_path / "wrong"))
+    assert wrong.exit_code == 2 and "refused the connection" in wrong.stderr, wrong.output
