@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -63,7 +63,7 @@ class Operator:
     """Who connects: the operator's account, never the agent's ([mqtt].username of the line's config)."""
 
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a traceback or log line
     cert_file: Path | None = None  # a TLS client certificate of the operator's, where the broker asks for one
     key_file: Path | None = None
 
