@@ -3,7 +3,8 @@
 The root and the order of its verbs; each verb is a function in its own module:
 `run` (cli/run.py), `score` (cli/score.py), `train`, `synth`, `calibrate`, `eval`, `publish`
 (cli/train.py, cli/synth.py, cli/calibrate.py, cli/evaluate.py, cli/publish.py), `config check|show`
-(cli/config.py), `export onnx` (cli/export.py), `bench engine|agent` (cli/bench.py) and `opcua cert` (cli/opcua.py).
+(cli/config.py), `export onnx` (cli/export.py), `bench engine|agent` (cli/bench.py), `opcua cert` (cli/opcua.py) and
+`line info|reload|threshold|pause|resume|snapshot` (cli/line.py: the operator's commands over MQTT).
 Heavy imports (torch) happen inside the verbs that need them, so `genclip config check`
 stays quick.
 """
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 
 from agent import __version__
-from cli import bench, calibrate, config, evaluate, export, opcua, publish, run, score, synth, train
+from cli import bench, calibrate, config, evaluate, export, line, opcua, publish, run, score, synth, train
 
 app = typer.Typer(
     name="genclip",
@@ -54,6 +55,7 @@ app.add_typer(config.config_app, name="config")
 app.add_typer(export.export_app, name="export", help="Export the engine to other runtimes (onnx).")
 app.add_typer(bench.bench_app, name="bench")
 app.add_typer(opcua.opcua_app, name="opcua")
+app.add_typer(line.line_app, name="line")
 
 
 def main() -> None:
