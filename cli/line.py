@@ -244,6 +244,32 @@ def resume(
     _command(session, "resume", args, as_json, lambda a: f"ok: resumed {_names(a.get('cameras'))}")
 
 
+@line_app.command("confirm-good")
+def confirm_good(
+    parts: Annotated[list[str], typer.Argument(help="Part ids confirmed good (among the line's last scored parts).")],
+    config: ConfigOption = None,
+    line: LineOption = None,
+    username: UsernameOption = None,
+    password_file: PasswordFileOption = None,
+    timeout: TimeoutOption = 10.0,
+    as_json: JsonOption = False,
+    tls_cert: CertOption = None,
+    tls_key: KeyOption = None,
+) -> None:
+    """Add parts a person confirmed good to their class's memory of good patches ([agent].confirm_good)."""
+    session = _open(config, line, username, password_file, timeout, tls_cert, tls_key)
+
+    def done(answer: Answer) -> str:
+        grown = _mapping(answer.get("classes"))
+        lines = [f"  {name}: {_mapping(m).get('images')} images in the memory" for name, m in grown.items()]
+        unknown = answer.get("unknown_parts") or []
+        if unknown:
+            lines.append(f"  not among the recent parts: {_names(unknown)}")
+        return "\n".join(["ok: added to the patch memory", *lines])
+
+    _command(session, "confirm-good", {"parts": parts}, as_json, done)
+
+
 @line_app.command("snapshot")
 def snapshot(
     config: ConfigOption = None,

@@ -164,3 +164,21 @@ def test_a_part_marked_good_on_the_live_page_joins_the_memory(tmp_path, mosquitt
         assert defect["memory"] is None  # only parts marked good join the memory
     finally:
         watcher.close()
+
+
+def test_genclip_line_confirm_good_from_a_shell(tmp_path, mosquitto, redis_server, start):
+    """`genclip line confirm-good PART...` sends the command and says what the memory holds now."""
+    from tests.test_line_verb import config_file, genclip
+
+    cfg = config(tmp_path, mosquitto.port, redis_server.url, confirm_good=True)
+    watcher = Watcher(mosquitto.port, "mem")
+    try:
+        service = start(cfg)
+        wait_for(lambda: len(watcher.of("cam-1/result")) >= 2, 60, "results")
+        part = watcher.of("cam-1/result")[0]["part_id"]
+        said = genclip(config_file(tmp_path, cfg), "confirm-good", part, "no-such-part")
+        assert said.exit_code == 0, said.output
+        assert "widget: 9 images in the memory" in said.stdout and "no-such-part" in said.stdout, said.stdout
+        assert service.info()["classes"]["widget"]["memory"]["confirmed"] == 1
+    finally:
+        watcher.close()
