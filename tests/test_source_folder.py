@@ -41,7 +41,11 @@ def start(cam: CameraConfig, emit: Collector) -> FolderSource:
 
 
 def files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    """The files in `folder`, but for the source's own files in the making (`.<name>.part`, see write_whole)."""
+    if not folder.is_dir():
+        return []
+    making = lambda name: name.startswith(".") and name.endswith(".part")  # noqa: E731
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not making(p.name))
 
 
 def test_existing_files_are_taken_oldest_first_and_moved_to_done(tmp_path):

@@ -464,7 +464,7 @@ class FolderSource(FrameSource):
             self._count_error("file rejected", UnreadableImageError(f"{path.name}: {reason}"))
         try:
             target = move_into(path, self._ensure_dir(self._below(self.camera.resolved_rejected_dir, path)))
-            target.with_name(f"{target.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+            write_whole(target.with_name(f"{target.name}.reason.txt"), reason + "\n")
         except OSError as exc:
             raise _BlockedError(f"cannot move {path.name} to rejected: {exc.strerror or exc}") from None
         self._decode_failures.pop(path, None)
@@ -528,6 +528,17 @@ def copies_in(folder: Path, name: str) -> int:
     while (folder / f"{stem}-{count}{suffix}").exists():
         count += 1
     return count
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the whole file or none: a hidden temporary name first."""
+    temporary = path.with_name(f".{path.name}.part")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def move_into(path: Path, folder: Path) -> Path:
