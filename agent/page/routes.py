@@ -236,6 +236,18 @@ class Page:
             gauge.dec()
 
     async def stream(self, request: Request) -> Response:
+        view = self._camera_view(request)
+        if isinstance(view, Response):
+            return view
+        camera, opacity = view
+        return StreamingResponse(
+            self._mjpeg(camera, opacity),
+            media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY.decode()}",
+            headers=NO_STORE,
+        )
+
+    def _camera_view(self, request: Request) -> tuple[str, int] | Response:
+        """The camera and overlay opacity a picture request asks for, or the error answer."""
         if not self.may_view(request):
             return error(401, "log in to watch this line")
         camera = request.path_params["camera"]
@@ -245,11 +257,7 @@ class Page:
             opacity = render.opacity_step(float(request.query_params.get("overlay", DEFAULT_OPACITY)))
         except ValueError:
             return error(400, "overlay must be a number from 0 to 100")
-        return StreamingResponse(
-            self._mjpeg(camera, opacity),
-            media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY.decode()}",
-            headers=NO_STORE,
-        )
+        return camera, opacity
 
     async def _mjpeg(self, camera: str, opacity: int) -> AsyncIterator[bytes]:
         key = self.encoder.open(camera, opacity)  # in the generator: a stream never started opens nothing
@@ -269,15 +277,10 @@ class Page:
 
     async def snapshot(self, request: Request) -> Response:
         """The camera's latest part as one JPEG (tiles past the page's few live streams poll it)."""
-        if not self.may_view(request):
-            return error(401, "log in to watch this line")
-        camera = request.path_params["camera"]
-        if camera not in self.cameras:
-            return error(404, f"no camera {camera!r} on this line")
-        try:
-            opacity = render.opacity_step(float(request.query_params.get("overlay", DEFAULT_OPACITY)))
-        except ValueError:
-            return error(400, "overlay must be a number from 0 to 100")
+        view = self._camera_view(request)
+        if isinstance(view, Response):
+            return view
+        camera, opacity = view
         part = self.feed.latest(camera)
         if part is None or part.image is None:
             return error(404, f"no picture from camera {camera} yet")
