@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -158,11 +159,15 @@ def test_busy_port_is_a_clear_error():
 
 def test_requests_are_logged_at_debug_not_printed(serve, capsys):
     base = serve(list)
+    logged = lambda: any(e["log_level"] == "debug" and "GET /healthz" in e.get("request", "") for e in logs)  # noqa: E731
     with capture_logs() as logs:
         get(base + "/healthz")
+        deadline = time.monotonic() + 5  # logged once answered, on the server's thread: after the client has it
+        while not logged() and time.monotonic() < deadline:
+            time.sleep(0.01)
     captured = capsys.readouterr()
     assert "GET /healthz" not in captured.out + captured.err  # http.server's own access line goes to stderr
-    assert any(e["log_level"] == "debug" and "GET /healthz" in e["request"] for e in logs)
+    assert logged()
 
 
 def test_camera_up_and_broker_up_are_read_at_scrape_time():
